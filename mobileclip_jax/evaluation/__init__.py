@@ -1,0 +1,1 @@
+"""mobileclip_jax.evaluation."""

@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices, a persistent compilation cache, the `slow` marker.
+
+`python -m pytest` runs the fast suite; `python -m pytest -m slow` runs the full-size parity
+tests (CI runs both). Multi-device tests build meshes from the 8 fake devices configured here,
+before anything imports JAX.
+"""
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.expanduser('~/.cache/mobileclip_jax/jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: full-size models; run with `-m slow` (CI does)')
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.option.markexpr:
+    return
+  skip = pytest.mark.skip(reason='slow: run with `python -m pytest -m slow`')
+  for item in items:
+    if 'slow' in item.keywords:
+      item.add_marker(skip)
