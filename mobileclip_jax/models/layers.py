@@ -1,0 +1,327 @@
+"""Convolutional building blocks shared by the MCi image towers and the MCt text tower (NHWC).
+
+Module and parameter names mirror timm's FastViT (`conv_kxk_0` for `conv_kxk.0`, `identity`,
+`conv_scale`, `layer_scale/gamma`, ...) so that conversion to PyTorch state_dicts is a table of
+renames and transposes (see `mobileclip_jax.convert`). Every block has a train-time multi-branch
+form and, with `reparameterized=True`, the single-conv inference form that
+`mobileclip_jax.models.reparam` produces from the train-time parameters.
+"""
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+KernelSize = Union[int, Tuple[int, int]]
+
+# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+trunc_normal_02 = nn.initializers.truncated_normal(0.02)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as PyTorch's nn.GELU; JAX's default is the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': gelu, 'quick_gelu': quick_gelu}
+
+
+def pair(k: KernelSize) -> Tuple[int, int]:
+  return (k, k) if isinstance(k, int) else tuple(k)
+
+
+def torch_padding(kernel_size: KernelSize, stride: int = 1) -> Tuple[Tuple[int, int], ...]:
+  """timm's symmetric padding ((stride - 1) + (k - 1)) // 2 per side.
+
+  Not the same as padding='SAME', which pads asymmetrically for stride 2 on even inputs.
+  """
+  return tuple(((stride - 1) + (k - 1)) // 2 for k in pair(kernel_size))
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+  """timm's make_divisible with round_limit=0 (SE reduction widths)."""
+  return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class Conv(nn.Module):
+  """2-D convolution with PyTorch padding. x: [B, H, W, C_in] -> [B, H', W', features].
+
+  Parameters: `kernel` [kh, kw, C_in / groups, features] (HWIO) and optional `bias` [features].
+  """
+  features: int
+  kernel_size: KernelSize
+  stride: int = 1
+  groups: int = 1
+  use_bias: bool = True
+  padding: Optional[Sequence[int]] = None  # per spatial dim, symmetric; None = timm's rule.
+  kernel_init: Any = torch_conv_init
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = pair(self.kernel_size)
+    c_in = x.shape[-1]
+    if c_in % self.groups:
+      raise ValueError(f'{self.name}: {c_in} input channels are not divisible by {self.groups} groups.')
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, c_in // self.groups, self.features),
+                        jnp.float32)
+    dtype = self.dtype or x.dtype
+    pad = self.padding if self.padding is not None else torch_padding(self.kernel_size, self.stride)
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride), [(p, p) for p in pad],
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+    return y
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics over the last axis.
+
+  Running statistics use momentum 0.1 and the unbiased batch variance, as torch.nn.BatchNorm2d,
+  so that statistics converted to and from PyTorch mean the same thing. Statistics are always
+  computed in float32.
+
+  Under a sharded batch the mean is over the *global* batch (XLA inserts the cross-device
+  reduction) unless `group_size` > 0: then each consecutive group of `group_size` examples is
+  normalized with its own statistics, like the reference's per-GPU BatchNorm. With groups aligned
+  to the per-device batch this needs no communication in the forward pass. Running statistics
+  are updated with the mean of the group statistics.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  group_size: int = 0
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    dtype = self.dtype or x.dtype
+    if not train:
+      mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+      add = bias - ra_mean.value * mul
+      return (x.astype(jnp.float32) * mul + add).astype(dtype)
+
+    batch = x.shape[0]
+    group = self.group_size or batch
+    if batch % group:
+      raise ValueError(f'BatchNorm group_size={group} does not divide the batch of {batch}.')
+    xg = x.astype(jnp.float32).reshape((batch // group, group) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = xg.mean(axes, keepdims=True)
+    var = jnp.square(xg - mean).mean(axes, keepdims=True)
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = (xg - mean) * mul + bias
+    if not self.is_initializing():
+      n = xg.size // (xg.shape[0] * c)
+      unbiased = var.mean(0).reshape(c) * (n / max(n - 1, 1))
+      ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean.mean(0).reshape(c)
+      ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    return y.reshape(x.shape).astype(dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis with `scale`/`bias`, statistics in float32."""
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype or x.dtype)
+
+
+class ConvBN(nn.Module):
+  """timm ConvNormAct without activation: bias-free conv followed by BatchNorm."""
+  features: int
+  kernel_size: KernelSize
+  stride: int = 1
+  groups: int = 1
+  padding: Optional[Sequence[int]] = None
+  bn_group_size: int = 0
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = Conv(self.features, self.kernel_size, self.stride, self.groups, use_bias=False,
+             padding=self.padding, dtype=self.dtype, name='conv')(x)
+    return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name='bn')(x, train)
+
+
+class LayerScale(nn.Module):
+  """Per-channel residual-branch scale `gamma` (init 1e-5 in MobileCLIP), on the last axis."""
+  init_value: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param('gamma', nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
+    return x * gamma.astype(x.dtype)
+
+
+class SqueezeExcite(nn.Module):
+  """timm SEModule: spatial mean -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate."""
+  rd_ratio: float = 1 / 16
+  rd_divisor: int = 8
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    rd = make_divisible(c * self.rd_ratio, self.rd_divisor)
+    s = x.astype(jnp.float32).mean((1, 2), keepdims=True).astype(x.dtype)
+    s = nn.relu(Conv(rd, 1, dtype=self.dtype, name='fc1')(s))
+    s = Conv(c, 1, dtype=self.dtype, name='fc2')(s)
+    return x * jax.nn.sigmoid(s)
+
+
+class MobileOneBlock(nn.Module):
+  """MobileOne block: act(SE(sum of branches)).
+
+  Train-time branches: `conv_kxk_{i}` (k x k conv+BN, `num_conv_branches` of them), `conv_scale`
+  (1x1 conv+BN, when the kernel is larger than 1 and `use_scale_branch`), `identity` (BN only,
+  when shapes are preserved). Inference form: one `reparam_conv` with bias.
+  x: [B, H, W, C_in] -> [B, H/stride, W/stride, features].
+  """
+  features: int
+  kernel_size: KernelSize
+  stride: int = 1
+  groups: int = 1
+  use_se: bool = False
+  use_act: bool = True
+  use_scale_branch: bool = True
+  num_conv_branches: int = 1
+  padding: Optional[Sequence[int]] = None
+  reparameterized: bool = False
+  bn_group_size: int = 0
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = dict(kernel_size=self.kernel_size, stride=self.stride, groups=self.groups,
+                padding=self.padding, dtype=self.dtype)
+    if self.reparameterized:
+      out = Conv(self.features, use_bias=True, name='reparam_conv', **conv)(x)
+    else:
+      bn = dict(bn_group_size=self.bn_group_size)
+      out = 0
+      if self.features == x.shape[-1] and self.stride == 1:
+        out = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name='identity')(x, train)
+      if max(pair(self.kernel_size)) > 1 and self.use_scale_branch:
+        scale = dict(conv, kernel_size=1, padding=None)
+        out = out + ConvBN(self.features, name='conv_scale', **scale, **bn)(x, train)
+      for i in range(self.num_conv_branches):
+        out = out + ConvBN(self.features, name=f'conv_kxk_{i}', **conv, **bn)(x, train)
+    if self.use_se:
+      out = SqueezeExcite(rd_divisor=1, dtype=self.dtype, name='se')(out)
+    return gelu(out) if self.use_act else out
+
+
+class RepMixer(nn.Module):
+  """FastViT token mixer: x + gamma * (MobileOne_dw(x) - BN(x)); inference form: one dw conv.
+
+  `kernel_size` is 3 (3x3) in MCi and (1, 11) in MCt, which runs it on [B, 1, L, D].
+  The text variant of Apple's code has no 1x1 scale branch (`use_scale_branch=False`).
+  """
+  kernel_size: KernelSize = 3
+  use_scale_branch: bool = True
+  layer_scale_init: float = 1e-5
+  reparameterized: bool = False
+  bn_group_size: int = 0
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    pad = tuple(k // 2 for k in pair(self.kernel_size))
+    common = dict(kernel_size=self.kernel_size, groups=c, use_act=False, padding=pad,
+                  bn_group_size=self.bn_group_size, dtype=self.dtype)
+    if self.reparameterized:
+      return Conv(c, self.kernel_size, groups=c, padding=pad, dtype=self.dtype,
+                  name='reparam_conv')(x)
+    mixed = MobileOneBlock(c, use_scale_branch=self.use_scale_branch, name='mixer', **common)(x, train)
+    normed = MobileOneBlock(c, use_scale_branch=False, num_conv_branches=0, name='norm',
+                            **common)(x, train)
+    return x + LayerScale(self.layer_scale_init, name='layer_scale')(mixed - normed)
+
+
+class ConvMlp(nn.Module):
+  """FastViT ConvFFN: dw conv+BN -> 1x1 conv (ratio x) -> GELU -> 1x1 conv. No pre-norm."""
+  hidden: int
+  kernel_size: KernelSize = 7
+  bn_group_size: int = 0
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    pad = tuple(k // 2 for k in pair(self.kernel_size))
+    x = ConvBN(c, self.kernel_size, groups=c, padding=pad, bn_group_size=self.bn_group_size,
+               dtype=self.dtype, name='conv')(x, train)
+    x = gelu(Conv(self.hidden, 1, kernel_init=trunc_normal_02, dtype=self.dtype, name='fc1')(x))
+    return Conv(c, 1, kernel_init=trunc_normal_02, dtype=self.dtype, name='fc2')(x)
+
+
+class RepMixerBlock(nn.Module):
+  """MetaFormer block with RepMixer: x = RepMixer(x); x = x + gamma * ConvMlp(x)."""
+  mlp_ratio: float = 3.0
+  kernel_size: KernelSize = 3
+  mlp_kernel_size: KernelSize = 7
+  use_scale_branch: bool = True
+  layer_scale_init: float = 1e-5
+  reparameterized: bool = False
+  bn_group_size: int = 0
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = RepMixer(self.kernel_size, self.use_scale_branch, self.layer_scale_init,
+                 self.reparameterized, self.bn_group_size, self.dtype, name='token_mixer')(x, train)
+    y = ConvMlp(int(x.shape[-1] * self.mlp_ratio), self.mlp_kernel_size, self.bn_group_size,
+                self.dtype, name='mlp')(x, train)
+    return x + LayerScale(self.layer_scale_init, name='layer_scale')(y)
+
+
+class Mlp(nn.Module):
+  """Transformer MLP: Dense(hidden) -> act -> Dense(C). [..., C] -> [..., C]."""
+  hidden: int
+  act: str = 'gelu'
+  fc1_init: Any = trunc_normal_02
+  fc2_init: Any = trunc_normal_02
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.Dense(self.hidden, kernel_init=self.fc1_init, dtype=self.dtype, name='fc1')(x)
+    y = ACTIVATIONS[self.act](y)
+    return nn.Dense(x.shape[-1], kernel_init=self.fc2_init, dtype=self.dtype, name='fc2')(y)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per example (timm DropPath); needs the 'dropout' rng when active."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)

@@ -1,0 +1,327 @@
+"""The Flax model zoo equals the PyTorch reference (open_clip + timm, Apple's MCt) number for number."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mobileclip_jax
+from mobileclip_jax import convert
+from mobileclip_jax.models import attention
+from mobileclip_jax.models import clip as clip_lib
+from mobileclip_jax.models import layers
+from mobileclip_jax.models import text as text_lib
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+TOL = 1e-5
+
+# Reference parameter counts in millions (image tower incl. projection, text tower incl. token
+# embedding and projection), measured by instantiating timm 1.0.31 / open_clip 3.3.0 / Apple's code.
+REFERENCE_PARAMS_M = {
+    'MobileCLIP-S0': (11.41, 42.44), 'MobileCLIP-S1': (21.54, 63.43),
+    'MobileCLIP-S2': (35.82, 63.43), 'MobileCLIP-B': (86.35, 63.43),
+    'MobileCLIP2-S0': (11.41, 63.43), 'MobileCLIP2-S2': (35.82, 63.43),
+    'MobileCLIP2-S3': (125.24, 123.65), 'MobileCLIP2-S4': (321.78, 123.65),
+    'MobileCLIP2-B': (86.35, 63.43), 'MobileCLIP2-L-14': (303.97, 123.65),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REFERENCE_PARAMS_M))
+def test_param_counts_equal_reference_table(name):
+  counts = mobileclip_jax.count_params(name)
+  assert (round(counts['image'] / 1e6, 2), round(counts['text'] / 1e6, 2)) == REFERENCE_PARAMS_M[name]
+
+
+def _encode(config, variables, images_nhwc, tokens, train=False):
+  model = clip_lib.CLIP(config)
+  mutable = ['batch_stats'] if train else False
+  def image_fn(v, x):
+    return model.apply(v, x, train, method='encode_image', mutable=mutable)
+  def text_fn(v, t):
+    return model.apply(v, t, method='encode_text')
+  return jax.jit(image_fn)(variables, images_nhwc), jax.jit(text_fn)(variables, tokens)
+
+
+class _Reference:
+  """One perturbed open_clip model, its inputs and reference outputs (eval, train-BN, reparam)."""
+
+  def __init__(self, name, batch=2):
+    import torch_reference as ref  # pylint: disable=g-import-not-at-top  (needs torch)
+    torch = ref.torch
+    self.name = name
+    model, gen = ref.reference_model(name)
+    self.images, self.tokens = ref.reference_inputs(name, model, gen, batch)
+    self.state_dict = ref.state_dict_numpy(model)
+    with torch.no_grad():
+      x, t = torch.from_numpy(self.images), torch.from_numpy(self.tokens).long()
+      self.image_features = model.encode_image(x).numpy()
+      self.text_features = model.encode_text(t).numpy()
+      self.is_mci = 'fastvit' in type(model.visual.trunk).__module__ if hasattr(
+          model.visual, 'trunk') else False
+      if self.is_mci:
+        trained = ref.train_mode_copy(model)
+        self.image_features_trainbn = trained.encode_image(x).numpy()
+        self.state_dict_after_train = ref.state_dict_numpy(trained)
+        reparam = ref.timm.models.reparameterize_model(model)
+        self.image_features_reparam = reparam.encode_image(x).numpy()
+        self.reparam_state_dict = ref.state_dict_numpy(reparam)
+    self.images_nhwc = jnp.asarray(ref.nhwc(self.images))
+    self.config = mobileclip_jax.get_config(name)
+    self.variables = convert.from_open_clip(self.state_dict, name)
+
+
+@pytest.fixture(scope='module')
+def s0():
+  return _Reference('MobileCLIP2-S0')
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _check_parity(ref: _Reference):
+  image, text = _encode(ref.config, ref.variables, ref.images_nhwc, ref.tokens)
+  assert image.shape == ref.image_features.shape and text.shape == ref.text_features.shape
+  assert _rel(image, ref.image_features) <= TOL
+  assert _rel(text, ref.text_features) <= TOL
+
+
+def _check_round_trip(ref: _Reference):
+  back = convert.to_open_clip(ref.variables, ref.name)
+  assert sorted(back) == sorted(ref.state_dict)
+  for key, value in ref.state_dict.items():
+    assert back[key].shape == value.shape, key
+    if not key.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def _check_reparam(ref: _Reference):
+  fused = mobileclip_jax.reparameterize(ref.variables)
+  config = clip_lib.get_config(ref.name, reparameterized=True)
+  image, _ = _encode(config, fused, ref.images_nhwc, ref.tokens)
+  assert _rel(image, ref.image_features) <= TOL       # equals the train-time eval forward,
+  assert _rel(image, ref.image_features_reparam) <= TOL  # and timm's reparameterize_model.
+  from_timm = convert.from_open_clip(ref.reparam_state_dict, ref.name)
+  assert jax.tree.structure(from_timm) == jax.tree.structure(fused)
+  for a, b in zip(jax.tree.leaves(from_timm), jax.tree.leaves(fused)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_s0_matches_open_clip(s0):
+  _check_parity(s0)
+
+
+def test_s0_round_trip_is_bit_exact(s0):
+  _check_round_trip(s0)
+
+
+def test_s0_train_mode_batchnorm_matches_torch(s0):
+  image, updates = _encode(s0.config, s0.variables, s0.images_nhwc, s0.tokens, train=True)[0]
+  assert _rel(image, s0.image_features_trainbn) <= TOL
+  # Running statistics advance exactly as torch's (momentum 0.1, unbiased variance).
+  new_vars = dict(s0.variables, batch_stats=updates['batch_stats'])
+  after = convert.to_open_clip(new_vars, s0.name)
+  for key in after:
+    if key.startswith('visual.') and key.endswith(('running_mean', 'running_var')):
+      np.testing.assert_allclose(after[key], s0.state_dict_after_train[key], rtol=1e-4, atol=1e-6,
+                                 err_msg=key)
+
+
+def test_s0_reparameterized_matches_eval_and_timm(s0):
+  _check_reparam(s0)
+
+
+@pytest.mark.parametrize('tower,path', [
+    ('image', ('visual', 'stages_2', 'blocks_3', 'mlp', 'fc1', 'kernel')),
+    ('text', ('text', 'blocks_5', 'mlp', 'fc2', 'kernel')),
+])
+def test_parity_check_detects_a_one_percent_weight_change(s0, tower, path):
+  params = jax.tree.map(np.array, s0.variables['params'])
+  leaf = params
+  for k in path[:-1]:
+    leaf = leaf[k]
+  leaf[path[-1]] = leaf[path[-1]] * 1.01
+  image, text = _encode(s0.config, dict(s0.variables, params=params), s0.images_nhwc, s0.tokens)
+  got, want = (image, s0.image_features) if tower == 'image' else (text, s0.text_features)
+  assert _rel(got, want) > TOL
+
+
+SLOW_VARIANTS = ['MobileCLIP2-S2', 'MobileCLIP2-S3', 'MobileCLIP2-S4', 'MobileCLIP2-B',
+                 'MobileCLIP2-L-14', 'MobileCLIP-S1', 'MobileCLIP-S2', 'MobileCLIP-B']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', SLOW_VARIANTS)
+def test_full_size_variant_matches_open_clip(name):
+  ref = _Reference(name, batch=1)
+  _check_parity(ref)
+  _check_round_trip(ref)
+  if ref.is_mci:
+    _check_reparam(ref)
+
+
+def test_wrong_variant_and_damaged_state_dicts_are_named(s0):
+  with pytest.raises(ValueError, match=r'(?s)does not match MobileCLIP2-S2.*missing.*shape mismatch'):
+    convert.from_open_clip(s0.state_dict, 'MobileCLIP2-S2')
+  truncated = dict(s0.state_dict)
+  del truncated['text.ln_final.weight']
+  with pytest.raises(ValueError, match=r'1 missing: text\.ln_final\.weight'):
+    convert.from_open_clip(truncated, s0.name)
+  bad = dict(s0.state_dict, **{'text.text_projection': np.zeros((512, 768), np.float32)})
+  with pytest.raises(ValueError, match=r'text\.text_projection: expected \(512, 512\), got \(512, 768\)'):
+    convert.from_open_clip(bad, s0.name)
+  with pytest.raises(ValueError, match='Unknown model'):
+    convert.from_open_clip(s0.state_dict, 'MobileCLIP2-S9')
+
+
+def _mct_fixture():
+  data = np.load(os.path.join(FIXTURES, 'apple_mct_small.npz'))
+  with open(os.path.join(FIXTURES, 'apple_mct_small.json')) as f:
+    meta = json.load(f)
+  state = {k[len('param:'):]: data[k] for k in data.files if k.startswith('param:')}
+  cfg = meta['text_cfg']
+  config = clip_lib.get_config(
+      'MobileCLIP-S0', embed_dim=meta['projection_dim'],
+      text=dict(width=cfg['dim'], heads=cfg['n_heads_per_layer'], vocab_size=cfg['vocab_size'],
+                layers=cfg['n_transformer_layers'], context_length=cfg['context_length']))
+  return state, data, config
+
+
+@pytest.mark.parametrize('reparameterized', [False, True])
+def test_mct_matches_apple_reference(reparameterized):
+  state, data, config = _mct_fixture()
+  variables = convert.from_open_clip(state, config, tower='text')
+  text_vars = {c: tree['text'] for c, tree in variables.items()}
+  if reparameterized:
+    text_vars = mobileclip_jax.reparameterize(text_vars)
+  tower = text_lib.TextTransformer(config.text, config.embed_dim, reparameterized=reparameterized)
+  out = tower.apply(text_vars, jnp.asarray(data['tokens']))
+  want = data['text_features_reparam' if reparameterized else 'text_features']
+  assert _rel(out, want) <= TOL
+  if not reparameterized:  # And back to Apple's names, bit-exact.
+    back = convert.to_open_clip(variables, config, tower='text')
+    assert sorted(k for k in back if not k.endswith('num_batches_tracked')) == sorted(
+        k for k in state if not k.endswith('num_batches_tracked'))
+    for k, v in state.items():
+      if not k.endswith('num_batches_tracked'):
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize('size', [192, 224, 320])
+def test_mci_accepts_other_resolutions(size):
+  for name, grid in (('MobileCLIP2-S0', size // 32), ('MobileCLIP2-S4', size // 64)):
+    model = mobileclip_jax.create_model(name)
+    images, tokens = jnp.zeros((2, size, size, 3)), jnp.zeros((2, 77), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
+    out = jax.eval_shape(lambda v: model.apply(v, images, method='encode_image'), variables)
+    assert out.shape == (2, model.config.embed_dim)
+    assert grid >= 3
+  # A real forward at a non-default size on a reduced MCi.
+  tiny = mobileclip_jax.create_model('MobileCLIP2-S0', embed_dim=16,
+                                     image=dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
+  variables = tiny.init(jax.random.PRNGKey(0), x, jnp.zeros((2, 77), jnp.int32))
+  emb = tiny.apply(variables, x, method='encode_image')
+  assert emb.shape == (2, 16) and bool(jnp.all(jnp.isfinite(emb)))
+
+
+def _naive_attention(q, k, v, kind, mask=None):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  if kind == 'sigmoid':
+    w = 1 / (1 + np.exp(-(logits - np.log(k.shape[1]))))
+    if mask is not None:
+      w = np.where(mask, w, 0.0)
+  else:
+    if mask is not None:
+      logits = np.where(mask, logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', w, v)
+
+
+@pytest.mark.parametrize('kind', ['softmax', 'sigmoid'])
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_equals_the_naive_formula(kind, causal):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 13, 3, 8)).astype(np.float32) for _ in range(3))
+  got = attention.dot_product_attention(q, k, v, kind=kind, is_causal=causal)
+  mask = np.tril(np.ones((13, 13), bool)) if causal else None
+  np.testing.assert_allclose(got, _naive_attention(q, k, v, kind, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_attention_gives_masked_positions_zero_weight():
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(1, 6, 2, 4)).astype(np.float32) for _ in range(3))
+  mask = np.ones((1, 1, 6, 6), bool)
+  mask[..., 4:] = False  # Keys 4 and 5 are padding.
+  out = attention.dot_product_attention(q, k, v, kind='sigmoid', mask=mask)
+  v2 = v.copy()
+  v2[:, 4:] = 1e6  # Anything at masked keys must not leak into the output.
+  out2 = attention.dot_product_attention(q, k, v2, kind='sigmoid', mask=mask)
+  np.testing.assert_array_equal(out, out2)
+  np.testing.assert_allclose(out, _naive_attention(q, k, v, 'sigmoid', mask), rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_attention_switch_reaches_every_attention_layer(monkeypatch):
+  tiny = dict(embed_dim=16, image=dict(depths=(1, 1, 1, 2), widths=(8, 16, 32, 64)),
+              text=dict(layers=3, width=32, heads=2, layer_scale_init=1e-4, hybrid_norm=True))
+  images, tokens = jnp.ones((2, 64, 64, 3)), jnp.ones((2, 77), jnp.int32)
+  calls = []
+  real = attention.dot_product_attention
+  def recording(q, k, v, **kw):
+    calls.append(kw['kind'])
+    return real(q, k, v, **kw)
+  monkeypatch.setattr(attention, 'dot_product_attention', recording)
+  for kind in ('softmax', 'sigmoid'):
+    model = mobileclip_jax.create_model('MobileCLIP2-S0', attention=kind, qk_norm=True, **tiny)
+    variables = model.init(jax.random.PRNGKey(0), images, tokens)
+    calls.clear()
+    model.apply(variables, images, tokens)
+    assert calls == [kind] * 5  # 2 image attention blocks + 3 text layers.
+  block = variables['params']['text']['blocks_0']
+  assert {'ls_1', 'ls_2', 'attn_norm'} <= set(block) and {'q_norm', 'k_norm'} <= set(block['attn'])
+
+
+def test_batchnorm_group_statistics():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 3)) * 3 + 1
+  bn = layers.BatchNorm(group_size=2)
+  variables = bn.init(jax.random.PRNGKey(0), x, train=False)
+  y, updates = bn.apply(variables, x, train=True, mutable=['batch_stats'])
+  xs = np.asarray(x, np.float64).reshape(4, 2, 4, 4, 3)
+  mean = xs.mean((1, 2, 3), keepdims=True)
+  var = xs.var((1, 2, 3), keepdims=True)
+  np.testing.assert_allclose(y, ((xs - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), atol=1e-5)
+  n = 2 * 4 * 4
+  np.testing.assert_allclose(updates['batch_stats']['mean'], 0.1 * mean.mean(0).ravel(), atol=1e-6)
+  np.testing.assert_allclose(updates['batch_stats']['var'],
+                             0.9 + 0.1 * (var.mean(0) * n / (n - 1)).ravel(), atol=1e-6)
+  with pytest.raises(ValueError, match='does not divide'):
+    layers.BatchNorm(group_size=3).apply(variables, x, train=True, mutable=['batch_stats'])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_stays_close():
+  tiny = dict(embed_dim=16, image=dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
+              text=dict(layers=2, width=32, heads=2))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 77), 0, 49408)
+  f32 = mobileclip_jax.create_model('MobileCLIP2-S0', **tiny)
+  b16 = mobileclip_jax.create_model('MobileCLIP2-S0', dtype='bfloat16', **tiny)
+  variables = f32.init(jax.random.PRNGKey(0), images, tokens)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
+      b16.init(jax.random.PRNGKey(0), images, tokens)))
+  for a, b in zip(f32.apply(variables, images, tokens), b16.apply(variables, images, tokens)):
+    assert b.dtype == jnp.float32
+    assert _rel(b, a) < 3e-2
+
+
+def test_unknown_overrides_name_the_nearest_field():
+  with pytest.raises(ValueError, match="Unknown model override 'atention'.*attention"):
+    mobileclip_jax.create_model('MobileCLIP2-S0', atention='sigmoid')
+  with pytest.raises(ValueError, match="Unknown text tower override 'layer'.*layers"):
+    mobileclip_jax.create_model('MobileCLIP2-S0', text=dict(layer=2))
+  with pytest.raises(ValueError, match='attention must be one of'):
+    mobileclip_jax.create_model('MobileCLIP2-S0', attention='linear')
