@@ -1,0 +1,43 @@
+r"""Trains a SentencePiece BPE tokenizer on captions.
+
+  python launch/train_tokenizer.py --captions=captions.txt,more.jsonl --vocab_size=32000 \
+      --out=/path/to/tokenizer.model
+
+Captions come one per line from plain-text files, or from the --field of each object in .jsonl
+files. Use the result in a config as the tokenizer spec 'sentencepiece:/path/to/tokenizer.model'.
+"""
+import itertools
+
+from absl import app
+from absl import flags
+
+from mobileclip_jax.data import tokenizer as tokenizer_lib
+
+_CAPTIONS = flags.DEFINE_list(
+    'captions', None, 'Caption files: plain text (one caption per line) or .jsonl.', required=True)
+_FIELD = flags.DEFINE_string('field', 'caption', 'Caption field of each object in .jsonl files.')
+_VOCAB_SIZE = flags.DEFINE_integer(
+    'vocab_size', 32000,
+    'Vocabulary size, SOT and EOT included (an upper bound: small corpora give fewer).')
+_OUT = flags.DEFINE_string('out', None, 'Where the SentencePiece .model file is written.',
+                           required=True)
+_NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 3, 'Example captions to print tokenized.')
+
+
+def main(argv):
+  del argv
+  tokenizer = tokenizer_lib.train_sentencepiece(
+      tokenizer_lib.read_captions(_CAPTIONS.value, _FIELD.value), _VOCAB_SIZE.value, _OUT.value)
+  print(f'Wrote {_OUT.value}: vocab_size {tokenizer.vocab_size} (asked {_VOCAB_SIZE.value}), '
+        f'SOT {tokenizer.sot_token_id}, EOT {tokenizer.eot_token_id}, '
+        f'pad {tokenizer.pad_token_id}.')
+  print(f"Tokenizer spec for configs: 'sentencepiece:{_OUT.value}'")
+  examples = itertools.islice(tokenizer_lib.read_captions(_CAPTIONS.value, _FIELD.value),
+                              _NUM_EXAMPLES.value)
+  for caption in examples:
+    ids = tokenizer.encode(caption)
+    print(f'{caption!r}\n  ids    {ids}\n  pieces {tokenizer.pieces(ids)}')
+
+
+if __name__ == '__main__':
+  app.run(main)
