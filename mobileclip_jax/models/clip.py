@@ -152,6 +152,23 @@ def _registry() -> Dict[str, ModelConfig]:
 MODEL_CONFIGS = _registry()
 
 
+def config_to_dict(config: ModelConfig) -> Dict[str, Any]:
+  """A JSON-serializable dict of the config (the image tower's kind under `image_kind`)."""
+  out = dataclasses.asdict(config)
+  out['image_kind'] = 'mci' if isinstance(config.image, mci.MCiConfig) else 'vit'
+  return out
+
+
+def config_from_dict(d: Dict[str, Any]) -> ModelConfig:
+  """Inverse of `config_to_dict`."""
+  d = dict(d)
+  image_cls = {'mci': mci.MCiConfig, 'vit': vit.ViTConfig}[d.pop('image_kind')]
+  tuples = lambda x: {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}
+  d['image'] = image_cls(**tuples(d['image']))
+  d['text'] = text_lib.TextConfig(**tuples(d['text']))
+  return ModelConfig(**tuples(d))
+
+
 def _nearest(key: str, valid) -> str:
   close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
   return f' Did you mean {", ".join(close)}?' if close else f' Valid: {", ".join(sorted(valid))}.'

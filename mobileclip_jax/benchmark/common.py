@@ -1,0 +1,67 @@
+"""Timing, memory and machine-description helpers shared by the benchmarks.
+
+Every measured configuration runs in a fresh Python process (`isolated`), so that peak memory
+is that configuration's own and one framework's thread pools and caches do not slow the other.
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict
+
+# A child process prints exactly one line starting with this marker, followed by its JSON result.
+_RESULT_MARKER = 'BENCHMARK_RESULT '
+
+
+def time_calls(fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> Dict[str, float]:
+  """Median / min wall seconds of `fn()` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'repeats': repeats}
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_time_s() -> float:
+  """CPU seconds used by this process (all threads): wall time is unreliable on a shared machine."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def machine() -> Dict[str, Any]:
+  """What the numbers were measured on."""
+  info = {'host': platform.node(), 'cpu': platform.processor() or platform.machine(),
+          'cpu_count': os.cpu_count(), 'python': platform.python_version()}
+  try:
+    with open('/proc/loadavg') as f:
+      info['load_avg_1m'] = float(f.read().split()[0])
+  except OSError:
+    pass
+  return info
+
+
+def isolated(module: str, function: str, kwargs: Dict[str, Any], timeout: float = 1800,
+             env: Dict[str, str] = None) -> Dict[str, Any]:
+  """Runs `module.function(**kwargs)` in a fresh interpreter and returns its dict result."""
+  code = (f'import json, sys\nfrom {module} import {function}\n'
+          f'result = {function}(**json.loads(sys.argv[1]))\n'
+          f'print({_RESULT_MARKER!r} + json.dumps(result), flush=True)\n')
+  proc = subprocess.run([sys.executable, '-c', code, json.dumps(kwargs)], capture_output=True,
+                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
+  for line in proc.stdout.splitlines():
+    if line.startswith(_RESULT_MARKER):
+      return json.loads(line[len(_RESULT_MARKER):])
+  raise RuntimeError(f'{module}.{function}({kwargs}) failed (exit {proc.returncode}):\n'
+                     f'{proc.stderr[-3000:]}')
