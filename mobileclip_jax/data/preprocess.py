@@ -28,8 +28,17 @@ def resize_center_crop(image: Image.Image, size: int, interpolation: str = 'bili
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
 
 
-def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 [..., H, W, 3] -> float32 (x / 255 - mean) / std."""
+def normalize(images, mean: Sequence[float], std: Sequence[float]):
+  """uint8 [..., H, W, 3] -> float32 (x / 255 - mean) / std.
+
+  numpy arrays are normalized in place after one cast; jax arrays (the train step normalizes
+  on device, so the host sends uint8) with jnp ops.
+  """
   scale = np.float32(1 / 255) / np.asarray(std, np.float32)
   offset = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+  if isinstance(images, np.ndarray):
+    out = images.astype(np.float32)
+    out *= scale
+    out += offset
+    return out
   return images.astype(np.float32) * scale + offset

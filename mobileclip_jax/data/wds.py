@@ -208,7 +208,7 @@ def _report(on_error: ErrorHandler | None, error: CorruptSampleError) -> None:
   on_error(error)
 
 
-def _split_member_name(name: str) -> tuple[str, str] | None:
+def split_member_name(name: str) -> tuple[str, str] | None:
   """(key, lower-case extension) as webdataset splits it, or None for names without one."""
   head, base = os.path.split(name)
   if '.' not in base or base.startswith('__'):
@@ -247,7 +247,7 @@ def iter_samples(path: str, on_error: ErrorHandler | None = None) -> Iterator[Ra
     try:
       with tarfile.open(fileobj=f, mode='r|') as tar:
         for info in tar:
-          split = _split_member_name(info.name) if info.isreg() else None
+          split = split_member_name(info.name) if info.isreg() else None
           if split is None:
             continue
           if split[0] != key:  # A new key ends the previous sample, even if this member is cut.

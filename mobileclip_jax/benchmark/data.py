@@ -1,0 +1,220 @@
+"""Training input throughput: what building a batch costs, and what a training step asks for.
+
+  python launch/benchmark.py data [--option=KEY=VALUE ...]
+
+Options (all optional):
+  num_samples=512     examples in the generated datasets
+  image_size=256      side of the generated images and of the student's input
+  k=30                stored augmentations per example (DataCompDR-12M: 30)
+  teacher_dims=768,768  teacher embedding widths (DataCompDR: two ViT-L/14, stored float16)
+  batch_size=64       process-local batch of the measurements
+  batches=8           batches timed per loader measurement (after the first one)
+  workers=0,2         worker_count values of the whole-loader rows
+  repeats=3           timed repetitions of the in-process measurements
+  step_batch=512      examples per device per step for the demand row (MobileCLIP-S0 recipe:
+                      global batch 65,536 on 128 GPUs)
+  step_time_s=1.0     ASSUMED step time for the demand row (nothing here measures it)
+
+The data: demo-world scenes (JPEG, quality 90) of `image_size` px with their noisy caption, 5
+DemoCaptioner synthetic captions, k augmentations sampled with DataCompDR's config, random
+unit-norm teacher embeddings; written as DataCompDR-style tars, built with `build_dataset` into
+a reinforced and a plain TFDS dataset in a temporary folder.
+
+Rows ('row' field):
+  stage    microseconds per example of each stage, one thread: shuffle (the record index, at
+           this dataset's size and at DataCompDR-12M's: it costs more below ~1e5 records),
+           read (TFDS record read and decode), decode (JPEG), replay (crop + resize + 2
+           RandAugment ops at image_size), tokenize (a batch of captions, per caption),
+           normalize (per image).
+  example  `ChunkLoader` building chunks in this process (no Grain around it): decode +
+           replay + tokenize + everything else an example needs. samples_per_core_s = examples
+           per CPU-second of this process.
+  loader   the whole Grain iterator (`make_train_iterator`) with `worker_count` processes, in a
+           fresh interpreter: samples_per_s (wall, after the first batch), first_batch_s, and
+           cpu_s_per_sample over the whole run (parent + workers, start-up included).
+  demand   the step's appetite: step_batch / step_time_s examples per device per second, and the
+           cores per device the measured `example` rate needs to keep up.
+"""
+import io
+import json
+import os
+import resource
+import tempfile
+import time
+from typing import Any, Dict, Iterator
+
+import numpy as np
+from PIL import Image
+
+from mobileclip_jax.benchmark import common
+from mobileclip_jax.data import augment
+from mobileclip_jax.data import demo_world
+from mobileclip_jax.data import pipeline
+from mobileclip_jax.data import preprocess
+from mobileclip_jax.data import reinforced_tfds
+from mobileclip_jax.data import tokenizer as tokenizer_lib
+from mobileclip_jax.data import wds
+
+_DEFAULTS = {'num_samples': 512, 'image_size': 256, 'k': 30, 'teacher_dims': '768,768',
+             'batch_size': 64, 'batches': 8, 'workers': '0,2', 'repeats': 3, 'step_batch': 512,
+             'step_time_s': 1.0}
+_NUM_SYN = 5  # Synthetic captions per example, as DataCompDR.
+_DATACOMPDR_12M = 12_800_000
+# Apple's generation config (ml-mobileclip training/configs/datacompdr12m.json).
+_AUGMENTATION = {'random_resized_crop': {'interpolation': 'bicubic', 'size': 224},
+                 'rand_augment': {'enable': True, 'p': 1.0}}
+
+
+def _parse(options: Dict[str, str]) -> Dict[str, Any]:
+  unknown = sorted(set(options) - set(_DEFAULTS))
+  if unknown:
+    raise ValueError(f'Unknown data benchmark options {unknown}; valid: {sorted(_DEFAULTS)}.')
+  o = {**_DEFAULTS, **options}
+  parsed = {k: type(_DEFAULTS[k])(o[k]) for k in ('num_samples', 'image_size', 'k', 'batch_size',
+                                                   'batches', 'repeats', 'step_batch',
+                                                   'step_time_s')}
+  parsed['teacher_dims'] = tuple(int(d) for d in str(o['teacher_dims']).split(','))
+  parsed['workers'] = [int(w) for w in str(o['workers']).split(',')]
+  return parsed
+
+
+def _unit_rows(rng: np.random.Generator, rows: int, dims) -> np.ndarray:
+  parts = [rng.normal(size=(rows, d)) for d in dims]
+  return np.concatenate([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts], axis=1)
+
+
+def make_datasets(data_dir: str, num_samples: int, image_size: int, k: int,
+                  teacher_dims) -> None:
+  """Builds the datasets 'reinforced' and 'plain' (the same examples) in `data_dir`."""
+  rng = np.random.default_rng(0)
+  captioner = demo_world.DemoCaptioner()
+  shards = os.path.join(data_dir, 'tars')
+  with wds.ShardWriter(os.path.join(shards, '{:05d}.tar'), 256) as writer:
+    for demo in demo_world.iter_samples('train', num_samples, image_size, seed=0):
+      sample = wds.Sample(
+          shard='', key=demo['uid'], uid=demo['uid'], image=demo_world.encode_image(demo['image']),
+          image_format='jpg', captions=[demo['caption']], syn_keys=('syn_text',),
+          syn_captions=[captioner.caption(demo['labels'], rng) for _ in range(_NUM_SYN)],
+          syn_key_index=np.zeros(_NUM_SYN, np.int32),
+          paug=[augment.sample_params(rng, image_size, image_size) for _ in range(k)],
+          image_emb=_unit_rows(rng, k, teacher_dims),
+          text_emb=_unit_rows(rng, 1 + _NUM_SYN, teacher_dims))
+      writer.write(sample.key, wds.encode_sample(sample))
+  for kind in ('reinforced', 'plain'):
+    reinforced_tfds.build_dataset(os.path.join(shards, '*.tar'), kind, data_dir, kind=kind,
+                                  augmentation=_AUGMENTATION, teacher_dims=teacher_dims,
+                                  progress=False)
+
+
+def _input_config(data_dir: str, dataset: str, image_size: int, batch_size: int,
+                  worker_count: int = 0) -> pipeline.InputConfig:
+  return pipeline.InputConfig(dataset=dataset, data_dir=data_dir, global_batch_size=batch_size,
+                              image_size=image_size, worker_count=worker_count)
+
+
+def _per_example_us(fn, count: int, repeats: int) -> float:
+  return common.time_calls(fn, warmup=1, repeats=repeats)['median_s'] / count * 1e6
+
+
+def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
+  source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
+  count = min(o['batch_size'], len(source))
+  records = [source[i] for i in range(count)]
+  images = [Image.open(io.BytesIO(r['image'])) for r in records]
+  for image in images:
+    image.load()
+  params = [json.loads(r['paug'])[0] for r in records]  # The stored augmentations.
+  replay_config = pipeline.replay_config(meta.augmentation)
+  replayed = np.stack([augment.replay(image, p, o['image_size'], replay_config)
+                       for image, p in zip(images, params)])
+  tokenizer = tokenizer_lib.get_tokenizer(meta.tokenizer)
+  captions = [r['syn_captions'][0].decode() for r in records]
+
+  def decode():
+    for r in records:
+      with Image.open(io.BytesIO(r['image'])) as image:
+        image.load()
+
+  def shuffle(num_examples):
+    return lambda: [pipeline.shuffled_index(0, 0, i, num_examples) for i in range(count)]
+
+  return {
+      'row': 'stage', 'examples': count,
+      'shuffle_us': _per_example_us(shuffle(len(source)), count, o['repeats']),
+      'shuffle_us_12m': _per_example_us(shuffle(_DATACOMPDR_12M), count, o['repeats']),
+      'read_us': _per_example_us(lambda: [source[i] for i in range(count)], count, o['repeats']),
+      'decode_us': _per_example_us(decode, count, o['repeats']),
+      'replay_us': _per_example_us(
+          lambda: [augment.replay(image, p, o['image_size'], replay_config)
+                   for image, p in zip(images, params)], count, o['repeats']),
+      'tokenize_us': _per_example_us(lambda: tokenizer(captions), count, o['repeats']),
+      'normalize_us': _per_example_us(
+          lambda: preprocess.normalize(replayed, (0.0,) * 3, (1.0,) * 3), count, o['repeats']),
+  }
+
+
+def _example_row(data_dir: str, dataset: str, o: Dict[str, Any]) -> Dict[str, Any]:
+  config = _input_config(data_dir, dataset, o['image_size'], o['batch_size'])
+  source, meta = reinforced_tfds.open_reinforced(dataset, data_dir)
+  loader = pipeline.ChunkLoader(config, source, meta, dataset, 0, 1)
+  chunks = iter(range(1 << 30))
+  loader(next(chunks))  # Warm-up: tokenizer caches, allocator.
+  count = o['repeats'] * loader.chunks_per_batch
+  wall, cpu = time.perf_counter(), common.cpu_time_s()
+  for _ in range(count):
+    loader(next(chunks))
+  wall, cpu = time.perf_counter() - wall, common.cpu_time_s() - cpu
+  examples = count * loader.chunk_size
+  return {'row': 'example', 'dataset': dataset, 'kind': meta.kind, 'examples': examples,
+          'samples_per_s': examples / wall, 'samples_per_core_s': examples / cpu,
+          'us_per_example_cpu': cpu / examples * 1e6}
+
+
+def measure_loader(data_dir: str, image_size: int, batch_size: int, batches: int,
+                   worker_count: int) -> Dict[str, Any]:
+  """Runs in a fresh interpreter (`common.isolated`): the whole iterator, start-up included."""
+  start, cpu_start = time.perf_counter(), common.cpu_time_s()
+  config = _input_config(data_dir, 'reinforced', image_size, batch_size, worker_count)
+  iterator = pipeline.make_train_iterator(config, 0, 1)
+  next(iterator)
+  first = time.perf_counter() - start
+  steady = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  steady = time.perf_counter() - steady
+  iterator.close()  # Joins the workers, so their CPU time is in RUSAGE_CHILDREN.
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = common.cpu_time_s() - cpu_start + children.ru_utime + children.ru_stime
+  return {'first_batch_s': first, 'samples_per_s': batches * batch_size / steady,
+          'cpu_s_per_sample': cpu / ((batches + 1) * batch_size),
+          'read_threads': config.read_threads,
+          'prefetch_batches': config.prefetch_batches}
+
+
+def run(options: Dict[str, str]) -> Iterator[Dict[str, Any]]:
+  """Yields the rows described in the module docstring."""
+  o = _parse(options)
+  with tempfile.TemporaryDirectory(prefix='mobileclip_data_bench_') as data_dir:
+    start = time.perf_counter()
+    make_datasets(data_dir, o['num_samples'], o['image_size'], o['k'], o['teacher_dims'])
+    setup = {'image_size': o['image_size'], 'k': o['k'], 'teacher_dims': list(o['teacher_dims']),
+             'batch_size': o['batch_size'], 'cpu_count': os.cpu_count()}
+    yield {'row': 'setup', 'num_samples': o['num_samples'],
+           'build_s': time.perf_counter() - start, **setup}
+    yield {**_stage_row(data_dir, o), **setup}
+    rates = {}
+    for dataset in ('reinforced', 'plain'):
+      row = _example_row(data_dir, dataset, o)
+      rates[dataset] = row['samples_per_core_s']
+      yield {**row, **setup}
+    for worker_count in o['workers']:
+      result = common.isolated(__name__, 'measure_loader', dict(
+          data_dir=data_dir, image_size=o['image_size'], batch_size=o['batch_size'],
+          batches=o['batches'], worker_count=worker_count))
+      yield {'row': 'loader', 'worker_count': worker_count, **result, **setup}
+    demand = o['step_batch'] / o['step_time_s']
+    yield {'row': 'demand', 'step_batch_per_device': o['step_batch'],
+           'assumed_step_time_s': o['step_time_s'], 'samples_per_s_per_device': demand,
+           'cores_per_device_needed': demand / rates['reinforced'],
+           'note': 'MobileCLIP-S0 recipe: global batch 65,536 on 128 GPUs = 512 per device per '
+                   'step; the step time is an assumption (option step_time_s), not measured.'}
