@@ -1,0 +1,80 @@
+r"""Zero-shot classification and image-text retrieval numbers for a checkpoint.
+
+  python launch/evaluate.py --checkpoint=WORKDIR_OR_MODEL_DIR --eval=imagenet,coco,flickr \
+    --data_dir=~/eval_data --out=results.json
+  python launch/evaluate.py --model=MobileCLIP2-S0 --torch_checkpoint=mobileclip2_s0.pt \
+    --eval=imagenet --data_dir=~/eval_data
+  python launch/evaluate.py --checkpoint=/tmp/demo_run --eval=demo,demo_heldout,demo_retrieval
+
+--checkpoint takes an Orbax model checkpoint (launch/convert.py) or a training run (its latest
+step, or --step); --torch_checkpoint a state_dict in open_clip's names (.safetensors, .pt, .pth,
+.bin, .npz) of --model (import Apple's v1 checkpoints with launch/convert.py first). Standard evaluations and where they look for data under --data_dir:
+
+{registry}
+
+Prints a table; with --out, writes JSON (metrics, per-evaluation source, image count and time)
+atomically, and only when every evaluation succeeded. On several hosts run the same command on
+every host with --distributed; host 0 prints and writes.
+"""
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+from mobileclip_jax import sharding
+from mobileclip_jax.evaluation import evaluator as evaluator_lib
+from mobileclip_jax.evaluation import registry
+from mobileclip_jax.evaluation import runner
+
+__doc__ = __doc__.format(registry=registry.__doc__.split('\n\n')[1])
+
+_MODEL = flags.DEFINE_string('model', None, 'Variant name; required with --torch_checkpoint.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Orbax model checkpoint or training run.')
+_STEP = flags.DEFINE_integer('step', None, 'Training-run step (default: the latest).')
+_TORCH_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None, 'open_clip state_dict file.')
+_EVAL = flags.DEFINE_list('eval', None, f'Standard evaluations: {sorted(registry.STANDARD_EVALS)}.')
+_DATA_DIR = flags.DEFINE_string('data_dir', os.environ.get('MOBILECLIP_EVAL_DATA', ''),
+                                'Folder holding the evaluation datasets ($MOBILECLIP_EVAL_DATA).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Global images per batch.')
+_LIMIT = flags.DEFINE_integer('limit', 0, 'Only the first N examples of each dataset (0 = all).')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 8, 'Image-decoding threads per host.')
+_OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
+  if not _EVAL.value:
+    raise app.UsageError(f'--eval is required: some of {sorted(registry.STANDARD_EVALS)}.')
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  start = time.time()
+  try:
+    model, variables = runner.load_model(_MODEL.value, _CHECKPOINT.value,
+                                         _TORCH_CHECKPOINT.value, _STEP.value)
+    mesh = sharding.create_mesh()
+    evaluators = []
+    for name in _EVAL.value:
+      eval_type, source = registry.standard_eval(name, _DATA_DIR.value)
+      entry = dict(type=eval_type, source=dict(source, limit=_LIMIT.value),
+                   batch_size=_BATCH_SIZE.value, num_workers=_NUM_WORKERS.value)
+      evaluators.append(evaluator_lib.build_evaluator(name, entry, model.config, mesh))
+    results = runner.run_evaluators(model, variables, evaluators)
+  except (FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
+    sys.exit(f'{type(e).__name__}: {e}\nNothing was written.')
+  if jax.process_index() == 0:
+    print(runner.format_table(results['metrics']))
+    if _OUT.value:
+      runner.write_json_atomic(_OUT.value, {
+          'model': model.config.name, 'checkpoint': _CHECKPOINT.value or _TORCH_CHECKPOINT.value,
+          'step': _STEP.value, 'data_dir': _DATA_DIR.value, 'limit': _LIMIT.value,
+          'seconds': round(time.time() - start, 1), **results})
+      print(f'Wrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

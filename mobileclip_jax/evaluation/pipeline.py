@@ -1,0 +1,292 @@
+"""Sharded, padding-safe embedding of evaluation data, and the base class of the evaluators.
+
+A stream of N items (images or prompts, known to every process) over P processes with global
+batch B (a multiple of the mesh's batch shards): batch b holds items b*B .. b*B + B - 1, and
+process p loads items b*B + p*B/P + j for j < B/P. Every process runs ceil(N / B) batches; slots
+past N are padding (index -1): they are embedded like any row (zeros) and dropped from the
+gathered result, so they never enter a metric. A process-local stream (each process's own
+captions in retrieval) runs max_p ceil(N_p / (B/P)) batches on every process.
+
+Embeddings are computed by one jitted function per (model, tower, mesh): inputs arrive as global
+arrays split over the mesh's batch axes (`sharding.global_batch`, images as uint8 and normalized
+on device), embeddings are L2-normalized in float32 and stay sharded. At the end of a stream they
+are brought to host on every process together with their integer key columns (an explicit
+replicating jit and `jax.device_get`, so `jax.transfer_guard('disallow')` is respected), padding
+rows are dropped and rows are sorted by key: results do not depend on the number of processes,
+devices or the batch size.
+"""
+import collections
+import concurrent.futures
+import functools
+import io
+import logging
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from PIL import Image
+
+from mobileclip_jax import sharding
+from mobileclip_jax.data import preprocess
+from mobileclip_jax.data import tokenizer as tokenizer_lib
+from mobileclip_jax.evaluation import sources
+
+IMAGE = 'encode_image'
+TEXT = 'encode_text'
+_PREFETCH_BATCHES = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch plans.
+
+
+def global_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's batch shards."""
+  if batch_size < 1:
+    raise ValueError(f'Evaluation batch_size must be >= 1, got {batch_size}.')
+  shards = sharding.num_batch_shards(mesh)
+  if shards % jax.process_count():
+    raise ValueError(f'The mesh has {shards} batch shards, not a multiple of the '
+                     f'{jax.process_count()} processes.')
+  return -(-batch_size // shards) * shards
+
+
+def stream_slots(num_items: int, global_batch: int, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> List[np.ndarray]:
+  """This process's item ids per batch of a stream every process knows (-1 = padding).
+
+  Returns:
+    ceil(num_items / global_batch) (at least 1) int32 arrays of global_batch / process_count ids.
+  """
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  local = global_batch // count
+  ids = [b * global_batch + p * local + np.arange(local)
+         for b in range(max(1, -(-num_items // global_batch)))]
+  return [np.where(i < num_items, i, -1).astype(np.int32) for i in ids]
+
+
+def local_slots(num_local: int, local_batch: int, num_batches: int) -> List[np.ndarray]:
+  """Ids of a process-local stream of `num_local` items in `num_batches` batches (-1 = padding)."""
+  ids = np.arange(num_batches * local_batch, dtype=np.int32)
+  return np.split(np.where(ids < num_local, ids, -1), num_batches)
+
+
+def global_max(value: int, mesh: Mesh) -> int:
+  """The largest of every process's `value` (all processes must call it)."""
+  rows = sharding.num_batch_shards(mesh) // jax.process_count()
+  array = sharding.global_batch({'v': np.full((rows,), value, np.int32)}, mesh)['v']
+  return int(to_host(array).max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Device <-> host.
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array's whole value as numpy, on every process (explicit transfers only)."""
+  if not x.is_fully_addressable:
+    x = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+    return np.asarray(jax.device_get(x.addressable_data(0)))
+  return np.asarray(jax.device_get(x))
+
+
+def place_variables(variables: Mapping[str, Any], mesh: Mesh) -> Any:
+  """Leaves that are not jax Arrays yet (numpy) are put on the mesh, replicated, once."""
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, replicated),
+                      dict(variables))
+
+
+@functools.lru_cache(maxsize=64)
+def _encoder(model, method: str, mesh: Mesh, mean: Optional[tuple], std: Optional[tuple]):
+  """jit(variables, inputs [B, ...]) -> unit embeddings [B, D] float32, split over the batch."""
+
+  def encode(variables, inputs):
+    if method == IMAGE:  # uint8 crosses to the device; the same normalize, traced.
+      inputs = preprocess.normalize(inputs, mean, std)
+    emb = model.apply(variables, inputs, method=method).astype(jnp.float32)
+    # F.normalize(x, dim=-1): x / max(|x|, 1e-12).
+    return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+
+  return jax.jit(encode, out_shardings=sharding.batch_sharding(mesh))
+
+
+def encode(model, variables: Any, mesh: Mesh, method: str,
+           batches: Iterable[Mapping[str, np.ndarray]], keys: Sequence[str],
+           mean: Optional[Sequence[float]] = None,
+           std: Optional[Sequence[float]] = None) -> Dict[str, np.ndarray]:
+  """Embeds a stream of process-local batches and gathers the result on every process.
+
+  Args:
+    model: a Flax module with `encode_image` / `encode_text`.
+    variables: its variables, already on the mesh (`place_variables`).
+    mesh: the device mesh.
+    method: IMAGE or TEXT.
+    batches: dicts with 'inputs' (uint8 [Bl, S, S, 3] images or int32 [Bl, L] tokens) and int32
+      columns with a leading [Bl] axis; a row is padding when `keys[0]` is -1.
+    keys: the column names rows are sorted by (lexicographically).
+    mean, std: image normalization (IMAGE only).
+
+  Returns:
+    'embeddings' float32 [N, D] (unit rows) and every column, padding rows dropped, sorted.
+  """
+  fn = _encoder(model, method, mesh, tuple(mean) if mean else None, tuple(std) if std else None)
+  embedded: List[Dict[str, jax.Array]] = []
+  for batch in batches:
+    arrays = sharding.global_batch(batch, mesh)
+    arrays['embeddings'] = fn(variables, arrays.pop('inputs'))
+    embedded.append(arrays)  # Dispatched asynchronously; the host goes on loading.
+  host = {name: np.concatenate([to_host(b[name]) for b in embedded]) for name in embedded[0]}
+  valid = host[keys[0]] >= 0
+  host = {name: value[valid] for name, value in host.items()}
+  order = np.lexsort([host[k] for k in reversed(keys)])
+  return {name: value[order] for name, value in host.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side loading.
+
+
+def load_image(image: sources.ImageLike, size: int, interpolation: str,
+               where: str = '') -> np.ndarray:
+  """Encoded bytes / uint8 array / PIL image -> uint8 [size, size, 3] (open_clip's eval resize)."""
+  try:
+    if isinstance(image, (bytes, np.bytes_)):
+      image = Image.open(io.BytesIO(image))
+    elif isinstance(image, np.ndarray):
+      image = Image.fromarray(image.astype(np.uint8, copy=False))
+    return preprocess.resize_center_crop(image, size, interpolation)
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises OSError, SyntaxError, ValueError, ... on damaged or odd input.
+    raise ValueError(f'{where}: cannot read the image ({type(e).__name__}: {e}).') from None
+
+
+def prefetch_map(fn: Callable[[int], Any], slot_batches: Iterable[np.ndarray],
+                 pool: concurrent.futures.Executor,
+                 depth: int = _PREFETCH_BATCHES) -> Iterator[List[Any]]:
+  """[fn(i) for each slot, None for padding] per batch, computed by `pool` `depth` batches ahead."""
+  pending = collections.deque()
+  for slots in slot_batches:
+    pending.append([pool.submit(fn, int(i)) if i >= 0 else None for i in slots])
+    if len(pending) > depth:
+      yield [f.result() if f else None for f in pending.popleft()]
+  while pending:
+    yield [f.result() if f else None for f in pending.popleft()]
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluator base class.
+
+
+class EvaluatorBase:
+  """What the zero-shot and retrieval evaluators share: cadence, model checks, the image stream.
+
+  Attributes:
+    name: the evaluator's name (metric names are '<prefix>/<name>.../<metric>').
+    every_steps: cadence in training steps; 0 = only at the first and the last step.
+  """
+  default_prefix = ''
+
+  def __init__(self, name: str, data: sources.EvalData, model_config, mesh: Mesh, *,
+               every_steps: int = 0, batch_size: int = 256, text_batch_size: int = 0,
+               prefix: str = '', cache: bool = False, num_workers: int = 8):
+    if every_steps < 0:
+      raise ValueError(f'Evaluator {name!r}: every_steps must be >= 0, got {every_steps}.')
+    if num_workers < 1:
+      raise ValueError(f'Evaluator {name!r}: num_workers must be >= 1, got {num_workers}.')
+    self.name, self.data, self.model_config, self.mesh = name, data, model_config, mesh
+    self.every_steps = every_steps
+    self.prefix = prefix or self.default_prefix
+    self.batch_size = global_batch_size(batch_size, mesh)
+    self.text_batch_size = global_batch_size(text_batch_size or batch_size, mesh)
+    self.cache = cache
+    self.num_workers = num_workers
+    self._cached_images: Optional[List[Dict[str, np.ndarray]]] = None
+    self._tokenizer: Optional[tokenizer_lib.Tokenizer] = None
+
+  def due(self, step: int, last_step: int) -> bool:
+    """Whether to run at `step`: the first and last steps, and every `every_steps`."""
+    return step in (0, last_step) or bool(self.every_steps and step % self.every_steps == 0)
+
+  def run(self, model, variables: Mapping[str, Any]) -> Dict[str, float]:
+    """Evaluates `model` with `variables` ({'params', 'batch_stats'}: numpy or jax Arrays).
+
+    Every process must call it (collectives); every process gets the same metrics.
+    """
+    self._check_model(model)
+    start = time.perf_counter()
+    metrics = self._evaluate(model, place_variables(variables, self.mesh))
+    logging.info('Evaluator %s: %d examples of %s in %.1f s.', self.name,
+                 len(self.data.examples), self.data.description, time.perf_counter() - start)
+    return metrics
+
+  def _evaluate(self, model, variables) -> Dict[str, float]:
+    raise NotImplementedError
+
+  def _check_model(self, model) -> None:
+    """The model must expect this evaluator's preprocessing (its inputs were made for it)."""
+    mine, theirs = self.model_config, getattr(model, 'config', None)
+    fields = ('image_size', 'mean', 'std', 'interpolation', 'tokenizer')
+    if theirs is None or any(getattr(mine, f) != getattr(theirs, f, None) for f in fields) or (
+        mine.text.context_length != theirs.text.context_length):
+      raise ValueError(f'Evaluator {self.name!r} was built for {mine.name} preprocessing '
+                       f'({ {f: getattr(mine, f) for f in fields} }) and cannot evaluate this '
+                       'model; build it with the model\'s own config.')
+
+  @property
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    if self._tokenizer is None:
+      self._tokenizer = tokenizer_lib.get_tokenizer(self.model_config.tokenizer)
+    return self._tokenizer
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    """int32 [len(texts), context_length] tokens for the model's text tower."""
+    return self.tokenizer(list(texts), self.model_config.text.context_length)
+
+  def _load(self, index: int):
+    example = self.data.examples[index]
+    c = self.model_config
+    return load_image(example.image, c.image_size, c.interpolation, example.where), example
+
+  def image_batches(self, columns: Callable[[int, sources.Example], Dict[str, np.ndarray]],
+                    column_shapes: Mapping[str, tuple]) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's image batches: 'inputs' uint8 [Bl, S, S, 3], 'index' [Bl], the columns.
+
+    `columns(index, example)` gives an example's int32 columns of `column_shapes` (called in
+    index order, on this thread); padding rows get zeros. With `cache`, the first full pass is
+    kept and replayed.
+    """
+    if self._cached_images is not None:
+      yield from self._cached_images
+      return
+    size = self.model_config.image_size
+    slot_batches = stream_slots(len(self.data.examples), self.batch_size)
+    kept = []
+    pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
+    try:
+      for slots, loaded in zip(slot_batches, prefetch_map(self._load, slot_batches, pool)):
+        batch = {'inputs': np.zeros((len(slots), size, size, 3), np.uint8), 'index': slots}
+        batch.update({name: np.zeros((len(slots),) + tuple(shape), np.int32)
+                      for name, shape in column_shapes.items()})
+        for row, item in enumerate(loaded):
+          if item is not None:
+            batch['inputs'][row] = item[0]
+            for name, value in columns(int(slots[row]), item[1]).items():
+              batch[name][row] = value
+        if self.cache:
+          kept.append(batch)
+        yield batch
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)
+    if self.cache:
+      self._cached_images = kept
+
+  def encode_images(self, model, variables, columns, column_shapes) -> Dict[str, np.ndarray]:
+    """Unit image 'embeddings' [N, D] of the whole dataset, 'index' and columns, in index order."""
+    c = self.model_config
+    return encode(model, variables, self.mesh, IMAGE, self.image_batches(columns, column_shapes),
+                  ('index',), c.mean, c.std)

@@ -1,0 +1,74 @@
+"""Zero-shot classification: prompt-ensemble classifiers from the text tower, top-1 / top-5.
+
+Per task, every class name is put into every template; the prompts' unit text embeddings are
+averaged per class and re-normalized (the CLIP convention, as open_clip's
+`build_zero_shot_classifier`). An image is classified by the largest cosine similarity; top-k
+accuracy uses the tie rule of `metrics.py`; top-5 is reported for tasks with more than 5 classes
+(with 5 it is 1.0 by construction).
+
+The prompts of all tasks form one text stream and the images one image stream, each sharded over
+the mesh (pipeline.py); a dataset with several tasks (the demo world) embeds its images once.
+Metrics: '<prefix>/<name>/top1' and '/top5' for a single-task dataset, '<prefix>/<name>_<task>/...'
+per task otherwise.
+"""
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from mobileclip_jax.evaluation import metrics as metrics_lib
+from mobileclip_jax.evaluation import pipeline
+from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import templates as templates_lib
+
+TOP_K = (1, 5)
+
+
+class ZeroShotEvaluator(pipeline.EvaluatorBase):
+  """Zero-shot classification of an `EvalData` with tasks (see `pipeline.EvaluatorBase`)."""
+  default_prefix = 'zeroshot'
+
+  def __init__(self, name: str, data: sources.EvalData, model_config, mesh, **kwargs):
+    if not data.tasks:
+      raise ValueError(f'Evaluator {name!r}: {data.description} has no classification task '
+                       '(class names and templates).')
+    super().__init__(name, data, model_config, mesh, **kwargs)
+    self._prompt_batches: Optional[List[Dict[str, np.ndarray]]] = None
+
+  def _prompt_stream(self) -> List[Dict[str, np.ndarray]]:
+    """This process's token batches of every task's prompts (tokenized once, then kept)."""
+    if self._prompt_batches is None:
+      prompts = [p for task in self.data.tasks
+                 for p in templates_lib.prompts(task.classnames, task.templates)]
+      self._prompt_batches = [
+          {'inputs': self.tokenize([prompts[i] if i >= 0 else '' for i in slots]),
+           'index': slots}
+          for slots in pipeline.stream_slots(len(prompts), self.text_batch_size)]
+    return self._prompt_batches
+
+  def _labels(self, index: int, example: sources.Example) -> Dict[str, np.ndarray]:
+    tasks = self.data.tasks
+    if len(example.labels) != len(tasks) or not all(
+        0 <= label < len(task.classnames) for label, task in zip(example.labels, tasks)):
+      raise ValueError(f'{example.where} (example {index}): labels {example.labels} do not fit '
+                       f'the class counts {[len(t.classnames) for t in tasks]} of the tasks; '
+                       'are the class names those of this dataset?')
+    return {'labels': np.asarray(example.labels, np.int32)}
+
+  def _evaluate(self, model, variables) -> Dict[str, float]:
+    text = pipeline.encode(model, variables, self.mesh, pipeline.TEXT, self._prompt_stream(),
+                           ('index',))['embeddings']
+    images = self.encode_images(model, variables, self._labels,
+                                {'labels': (len(self.data.tasks),)})
+    metrics, start = {}, 0
+    for t, task in enumerate(self.data.tasks):
+      num_prompts = len(task.classnames) * len(task.templates)
+      classifier = metrics_lib.zero_shot_classifier(text[start:start + num_prompts],
+                                                    len(task.classnames))
+      start += num_prompts
+      # Top-5 of 5 classes is 1.0 by construction: top-k only for tasks with more than k classes.
+      ks = [k for k in TOP_K if k == 1 or k < len(task.classnames)]
+      accuracy = metrics_lib.topk_accuracy(images['embeddings'], classifier,
+                                           images['labels'][:, t], ks)
+      group = f'{self.prefix}/{self.name}' + (f'_{task.name}' if task.name else '')
+      metrics.update({f'{group}/top{k}': value for k, value in accuracy.items()})
+    return metrics
