@@ -10,9 +10,11 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from etils import epath
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from mobileclip_jax.models import clip as clip_lib
 
@@ -84,3 +86,60 @@ def load_variables(path: str, step: Optional[int] = None
   meta = json.loads((ckpt_dir / str(step) / META_ITEM / 'metadata').read_text())
   config = clip_lib.config_from_dict(meta['model_config'])
   return _restore_numpy(ckpt_dir / str(step) / STATE_ITEM), config
+
+
+DATA_ITER_ITEM = 'data_iter'  # Training checkpoints: the Grain iterator state (one file per process).
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for training: TrainState + data-iterator state + JSON metadata.
+
+  Saves are asynchronous; every `every_steps` steps, when asked (`force`, e.g. on preemption
+  or at the end) and never twice for one step. Keeps the last `keep_last` checkpoints plus
+  every `keep_every`-th step. A step directory becomes visible under its final name only when
+  complete, so a run killed mid-save resumes from the last complete step. Restores onto any
+  mesh: the target carries the new shardings.
+  """
+
+  def __init__(self, directory: str, *, every_steps: int, keep_last: int,
+               keep_every: Optional[int] = None, async_save: bool = True):
+    preservation = [checkpoint_managers.LatestN(keep_last)]
+    if keep_every:
+      preservation.append(checkpoint_managers.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=checkpoint_managers.FixedIntervalPolicy(every_steps),
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(preservation),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self.directory = directory
+    self._manager = ocp.CheckpointManager(
+        directory, options=options,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       META_ITEM: ocp.JsonCheckpointHandler(),
+                       DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any, meta: Dict[str, Any],
+           force: bool = False) -> bool:
+    """Starts an (async) save if the policy says so or `force`; returns whether it did."""
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(step, force=force, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        META_ITEM: ocp.args.JsonSave(meta),
+        DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(data_iter)}))
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Tuple[Any, Dict[str, Any]]:
+    """(state placed per the target's shardings, meta); the data iterator is restored in place."""
+    out = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+        META_ITEM: ocp.args.JsonRestore(),
+        DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
+    return out[STATE_ITEM], out[META_ITEM]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
