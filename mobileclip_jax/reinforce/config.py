@@ -1,0 +1,167 @@
+"""Generation settings and the reinforce config JSON written next to a generated dataset.
+
+The config file follows ml-mobileclip's `training/configs/datacompdr12m.json`, which
+`reinforced_tfds.read_reinforce_config` reads: `model_name` and `pretrained` (comma lists, one
+entry per teacher), `num_samples` (k) and `reinforce.image_augmentation` (Apple's transform
+config, whose keys are the torchvision keyword arguments). Everything else the generation used
+is recorded beside them: per-teacher details (resolution, mean/std, tokenizer, weights'
+checksum), `teacher_dims`, the synthetic-caption key and its regex, the embedding dtype and the
+captioner and caption quality-control settings. A rerun into the same folder must use the same
+settings (resume), which is checked against this file.
+"""
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Dict, Mapping, Optional
+
+from mobileclip_jax.data import augment
+from mobileclip_jax.data import reinforced_tfds
+
+CONFIG_FILE = 'reinforce_config.json'
+FORMAT = 'mobileclip_jax.reinforce/1'
+_TORCHVISION_OP_INTERPOLATION = 'nearest'
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """How a reinforced dataset is generated.
+
+  Attributes:
+    k: stored augmentations (and image embeddings) per image.
+    num_syn: synthetic captions per image.
+    augmentation: sampling config of the augmentations; its `image_size` is the generation size
+      (the RandomResizedCrop output every teacher sees, resized down for smaller teachers).
+    syn_key: the syn.json key of the synthetic captions (read by the 'existing' captioner, and
+      written).
+    dedup_threshold: averaged teacher cosine above which two captions of an image are
+      near-duplicates.
+    max_regenerate: rounds of regeneration of near-duplicate captions (0: measure only).
+    emb_dtype: storage of the embeddings: 'float16' (npz), 'float32' (npz) or 'bfloat16'
+      (pth.gz, as DataCompDR-12M-bf16; needs torch).
+    seed: seed of the augmentations and captions (each shard's draws depend only on it, the
+      shard's name and `chunk_size`).
+    chunk_size: samples prepared and captioned together.
+    tokenizer: tokenizer spec of the student, recorded in the dataset metadata.
+  """
+  k: int = 10
+  num_syn: int = 5
+  augmentation: augment.AugmentConfig = augment.AugmentConfig()
+  syn_key: str = 'syn_text'
+  dedup_threshold: float = 0.95
+  max_regenerate: int = 3
+  emb_dtype: str = 'float16'
+  seed: int = 0
+  chunk_size: int = 64
+  tokenizer: str = 'clip'
+
+  def __post_init__(self):
+    for name, minimum in (('k', 1), ('num_syn', 1), ('max_regenerate', 0), ('chunk_size', 1),
+                          ('seed', 0)):
+      if getattr(self, name) < minimum:
+        raise ValueError(f'GenerationConfig.{name} must be >= {minimum}, got '
+                         f'{getattr(self, name)}.')
+    if self.emb_dtype not in reinforced_tfds.EMB_DTYPES:
+      raise ValueError(f'emb_dtype {self.emb_dtype!r} is not one of '
+                       f'{sorted(reinforced_tfds.EMB_DTYPES)}.')
+    if not re.fullmatch(r'[A-Za-z0-9_]+', self.syn_key):
+      raise ValueError(f'syn_key {self.syn_key!r} must be letters, digits and _ (a syn.json key '
+                       'such as syn_text or syn_text_coca).')
+
+  @property
+  def gen_size(self) -> int:
+    return self.augmentation.image_size
+
+  @property
+  def syn_key_regex(self) -> str:
+    """The regex that selects exactly this dataset's synthetic captions."""
+    return f'^{re.escape(self.syn_key)}$'
+
+
+def apple_augmentation(config: augment.AugmentConfig) -> Dict[str, Any]:
+  """`config` as Apple's `image_augmentation` section, every field explicit.
+
+  Keys are torchvision's keyword arguments, so Apple's `compose_from_config` builds the same
+  RandomResizedCrop and RandAugment from it, and `data.pipeline.replay_config` reads it back.
+  RandAugment's resampling is written only when it is not torchvision's default ('nearest'):
+  Apple's RandAugment passes it on as a string, which torchvision refuses.
+  """
+  rand_augment = {'enable': True, 'p': config.p, 'num_ops': config.num_ops,
+                  'magnitude': config.magnitude, 'num_magnitude_bins': config.num_magnitude_bins}
+  if config.op_interpolation != _TORCHVISION_OP_INTERPOLATION:
+    rand_augment['interpolation'] = config.op_interpolation
+  return {
+      'random_resized_crop': {'size': config.image_size, 'scale': list(config.scale),
+                              'ratio': list(config.ratio), 'interpolation': config.interpolation},
+      'rand_augment': rand_augment,
+      'to_rgb': {'enable': True},
+      'to_tensor': {'enable': True},
+  }
+
+
+def reinforce_config(teachers: Mapping[str, Any], generation: GenerationConfig,
+                     captioner: Mapping[str, Any]) -> Dict[str, Any]:
+  """The JSON config of a generation (see the module docstring).
+
+  Args:
+    teachers: `TeacherEnsemble.describe()`.
+    generation: the generation settings.
+    captioner: `Captioner.describe()`.
+  """
+  details = teachers['teachers']
+  return {
+      'format': FORMAT,
+      'model_name': ','.join(t['name'] for t in details),
+      'pretrained': ','.join(t['tag'] for t in details),
+      'num_samples': generation.k,
+      'reinforce': {'image_augmentation': apple_augmentation(generation.augmentation)},
+      'teacher_dims': list(teachers['teacher_dims']),
+      'syn_key_regex': generation.syn_key_regex,
+      'emb_dtype': generation.emb_dtype,
+      'tokenizer': generation.tokenizer,
+      'generation': {
+          'teachers': details, 'num_syn': generation.num_syn, 'syn_key': generation.syn_key,
+          'augmentation': generation.augmentation.to_dict(), 'captioner': dict(captioner),
+          'dedup_threshold': generation.dedup_threshold,
+          'max_regenerate': generation.max_regenerate, 'seed': generation.seed,
+          'chunk_size': generation.chunk_size},
+  }
+
+
+def read_config(out_dir: str) -> Optional[Dict[str, Any]]:
+  """The reinforce config of a generated folder, or None if it has none."""
+  path = os.path.join(out_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _differences(old: Any, new: Any, prefix: str = '') -> list:
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for key in sorted(set(old) | set(new))
+            for d in _differences(old.get(key), new.get(key), f'{prefix}{key}.')]
+  return [] if old == new else [f'{prefix[:-1]}: {old!r} -> {new!r}']
+
+
+def write_or_check(out_dir: str, config: Dict[str, Any], overwrite: bool) -> None:
+  """Writes the config into `out_dir`, or checks that the one there has the same settings.
+
+  Raises:
+    ValueError: `out_dir` was generated with other settings and `overwrite` is False.
+  """
+  old = read_config(out_dir)
+  config = json.loads(json.dumps(config))  # Tuples -> lists, as they read back.
+  if old is not None and old != config and not overwrite:
+    changed = _differences(old, config)
+    raise ValueError(
+        f'{out_dir} holds a dataset generated with other settings ({len(changed)} differ: '
+        f'{"; ".join(changed[:5])}). Resume with the same settings, choose a new --out, or pass '
+        '--overwrite to regenerate every shard.')
+  if old != config:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, CONFIG_FILE)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(config, f, indent=1)
+    os.replace(tmp, path)
