@@ -1,0 +1,169 @@
+"""The train state and the single train step (one XLA computation per step).
+
+One step: uint8 images normalized on device; student image embeddings once; ground-truth and synthetic captions through the text
+tower in one pass (interleaved per example, so the concatenation needs no cross-device move);
+the DR loss (local rows x gathered columns under the mesh); gradients; optax; the logit-scale
+clamp; metrics.
+
+Gradient accumulation keeps the full batch of negatives (GradCache, as open_clip's
+`--accum-freq`): pass 1 embeds every micro-batch without gradients; the loss and its gradient
+with respect to the embeddings are computed on the whole batch; pass 2 re-runs each micro-batch's
+forward and back-propagates its slice of the embedding gradients into the parameters. Embeddings
+are gathered across micro-batches, never gradients of a partial loss; the cost is one extra
+forward. In train mode BatchNorm normalizes each micro-batch with its own statistics (like the
+reference's per-GPU BN) and its running statistics are updated once per micro-batch.
+"""
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax
+
+from mobileclip_jax import losses
+from mobileclip_jax import sharding as sharding_lib
+from mobileclip_jax.data import preprocess
+from mobileclip_jax.train import optimizer as optimizer_lib
+
+# Batch keys produced by the input pipeline.
+IMAGE, TEXT, SYN_TEXT = 'image', 'text', 'syn_text'
+TEACHER_KEYS = (losses.TEACHER_IMAGE, losses.TEACHER_TEXT, losses.TEACHER_SYN_TEXT)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def _embed(model: nn.Module, params, batch_stats, images, tokens, rng):
+  """Train-mode forward: (image emb [B, E], text emb [N, E]), new batch statistics."""
+  (image_emb, text_emb), updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, tokens, train=True,
+      mutable=['batch_stats'], rngs={'dropout': rng})
+  return (image_emb, text_emb), updates.get('batch_stats', batch_stats)
+
+
+def _interleave(gt: jax.Array, syn: Optional[jax.Array]) -> jax.Array:
+  """[B, L] (+ [B, L]) -> [B * kinds, L] with each example's captions adjacent."""
+  if syn is None:
+    return gt
+  return jnp.stack([gt, syn], axis=1).reshape((-1,) + gt.shape[1:])
+
+
+def _deinterleave(emb: jax.Array, kinds: int) -> Tuple[jax.Array, Optional[jax.Array]]:
+  if kinds == 1:
+    return emb, None
+  emb = emb.reshape((-1, kinds) + emb.shape[1:])
+  return emb[:, 0], emb[:, 1]
+
+
+def select_objective(batch_keys, objective: str) -> Tuple[bool, bool]:
+  """(use synthetic captions, use teachers) for 'auto' | 'clip' | 'dr' given the batch's keys."""
+  reinforced = SYN_TEXT in batch_keys and all(k in batch_keys for k in TEACHER_KEYS)
+  if objective == 'auto':
+    return reinforced, reinforced
+  if objective == 'clip':
+    return False, False
+  if objective == 'dr':
+    if not reinforced:
+      raise ValueError("loss.objective='dr' needs a reinforced dataset (synthetic captions and "
+                       'teacher embeddings); this one is plain image-caption data.')
+    return True, True
+  raise ValueError(f"loss.objective must be 'auto', 'clip' or 'dr', got {objective!r}.")
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_config: losses.LossConfig, *, mesh: Optional[Mesh], accum_steps: int = 1,
+                    use_syn: bool, use_teachers: bool, seed: int = 0) -> Callable:
+  """Returns step(state, batch) -> (state, metrics); jit it with shardings (see loop.py)."""
+  kinds = 2 if use_syn else 1
+
+  def loss_fn(image_emb, text_emb, logit_scale, logit_bias, batch):
+    gt_emb, syn_emb = _deinterleave(text_emb, kinds)
+    embeddings = {losses.IMAGE: image_emb, losses.TEXT: gt_emb, losses.SYN_TEXT: syn_emb,
+                  losses.LOGIT_SCALE: logit_scale, losses.LOGIT_BIAS: logit_bias}
+    if use_teachers:
+      embeddings.update({k: batch[k] for k in TEACHER_KEYS if use_syn or k != losses.TEACHER_SYN_TEXT})
+    return losses.dr_loss(embeddings, loss_config, mesh=mesh)
+
+  def micro_split(x):  # [B, ...] -> [A, B / A, ...], every micro-batch spread over all devices.
+    b = x.shape[0]
+    x = x.reshape((b // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      spec = P(None, sharding_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x
+
+  def micro_merge(x):  # Inverse of micro_split.
+    return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+  def step(state: TrainState, batch: Dict[str, jax.Array]):
+    """batch: 'image' uint8 [B, H, W, 3] (normalized here, on device), 'text' int32 [B, L] and,
+    for DR, 'syn_text' and the teacher embeddings [B, D_T]."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    images = preprocess.normalize(batch[IMAGE], model.config.mean, model.config.std)
+    tokens = _interleave(batch[TEXT], batch[SYN_TEXT] if use_syn else None)
+    params = state.params
+    scale, bias = params['logit_scale'], params.get('logit_bias')
+    tower_params = {k: v for k, v in params.items() if k not in ('logit_scale', 'logit_bias')}
+
+    if accum_steps == 1:
+      def full_loss(tower_params, scale, bias):
+        (image_emb, text_emb), new_stats = _embed(model, {**tower_params, **_scalars(params)},
+                                                  state.batch_stats, images, tokens, rng)
+        loss, metrics = loss_fn(image_emb, text_emb, scale, bias, batch)
+        return loss, (metrics, new_stats)
+      (loss, (metrics, new_stats)), (g_towers, g_scale, g_bias) = jax.value_and_grad(
+          full_loss, argnums=(0, 1, 2), has_aux=True)(tower_params, scale, bias)
+    else:
+      images_m, tokens_m = micro_split(images), micro_split(tokens)
+      rngs = jax.random.split(rng, accum_steps)
+
+      def embed_micro(tp, stats, x, t, r):
+        return _embed(model, {**tp, **_scalars(params)}, stats, x, t, r)
+
+      def pass1(_, xs):
+        (image_emb, text_emb), _ = embed_micro(tower_params, state.batch_stats, *xs)
+        return None, (image_emb, text_emb)
+      _, (image_m, text_m) = jax.lax.scan(pass1, None, (images_m, tokens_m, rngs))
+      image_emb, text_emb = micro_merge(image_m), micro_merge(text_m)
+      (loss, metrics), (g_image, g_text, g_scale, g_bias) = jax.value_and_grad(
+          loss_fn, argnums=(0, 1, 2, 3), has_aux=True)(image_emb, text_emb, scale, bias, batch)
+      g_image_m, g_text_m = micro_split(g_image), micro_split(g_text)
+
+      def pass2(carry, xs):
+        acc, stats = carry
+        x, t, r, gi, gt = xs
+        _, vjp, new_stats = jax.vjp(lambda tp: embed_micro(tp, stats, x, t, r), tower_params,
+                                    has_aux=True)
+        (grads,) = vjp((gi, gt))
+        return (jax.tree.map(jnp.add, acc, grads), new_stats), None
+      zeros = jax.tree.map(jnp.zeros_like, tower_params)
+      (g_towers, new_stats), _ = jax.lax.scan(
+          pass2, (zeros, state.batch_stats), (images_m, tokens_m, rngs, g_image_m, g_text_m))
+
+    grads = {**g_towers, 'logit_scale': g_scale}
+    if bias is not None:
+      grads['logit_bias'] = g_bias
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    new_params = optimizer_lib.clamp_logit_scale(optax.apply_updates(params, updates))
+    metrics = dict(metrics)
+    metrics.update({
+        'loss': loss, 'logit_scale': jnp.exp(new_params['logit_scale']),
+        'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(new_params),
+        'update_norm': optax.tree.norm(updates)})
+    new_state = TrainState(step=state.step + 1, params=new_params, batch_stats=new_stats,
+                           opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+def _scalars(params):
+  """The non-tower parameters (logit scale / bias), passed through untouched by the towers."""
+  return {k: v for k, v in params.items() if k in ('logit_scale', 'logit_bias')}

@@ -1,0 +1,189 @@
+"""launch/train.py end to end on the demo world: resume, preemption, crashes mid-save, NaN, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mobileclip_jax import config as config_lib
+from mobileclip_jax.data import demo_dataset
+from mobileclip_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'launch', 'train.py')
+
+# A two-stage MCi (every block type) and a one-layer text tower on 32 px demo images.
+TINY_CONFIG = '''
+from mobileclip_jax import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.model.embed_dim = 16
+  c.model.image_size = 32
+  c.model.image.depths = (1, 1)
+  c.model.image.widths = (16, 64)
+  c.model.image.token_mixers = ('repmixer', 'attention')
+  c.model.image.pos_emb = (False, True)
+  c.model.image.se_downsample = (False, True)
+  c.model.text.layers = 1
+  c.model.text.width = 32
+  c.model.text.heads = 2
+  c.model.text.context_length = 32
+  c.data.name = 'demo_world'
+  c.data.data_dir = {data_dir!r}
+  c.batch_size = 8
+  c.schedule.total = '{total}_steps'
+  c.schedule.warmup = '2_steps'
+  c.checkpoint.every = '{every}_steps'
+  c.log_every = 1
+  return config_lib.apply_presets(c, arg)
+'''
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  demo_dataset.ensure_plain_dataset(path, num_samples=256, image_size=32, samples_per_shard=128)
+  return path
+
+
+def _config_file(tmp_path, data_dir, total=6, every=2):
+  path = tmp_path / f'tiny_{total}_{every}.py'
+  path.write_text(TINY_CONFIG.format(data_dir=data_dir, total=total, every=every))
+  return str(path)
+
+
+def _config(tmp_path, data_dir, **kw):
+  return config_lib.load_config_file(_config_file(tmp_path, data_dir, **kw))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {row['step']: row['loss'] for row in rows if 'loss' in row}
+
+
+def _run(config_path, workdir, *extra, wait=True):
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  proc = subprocess.Popen([sys.executable, TRAIN, f'--config={config_path}', f'--workdir={workdir}',
+                           *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  if wait:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+  return proc
+
+
+def _wait_for_step(proc, workdir, step, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'training ended early:\n{proc.stdout.read()[-4000:]}')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'step {step} not reached')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_dir):
+  tmp = tmp_path_factory.mktemp('uninterrupted')
+  workdir = str(tmp / 'work')
+  _run(_config_file(tmp, data_dir, total=8, every=2), workdir)
+  return workdir
+
+
+def test_run_writes_checkpoints_metrics_and_config(uninterrupted):
+  assert sorted(os.listdir(os.path.join(uninterrupted, 'checkpoints'))) == ['4', '6', '8']
+  assert sorted(_losses(uninterrupted)) == list(range(1, 9))
+  assert os.path.exists(os.path.join(uninterrupted, 'config.json'))
+  assert any(name.startswith('events.out.tfevents') for name in
+             os.listdir(os.path.join(uninterrupted, 'tb')))
+
+
+def test_preempted_run_resumes_bit_exactly(tmp_path, data_dir, uninterrupted):
+  workdir = str(tmp_path / 'work')
+  config_path = _config_file(tmp_path, data_dir, total=8, every=100)
+  proc = _run(config_path, workdir, wait=False)
+  _wait_for_step(proc, workdir, 2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert len(saved) == 1 and 2 <= saved[0] < 8, (saved, out[-3000:])
+  _run(config_path, workdir)
+  want, got = _losses(uninterrupted), _losses(workdir)
+  assert sorted(got) == list(range(1, 9))
+  for step in range(saved[0] + 1, 9):
+    assert got[step] == want[step], (step, got[step], want[step])  # Bitwise: same XLA program.
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, data_dir,
+                                                                        uninterrupted):
+  workdir = str(tmp_path / 'work')
+  config_path = _config_file(tmp_path, data_dir, total=8, every=2)
+  proc = _run(config_path, workdir, wait=False)
+  _wait_for_step(proc, workdir, 4)  # Step 4's async save is in flight about now.
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  complete = [s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()]
+  _run(config_path, workdir)
+  got, want = _losses(workdir), _losses(uninterrupted)
+  resumed_from = max(int(s) for s in complete) if complete else 0
+  for step in range(resumed_from + 1, 9):
+    assert got[step] == want[step]
+
+
+def test_non_finite_loss_stops_with_step_terms_and_last_checkpoint(tmp_path, data_dir):
+  config = _config(tmp_path, data_dir, total=6, every=2)
+  config.optim.lr = 1e12
+  config.optim.grad_clip = 0.0
+  with pytest.raises(loop.NonFiniteLossError, match=r'Non-finite metrics at step \d+: .*loss'):
+    loop.train(config, str(tmp_path / 'work'))
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_build_it(tmp_path):
+  config = _config(tmp_path, str(tmp_path / 'empty'))
+  config.data.name = 'datacompdr_12m'
+  with pytest.raises(FileNotFoundError, match=r'(?s)datacompdr_12m.*build_dataset'):
+    loop.train(config, str(tmp_path / 'work'))
+
+
+def test_unknown_override_names_the_nearest_keys(tmp_path, data_dir):
+  path = _config_file(tmp_path, data_dir)
+  with pytest.raises(SystemExit, match=r"Unknown config key 'optim.lrr'.*optim\.lr"):
+    config_lib.check_overrides([TRAIN, f'--config={path}', '--config.optim.lrr=1'])
+  config_lib.check_overrides([TRAIN, f'--config={path}', '--config.loss.teacher_scales=70,60'])
+
+
+def test_durations_in_steps_epochs_and_examples():
+  assert config_lib.parse_duration('200000_steps', 65536) == 200000
+  assert config_lib.parse_duration('13.1e9_examples', 65536) == 199891
+  assert config_lib.parse_duration('2_epochs', 1000, dataset_size=12_800) == 26
+  assert config_lib.parse_duration(7, 8) == 7
+  with pytest.raises(ValueError, match='dataset size is unknown'):
+    config_lib.parse_duration('1_epochs', 8)
+  with pytest.raises(ValueError, match="use an int"):
+    config_lib.parse_duration('3 weeks', 8)
+
+
+def test_every_config_file_loads_with_its_presets():
+  for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
+    if name.endswith('.py'):
+      for arg in ('', ':runlocal'):
+        config = config_lib.load_config_file(os.path.join(ROOT, 'configs', name) + arg)
+        assert loop.model_config_from(config).name == config.model.name
+  s4 = config_lib.load_config_file(os.path.join(ROOT, 'configs', 's4.py'))
+  assert (s4.batch_size, s4.schedule.total, s4.optim.lr, s4.optim.b2) == (65536, '200000_steps',
+                                                                          1e-3, 0.95)
+  assert tuple(s4.loss.teacher_scales) == (70.0, 60.0) and s4.loss.distill_weight == 1.0
+  np.testing.assert_allclose(config_lib.load_config_file(
+      os.path.join(ROOT, 'configs', 'mobileclip_b.py')).loss.distill_weight, 0.75)
