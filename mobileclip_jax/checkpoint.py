@@ -25,10 +25,16 @@ META_ITEM = 'meta'     # Training checkpoints: JSON with the config and the mode
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
 
 
+def _path(path: str) -> epath.Path:
+  """Orbax needs absolute paths; remote ones (gs://...) are left as they are."""
+  path = os.fspath(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
 def save_variables(directory: str, variables: Dict[str, Any],
                    model_config: clip_lib.ModelConfig) -> None:
   """Writes a model checkpoint. `model.json` is written last, so a directory that has it is complete."""
-  path = epath.Path(directory)
+  path = _path(directory)
   if (path / MODEL_JSON).exists():
     raise FileExistsError(f'{directory} already holds a model checkpoint; choose a new directory.')
   path.mkdir(parents=True, exist_ok=True)
@@ -54,7 +60,7 @@ def _restore_numpy(item_dir: epath.Path, collections=VARIABLE_COLLECTIONS) -> Di
 
 def training_steps(checkpoint_dir: str) -> list:
   """Complete steps in a training run's checkpoint directory, ascending."""
-  path = epath.Path(checkpoint_dir)
+  path = _path(checkpoint_dir)
   if not path.is_dir():
     return []
   return sorted(int(p.name) for p in path.iterdir()
@@ -69,7 +75,7 @@ def load_variables(path: str, step: Optional[int] = None
   `path` is a model checkpoint directory, a training workdir, or its `checkpoints/` directory;
   for training runs `step` selects a step (default: the latest complete one).
   """
-  root = epath.Path(path)
+  root = _path(path)
   if (root / MODEL_JSON).exists():
     config = clip_lib.config_from_dict(json.loads((root / MODEL_JSON).read_text()))
     return _restore_numpy(root / VARIABLES_DIR), config

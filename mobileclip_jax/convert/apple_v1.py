@@ -16,16 +16,15 @@ requires it to be zero, because Apple's format cannot hold it.
 Only the train-time form exists in Apple's checkpoints (Apple's code reparameterizes after
 loading), so reparameterized variables are refused.
 
-MobileCLIP-B caveat: Apple's ViT-B (`mobileclip/models/vit.py`) is not quite timm's
-`vit_base_mci_224`, which this project (like open_clip) implements: Apple's first 4x4/4 stem conv
-pads by 1 pixel (timm: 0) and Apple's LayerNorms use eps 1e-5 (timm: 1e-6). The weights map one to
-one, but the converted model computes timm's function, not Apple's (measured with random weights:
-relative L2 of 0.17 on image embeddings, 4e-4 from the eps alone). S0, S1 and S2 match Apple's own
-code to 1e-6.
+MobileCLIP-B: Apple's ViT-B (`mobileclip/models/vit.py`) is not quite timm's `vit_base_mci_224`,
+which open_clip's MobileCLIP-B implements: Apple's first 4x4/4 stem conv pads by 1 pixel (timm: 0)
+and its LayerNorms use eps 1e-5 (timm: 1e-6); with random weights the two functions differ by a
+relative L2 of 0.17 on image embeddings. The weights map one to one; `apple_semantics` gives the
+config that computes Apple's function, and importing an Apple checkpoint records it. All four
+variants match Apple's own code to 1e-6.
 """
 import dataclasses
 import functools
-import logging
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -35,11 +34,8 @@ import numpy as np
 from mobileclip_jax.convert import open_clip as open_clip_lib
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import mci
+from mobileclip_jax.models import reparam as reparam_lib
 
-# The open_clip table's tree helpers, shared rather than copied.
-_nested_get = open_clip_lib._nested_get  # pylint: disable=protected-access
-_nested_set = open_clip_lib._nested_set  # pylint: disable=protected-access
-_batchnorm_modules = open_clip_lib._batchnorm_modules  # pylint: disable=protected-access
 
 IMAGE_PREFIX = 'image_encoder.model.'
 TEXT_PREFIX = 'text_encoder.'
@@ -232,12 +228,6 @@ def _resolve(name, overrides) -> clip_lib.ModelConfig:
   return clip_lib.get_config(name, **overrides)
 
 
-def has_reparameterized_leaves(variables: Mapping) -> bool:
-  """Whether Flax variables are in the reparameterized (inference) form."""
-  paths = jax.tree_util.tree_flatten_with_path(dict(variables))[0]
-  return any('reparam_conv' in (str(k.key) for k in path) for path, _ in paths)
-
-
 def to_apple_v1(variables: Mapping, name, **overrides) -> Dict[str, np.ndarray]:
   """Flax variables (train-time) -> Apple's v1 state_dict (key -> numpy array).
 
@@ -246,12 +236,12 @@ def to_apple_v1(variables: Mapping, name, **overrides) -> Dict[str, np.ndarray]:
   variables and for a non-zero image-projection bias, which Apple's format cannot hold.
   """
   config = _resolve(name, overrides)
-  if has_reparameterized_leaves(variables):
+  if reparam_lib.is_reparameterized(variables):
     config = dataclasses.replace(config, reparameterized=True)
   table = apple_v1_table(config)
   bias_path = table.head_bias.collection + '/' + '/'.join(table.head_bias.path)
   try:
-    bias = np.asarray(_nested_get(variables[table.head_bias.collection], table.head_bias.path))
+    bias = np.asarray(open_clip_lib.nested_get(variables[table.head_bias.collection], table.head_bias.path))
   except KeyError as err:
     raise ValueError(f'The variables have no {bias_path} (expected for {config.name}); were they '
                      'made for another variant or with other overrides?') from err
@@ -260,18 +250,7 @@ def to_apple_v1(variables: Mapping, name, **overrides) -> Dict[str, np.ndarray]:
         f'The image projection bias {bias_path} is non-zero (max |b| = {np.abs(bias).max():.3g}), '
         "but Apple's v1 projection has no bias, so the model cannot be written in Apple's format "
         'without changing it. Export it in open_clip format instead.')
-  state = {}
-  for e in table.entries:
-    try:
-      value = np.asarray(_nested_get(variables[e.collection], e.path))
-    except KeyError as err:
-      raise ValueError(f'The variables have no {e.collection}/{"/".join(e.path)} (expected for '
-                       f"{config.name}, Apple key {e.torch_key}); were they made for another "
-                       'variant or with other overrides?') from err
-    state[e.torch_key] = np.array(e.to_torch(value), order='C')
-  for module in _batchnorm_modules(table.entries):
-    state[f'{module}.num_batches_tracked'] = np.zeros((), np.int64)
-  return state
+  return open_clip_lib.state_from_table(variables, table.entries, f"Apple's v1 {config.name}")
 
 
 def from_apple_v1(state_dict: Mapping[str, np.ndarray], name, **overrides) -> Dict[str, dict]:
@@ -282,38 +261,25 @@ def from_apple_v1(state_dict: Mapping[str, np.ndarray], name, **overrides) -> Di
   """
   config = _resolve(name, overrides)
   table = apple_v1_table(config)
-  variables: Dict[str, dict] = {}
-  missing, mismatched = [], []
-  for e in table.entries:
-    if e.torch_key not in state_dict:
-      missing.append(e.torch_key)
-      continue
-    value = np.asarray(state_dict[e.torch_key])
-    if tuple(value.shape) != e.torch_shape:
-      mismatched.append(f'{e.torch_key}: expected {e.torch_shape}, got {tuple(value.shape)}')
-      continue
-    _nested_set(variables.setdefault(e.collection, {}), e.path,
-                np.array(e.to_flax(value), dtype=np.float32, order='C'))
-  known = {e.torch_key for e in table.entries}
-  unexpected = sorted(k for k in state_dict
-                      if k not in known and not k.endswith('num_batches_tracked'))
-  if missing or mismatched or unexpected:
-    lines = [f"The state_dict does not match Apple's v1 {config.name}:"]
-    for title, items in (('missing', missing), ('shape mismatch', mismatched),
-                         ('unexpected', unexpected)):
-      if items:
-        shown = ', '.join(items[:8]) + (f', ... ({len(items) - 8} more)' if len(items) > 8 else '')
-        lines.append(f'  {len(items)} {title}: {shown}')
-    lines.append('Check the variant name (MobileCLIP-S0, -S1, -S2 or -B) and whether the file is '
-                 'complete.')
-    raise ValueError('\n'.join(lines))
+  variables = open_clip_lib.variables_from_table(
+      state_dict, table.entries, f"Apple's v1 {config.name}",
+      'Check the variant name (MobileCLIP-S0, -S1, -S2 or -B) and whether the file is complete.')
   bias = table.head_bias
-  _nested_set(variables[bias.collection], bias.path, np.zeros(bias.torch_shape, np.float32))
-  if not isinstance(config.image, mci.MCiConfig):
-    logging.warning("Apple's ViT-B pads its first stem conv by 1 and uses LayerNorm eps 1e-5; "
-                    "%s computes timm's vit_base_mci_224 (padding 0, eps 1e-6), so its image "
-                    "embeddings differ from Apple's code (see convert/apple_v1.py).", config.name)
+  open_clip_lib.nested_set(variables[bias.collection], bias.path, np.zeros(bias.torch_shape, np.float32))
   return variables
+
+
+def apple_semantics(config: clip_lib.ModelConfig) -> clip_lib.ModelConfig:
+  """The config that computes what Apple's own code computes for its v1 weights.
+
+  Apple's ViT-B pads its first stem conv by 1 and uses LayerNorm eps 1e-5, where timm's
+  vit_base_mci_224 (open_clip's MobileCLIP-B, and MobileCLIP2-B's training code) pads 0 and uses
+  eps 1e-6. The weights are the same tensors either way; only the forward differs.
+  """
+  if isinstance(config.image, mci.MCiConfig):
+    return config
+  return dataclasses.replace(config, image=dataclasses.replace(config.image, stem_padding=1,
+                                                               norm_eps=1e-5))
 
 
 def match_apple_v1_model(shapes: Mapping[str, Tuple[int, ...]]) -> Optional[str]:

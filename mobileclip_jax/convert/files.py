@@ -340,8 +340,6 @@ def export_checkpoint(checkpoint: str, out: str, step: Optional[int] = None,
     _import_torch(out)
   config_out = sidecar_path(out, fmt)
   _check_absent([out, config_out], overwrite)  # Before the (slow) loading and conversion.
-  if '://' not in checkpoint:
-    checkpoint = os.path.abspath(checkpoint)  # Orbax wants absolute local paths.
   variables, config = checkpoint_lib.load_variables(checkpoint, step)
   if reparameterize and not config.reparameterized:
     config = dataclasses.replace(config, reparameterized=True)  # Validates: needs an MCi/MCt tower.
@@ -394,6 +392,7 @@ def import_checkpoint(torch_checkpoint: str, out: str,
                        'no config written by this project lies beside it.')
   if is_apple:
     variables = apple_v1.from_apple_v1(state, dataclasses.replace(config, reparameterized=False))
+    config = apple_v1.apple_semantics(config)
   elif not any(k.startswith(('visual.', 'text.')) for k in state):
     raise ValueError(f"{torch_checkpoint} holds no CLIP model in open_clip's or Apple's names (its "
                      f'keys start like {sorted(state)[:3]}); an image tower alone, e.g. a timm '
@@ -401,7 +400,7 @@ def import_checkpoint(torch_checkpoint: str, out: str,
   else:
     variables = open_clip_lib.from_open_clip(state, config)
   config = dataclasses.replace(
-      config, reparameterized=apple_v1.has_reparameterized_leaves(variables))
+      config, reparameterized=reparam.is_reparameterized(variables))
   if '://' in out:  # Remote storage: no rename; model.json is written last, marking completion.
     checkpoint_lib.save_variables(out, variables, config)
     return config

@@ -11,6 +11,7 @@ VisionTransformer under `visual.` (CLIP teachers); text towers in open_clip's Te
 layout under `text.` (custom-text models) or at the top level (standard CLIP), or Apple's MCt.
 """
 import dataclasses
+import functools
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import mci
+from mobileclip_jax.models import reparam as reparam_lib
 
 Array = np.ndarray
 Transform = Callable[[Array], Array]
@@ -156,7 +158,8 @@ class _TowerLayout:
 
 
 def _torch_shape(shape, fns) -> Tuple[int, ...]:
-  return tuple(jax.eval_shape(fns[0], jax.ShapeDtypeStruct(shape, np.float32)).shape)
+  # A zero-stride view: transposes and reshapes of it cost nothing.
+  return tuple(fns[0](np.broadcast_to(np.zeros((), np.bool_), shape)).shape)
 
 
 def _join(module: str, leaf: str) -> str:
@@ -174,6 +177,7 @@ def _tower_layouts(config: clip_lib.ModelConfig) -> Dict[str, Tuple[str, _TowerL
           'text': (text_prefix, _TowerLayout(text_kind, config))}
 
 
+@functools.lru_cache(maxsize=32)
 def abstract_variables(config: clip_lib.ModelConfig):
   """Shapes/dtypes of the model's variables (jax.eval_shape: no memory, no compute)."""
   model = clip_lib.CLIP(config)
@@ -183,8 +187,9 @@ def abstract_variables(config: clip_lib.ModelConfig):
 TOWERS = ('visual', 'text')
 
 
-def conversion_table(config: clip_lib.ModelConfig, tower: Optional[str] = None) -> List[Entry]:
-  """One Entry per Flax leaf of the model, in a deterministic order.
+@functools.lru_cache(maxsize=32)
+def conversion_table(config: clip_lib.ModelConfig, tower: Optional[str] = None) -> Tuple[Entry, ...]:
+  """One Entry per Flax leaf of the model, in a deterministic order (cached per config).
 
   With `tower` ('visual' or 'text') only that tower's entries, with keys relative to the tower
   (timm's own names for `visual` of timm towers, e.g. `stem.0.conv_kxk.0.conv.weight`).
@@ -205,27 +210,84 @@ def conversion_table(config: clip_lib.ModelConfig, tower: Optional[str] = None) 
       else:  # logit_scale / logit_bias.
         key, torch_shape, (to_torch, to_flax) = path[-1], tuple(leaf.shape), _SAME
       entries.append(Entry(key, collection, path, torch_shape, to_torch, to_flax))
-  return entries
+  return tuple(entries)
 
 
-def _batchnorm_modules(table: Sequence[Entry]) -> List[str]:
+def batchnorm_modules(table: Sequence[Entry]) -> List[str]:
+  """PyTorch module names of the table's BatchNorms (they also own a `num_batches_tracked`)."""
   return sorted({e.torch_key.rsplit('.', 1)[0] for e in table
                  if e.torch_key.endswith('.running_mean')})
 
 
-def _nested_set(tree: dict, path: Tuple[str, ...], value):
+def nested_set(tree: dict, path: Tuple[str, ...], value):
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
 
 
-def _nested_get(tree: Mapping, path: Tuple[str, ...]):
+def nested_get(tree: Mapping, path: Tuple[str, ...]):
   for k in path:
     tree = tree[k]
   return tree
 
 
-def _is_reparameterized(keys) -> bool:
+def state_from_table(variables: Mapping, table: Sequence[Entry], what: str) -> Dict[str, np.ndarray]:
+  """Flax variables -> {PyTorch key: array} per `table`; BatchNorms get num_batches_tracked = 0.
+
+  `what` names the target in errors (e.g. 'MobileCLIP2-S0').
+  """
+  state = {}
+  for e in table:
+    try:
+      value = np.asarray(nested_get(variables[e.collection], e.path))
+    except KeyError as err:
+      raise ValueError(f'The variables have no {e.collection}/{"/".join(e.path)} (expected for '
+                       f'{what}, PyTorch key {e.torch_key}); were they made for another variant '
+                       'or with other overrides?') from err
+    state[e.torch_key] = np.array(e.to_torch(value), order='C')
+  for module in batchnorm_modules(table):
+    state[f'{module}.num_batches_tracked'] = np.zeros((), np.int64)
+  return state
+
+
+# Tensors that PyTorch models keep in their state_dict without a Flax counterpart.
+_IGNORED_SUFFIXES = ('num_batches_tracked', 'attn_mask')
+
+
+def variables_from_table(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry], what: str,
+                         hint: str) -> Dict[str, dict]:
+  """{PyTorch key: array} -> Flax variables per `table`, float32.
+
+  Raises ValueError naming every missing key, unexpected key and shape mismatch (with `what`
+  naming the expected model and `hint` saying what to check).
+  """
+  variables: Dict[str, dict] = {}
+  missing, mismatched = [], []
+  for e in table:
+    if e.torch_key not in state_dict:
+      missing.append(e.torch_key)
+      continue
+    value = np.asarray(state_dict[e.torch_key])
+    if tuple(value.shape) != e.torch_shape:
+      mismatched.append(f'{e.torch_key}: expected {e.torch_shape}, got {tuple(value.shape)}')
+      continue
+    nested_set(variables.setdefault(e.collection, {}), e.path,
+               np.array(e.to_flax(value), dtype=np.float32, order='C'))
+  known = {e.torch_key for e in table}
+  unexpected = sorted(k for k in state_dict if k not in known and not k.endswith(_IGNORED_SUFFIXES))
+  if missing or mismatched or unexpected:
+    lines = [f'The state_dict does not match {what}:']
+    for title, items in (('missing', missing), ('shape mismatch', mismatched),
+                         ('unexpected', unexpected)):
+      if items:
+        shown = ', '.join(items[:8]) + (f', ... ({len(items) - 8} more)' if len(items) > 8 else '')
+        lines.append(f'  {len(items)} {title}: {shown}')
+    lines.append(hint)
+    raise ValueError('\n'.join(lines))
+  return variables
+
+
+def _has_reparam_keys(keys) -> bool:
   return any('reparam_conv' in k for k in keys)
 
 
@@ -241,6 +303,10 @@ def _config_for(name_or_config, reparameterized: Optional[bool], overrides) -> c
   return config
 
 
+def _describe(config: clip_lib.ModelConfig) -> str:
+  return f'{config.name}{" (reparameterized)" if config.reparameterized else ""}'
+
+
 def to_open_clip(variables: Mapping, name, tower: Optional[str] = None,
                  **overrides) -> Dict[str, np.ndarray]:
   """Flax variables -> open_clip state_dict as numpy arrays (open_clip key -> array).
@@ -250,26 +316,8 @@ def to_open_clip(variables: Mapping, name, tower: Optional[str] = None,
   `num_batches_tracked` of 0, as torch expects. With `tower`, only that tower, keys relative to
   it (for timm towers: a timm model's own state_dict).
   """
-  is_reparam = _is_reparameterized(
-      '/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0])
-  config = _config_for(name, is_reparam, overrides)
-  table = conversion_table(config, tower)
-  state = {}
-  for e in table:
-    try:
-      value = np.asarray(_nested_get(variables[e.collection], e.path))
-    except KeyError as err:
-      raise ValueError(f'The variables have no {e.collection}/{"/".join(e.path)} (expected for '
-                       f'{config.name}, PyTorch key {e.torch_key}); were they made for another '
-                       f'variant or with other overrides?') from err
-    state[e.torch_key] = np.array(e.to_torch(value), order='C')
-  for module in _batchnorm_modules(table):
-    state[f'{module}.num_batches_tracked'] = np.zeros((), np.int64)
-  return state
-
-
-# Tensors that PyTorch models keep in their state_dict without a Flax counterpart.
-_IGNORED_SUFFIXES = ('num_batches_tracked', 'attn_mask')
+  config = _config_for(name, reparam_lib.is_reparameterized(variables), overrides)
+  return state_from_table(variables, conversion_table(config, tower), _describe(config))
 
 
 def from_open_clip(state_dict: Mapping[str, np.ndarray], name, tower: Optional[str] = None,
@@ -281,30 +329,7 @@ def from_open_clip(state_dict: Mapping[str, np.ndarray], name, tower: Optional[s
   and shape mismatch, so that a checkpoint of another variant or a truncated file is reported
   precisely.
   """
-  config = _config_for(name, _is_reparameterized(state_dict.keys()), overrides)
-  table = conversion_table(config, tower)
-  variables: Dict[str, dict] = {}
-  missing, mismatched = [], []
-  for e in table:
-    if e.torch_key not in state_dict:
-      missing.append(e.torch_key)
-      continue
-    value = np.asarray(state_dict[e.torch_key])
-    if tuple(value.shape) != e.torch_shape:
-      mismatched.append(f'{e.torch_key}: expected {e.torch_shape}, got {tuple(value.shape)}')
-      continue
-    _nested_set(variables.setdefault(e.collection, {}), e.path,
-                np.array(e.to_flax(value), dtype=np.float32, order='C'))
-  known = {e.torch_key for e in table}
-  unexpected = sorted(k for k in state_dict if k not in known and not k.endswith(_IGNORED_SUFFIXES))
-  if missing or mismatched or unexpected:
-    lines = [f'The state_dict does not match {config.name}'
-             f'{" (reparameterized)" if config.reparameterized else ""}:']
-    for title, items in (('missing', missing), ('shape mismatch', mismatched),
-                         ('unexpected', unexpected)):
-      if items:
-        shown = ', '.join(items[:8]) + (f', ... ({len(items) - 8} more)' if len(items) > 8 else '')
-        lines.append(f'  {len(items)} {title}: {shown}')
-    lines.append('Check the variant name and overrides (or whether the file is complete).')
-    raise ValueError('\n'.join(lines))
-  return variables
+  config = _config_for(name, _has_reparam_keys(state_dict.keys()), overrides)
+  return variables_from_table(
+      state_dict, conversion_table(config, tower), _describe(config),
+      'Check the variant name and overrides (or whether the file is complete).')

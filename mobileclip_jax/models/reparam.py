@@ -99,6 +99,14 @@ def _walk(p: Tree, s: Tree) -> Tuple[Tree, Tree]:
   return params, stats
 
 
+def is_reparameterized(variables: Tree) -> bool:
+  """Whether variables are in the inference form (hold a fused `reparam_conv`)."""
+  def walk(tree) -> bool:
+    return isinstance(tree, dict) and ('reparam_conv' in tree or any(
+        walk(child) for child in tree.values()))
+  return walk(dict(variables.get('params', {})))
+
+
 def reparameterize(variables: Tree) -> Tree:
   """Train-time {'params', 'batch_stats'} -> the inference form's {'params', 'batch_stats'}.
 

@@ -28,6 +28,7 @@ class ViTConfig:
   patch_size: int = 16
   mlp_ratio: float = 4.0
   stem: str = 'patch'           # 'patch' (one strided conv) or 'mci_conv' (MobileCLIP-B's conv stem).
+  stem_padding: int = 0         # Padding of the conv stem's first conv: 0 in timm, 1 in Apple's v1 B.
   patch_bias: bool = True       # Bias of the patchify conv (CLIP models have none).
   embed_class: bool = True      # Position embedding also covers the class token (timm no_embed_class=False).
   norm_pre: bool = False        # LayerNorm before the first block (CLIP's ln_pre).
@@ -46,6 +47,7 @@ class ViTConfig:
 class ConvStem(nn.Module):
   """MobileCLIP-B stem: conv4x4/s4+BN+GELU, conv2x2/s2+BN+GELU, conv2x2/s2 (bias): stride 16."""
   width: int
+  first_padding: int = 0
   bn_group_size: int = 0
   dtype: Optional[Dtype] = None
 
@@ -53,7 +55,8 @@ class ConvStem(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     mid = self.width // 4
     for i, (k, c) in enumerate(((4, mid), (2, mid))):
-      x = layers.ConvBN(c, k, stride=k, padding=(0, 0), bn_group_size=self.bn_group_size,
+      pad = (self.first_padding,) * 2 if i == 0 else (0, 0)
+      x = layers.ConvBN(c, k, stride=k, padding=pad, bn_group_size=self.bn_group_size,
                         dtype=self.dtype, name=f'backbone_{i}')(x, train)
       x = layers.gelu(x)
     return layers.Conv(self.width, 2, stride=2, padding=(0, 0), dtype=self.dtype,
@@ -79,7 +82,8 @@ class ViT(nn.Module):
     cfg = self.config
     b = images.shape[0]
     if cfg.stem == 'mci_conv':
-      x = ConvStem(cfg.width, self.bn_group_size, self.dtype, name='patch_embed')(images, train)
+      x = ConvStem(cfg.width, cfg.stem_padding, self.bn_group_size, self.dtype,
+                   name='patch_embed')(images, train)
     else:
       x = layers.Conv(cfg.width, cfg.patch_size, stride=cfg.patch_size, padding=(0, 0),
                       use_bias=cfg.patch_bias, dtype=self.dtype, name='patch_embed')(images)
