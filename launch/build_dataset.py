@@ -37,8 +37,9 @@ _POLICY = flags.DEFINE_enum('policy', 'fail', ['fail', 'skip'],
                             'Corrupt samples: fail at the first, or skip and count them.')
 _MAX_CORRUPT = flags.DEFINE_string('max_corrupt', None, "With --policy=skip: the most samples "
                                    "to skip, a count ('100') or a fraction ('0.01', '1%').")
-_EMB_DTYPE = flags.DEFINE_enum('emb_dtype', 'float16', sorted(reinforced_tfds.EMB_DTYPES),
-                               'Storage dtype of the teacher embeddings.')
+_EMB_DTYPE = flags.DEFINE_enum('emb_dtype', None, sorted(reinforced_tfds.EMB_DTYPES),
+                               'Storage dtype of the teacher embeddings (default: the reinforce '
+                               "config's, else float16).")
 _TEACHERS = flags.DEFINE_list('teachers', None, 'Teacher names, in embedding-slice order.')
 _TEACHER_DIMS = flags.DEFINE_list('teacher_dims', None, 'Per-teacher embedding widths, e.g. '
                                   '768,768 (inferred for equal widths if not given).')
@@ -46,9 +47,11 @@ _K = flags.DEFINE_integer('k', None, 'Augmentations kept per sample (default: as
 _REINFORCE_CONFIG = flags.DEFINE_string(
     'reinforce_config', None, 'JSON generation config (as ml-mobileclip training/configs/'
     'datacompdr12m.json) or a bare augmentation config: required for reinforced data.')
-_TOKENIZER = flags.DEFINE_string('tokenizer', 'clip', 'Tokenizer spec recorded in the metadata.')
-_SYN_KEY_REGEX = flags.DEFINE_string('syn_key_regex', wds.DEFAULT_SYN_KEY_REGEX,
-                                     'syn.json keys that hold synthetic captions.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Tokenizer spec recorded in the metadata '
+                                 "(default: the reinforce config's, else 'clip').")
+_SYN_KEY_REGEX = flags.DEFINE_string('syn_key_regex', None, 'syn.json keys that hold synthetic '
+                                     "captions (default: the reinforce config's, else "
+                                     f'{wds.DEFAULT_SYN_KEY_REGEX!r}).')
 _STAGING_DIR = flags.DEFINE_string('staging_dir', None, 'Per-shard staging files (default '
                                    'DATA_DIR/NAME.staging); kept until the build succeeds.')
 _KEEP_STAGING = flags.DEFINE_bool('keep_staging', False, 'Keep the staging files.')
@@ -57,18 +60,21 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing build of
 
 def main(argv):
   del argv
-  config = ({'augmentation': None, 'teachers': None, 'k': None}
-            if _REINFORCE_CONFIG.value is None
-            else reinforced_tfds.read_reinforce_config(_REINFORCE_CONFIG.value))
+  config = (reinforced_tfds.read_reinforce_config(_REINFORCE_CONFIG.value)
+            if _REINFORCE_CONFIG.value else {})
+  given_dims = [int(d) for d in _TEACHER_DIMS.value] if _TEACHER_DIMS.value else None
   try:
     report = reinforced_tfds.build_dataset(
         _SRC.value, _NAME.value, _DATA_DIR.value, images_src=_IMAGES_SRC.value,
         kind=_KIND.value, workers=_WORKERS.value,
         policy=ErrorPolicy.parse(_POLICY.value, _MAX_CORRUPT.value),
-        emb_dtype=_EMB_DTYPE.value, teachers=_TEACHERS.value or config['teachers'],
-        teacher_dims=[int(d) for d in _TEACHER_DIMS.value] if _TEACHER_DIMS.value else None,
-        k=_K.value or config['k'], augmentation=config['augmentation'],
-        tokenizer=_TOKENIZER.value, syn_key_regex=_SYN_KEY_REGEX.value,
+        emb_dtype=_EMB_DTYPE.value or config.get('emb_dtype') or 'float16',
+        teachers=_TEACHERS.value or config.get('teachers'),
+        teacher_dims=given_dims or config.get('teacher_dims'),
+        k=_K.value or config.get('k'), augmentation=config.get('augmentation'),
+        tokenizer=_TOKENIZER.value or config.get('tokenizer') or 'clip',
+        syn_key_regex=(_SYN_KEY_REGEX.value or config.get('syn_key_regex')
+                       or wds.DEFAULT_SYN_KEY_REGEX),
         staging_dir=_STAGING_DIR.value, keep_staging=_KEEP_STAGING.value,
         overwrite=_OVERWRITE.value)
   except CorruptSampleError as e:

@@ -225,15 +225,16 @@ def test_output_builds_into_tfds_with_its_metadata(world, generated, tmp_path):
     assert [json.loads(line) for line in f] == [
         {'shard': '00000000', 'num_samples': 3}, {'shard': '00000001', 'num_samples': 3},
         {'shard': '00000002', 'num_samples': 1}]
-  # The config reads back as ml-mobileclip's generation config, and launch/build_dataset.py's
-  # way of using it builds the dataset (widths given: 16 + 24 cannot be inferred) ...
+  # The config reads back as ml-mobileclip's generation config plus this project's fields
+  # (unequal widths 16 + 24 cannot be inferred from the embeddings), and launch/build_dataset.py's
+  # way of using it builds the dataset ...
   read = reinforced_tfds.read_reinforce_config(os.path.join(out, config_lib.CONFIG_FILE))
   assert read['teachers'] == ['ViT-B-16:teacher_a', 'ViT-B-16:teacher_b']
-  assert read['k'] == GEN.k
+  assert (read['k'], read['teacher_dims']) == (GEN.k, [16, 24])
   assert pipeline.replay_config(read['augmentation']) == AUG
-  reinforced_tfds.build_dataset(out, 'via_config', str(tmp_path / 'tfds'), teacher_dims=[16, 24],
-                                teachers=read['teachers'], k=read['k'],
-                                augmentation=read['augmentation'], progress=False)
+  reinforced_tfds.build_dataset(out, 'via_config', str(tmp_path / 'tfds'),
+                                teacher_dims=read['teacher_dims'], teachers=read['teachers'],
+                                k=read['k'], augmentation=read['augmentation'], progress=False)
   # ... and so does build_tfds, with every setting from the config.
   build = generate.build_tfds(out, 'demo_dr', str(tmp_path / 'tfds'), progress=False)
   assert build.num_examples == NUM_SAMPLES

@@ -417,20 +417,25 @@ class BuildReport:
 def read_reinforce_config(path: str) -> dict[str, Any]:
   """Reads a generation config as in ml-mobileclip training/configs/datacompdr12m.json.
 
-  Returns {'augmentation': dict, 'teachers': list | None, 'k': int | None}. A file without the
-  'reinforce' section is taken as the augmentation config itself.
+  Returns {'augmentation', 'teachers', 'k', 'teacher_dims', 'syn_key_regex', 'emb_dtype',
+  'tokenizer'}; entries the file does not set are None. Apple's files set the first three;
+  this project's `launch/reinforce.py` also records the others. A file without the 'reinforce'
+  section is taken as the augmentation config itself.
   """
   with open(path, encoding='utf-8') as f:
     config = json.load(f)
+  out = dict.fromkeys(('augmentation', 'teachers', 'k', 'teacher_dims', 'syn_key_regex',
+                       'emb_dtype', 'tokenizer'))
   if 'reinforce' not in config:
-    return {'augmentation': config, 'teachers': None, 'k': None}
-  teachers = None
+    return {**out, 'augmentation': config}
   if 'model_name' in config:
     models = config['model_name'].split(',')
     tags = config.get('pretrained', '').split(',')
-    teachers = [f'{m}:{t}' if t else m for m, t in zip(models, tags + [''] * len(models))]
-  return {'augmentation': config['reinforce']['image_augmentation'], 'teachers': teachers,
-          'k': config.get('num_samples')}
+    out['teachers'] = [f'{m}:{t}' if t else m for m, t in zip(models, tags + [''] * len(models))]
+  out.update(augmentation=config['reinforce']['image_augmentation'], k=config.get('num_samples'))
+  for key in ('teacher_dims', 'syn_key_regex', 'emb_dtype', 'tokenizer'):
+    out[key] = config.get(key)
+  return out
 
 
 def _probe(shards: Sequence[str], image_shards: Sequence[str] | None, kind: str,

@@ -45,6 +45,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
                                             'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'))
   if not (explicit or cluster) or jax.distributed.is_initialized():
     return
+  # Cross-process collectives on CPU (tests, CPU clusters) need gloo; GPU/TPU ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs = dict(initialization_timeout=d.initialization_timeout_s,
                 heartbeat_timeout_seconds=d.heartbeat_timeout_s)
   if explicit:

@@ -1,0 +1,84 @@
+"""Multi-host training: 2 local CPU processes (jax.distributed over localhost) agree with one process,
+and a dead peer ends the run with an error instead of a hang."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import portpicker
+import pytest
+
+import test_train_loop as single
+
+TRAIN = single.TRAIN
+
+
+def _launch(config_path, workdir, devices, process_id=None, num_processes=None, port=None,
+            extra=()):
+  env = dict(os.environ, PYTHONUNBUFFERED='1',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  args = [sys.executable, TRAIN, f'--config={config_path}', f'--workdir={workdir}', *extra]
+  if process_id is not None:
+    args += [f'--config.distributed.coordinator_address=localhost:{port}',
+             f'--config.distributed.num_processes={num_processes}',
+             f'--config.distributed.process_id={process_id}',
+             '--config.distributed.heartbeat_timeout_s=10']
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=900):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('multihost')
+  data_dir = str(tmp / 'tfds')
+  single.demo_dataset.ensure_plain_dataset(data_dir, num_samples=256, image_size=32,
+                                           samples_per_shard=128)
+  return tmp, single._config_file(tmp, data_dir, total=4, every=2)  # pylint: disable=protected-access
+
+
+def test_two_processes_train_like_one(setup):
+  tmp, config_path = setup
+  one = str(tmp / 'one')
+  _finish(_launch(config_path, one, devices=4))
+  two = str(tmp / 'two')
+  port = portpicker.pick_unused_port()
+  procs = [_launch(config_path, two, devices=2, process_id=i, num_processes=2, port=port)
+           for i in range(2)]
+  outs = [_finish(p) for p in procs]
+  assert 'Processes: 2, devices: 4' in outs[0]
+  want, got = _losses(one), _losses(two)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  for step in want:  # Same global batch on the same 4 devices; only reduction order may differ.
+    assert got[step] == pytest.approx(want[step], rel=1e-5)
+  assert sorted(os.listdir(os.path.join(two, 'checkpoints'))) == ['2', '4']
+
+
+def test_a_dead_peer_ends_the_run_with_an_error(setup):
+  tmp, config_path = setup
+  workdir = str(tmp / 'dead')
+  port = portpicker.pick_unused_port()
+  long_run = ['--config.schedule.total=1000_steps']
+  procs = [_launch(config_path, workdir, devices=2, process_id=i, num_processes=2, port=port,
+                   extra=long_run) for i in range(2)]
+  deadline = time.time() + 600
+  while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and time.time() < deadline:
+    assert procs[0].poll() is None, procs[0].stdout.read()[-3000:]
+    time.sleep(0.5)
+  procs[1].kill()
+  start = time.time()
+  out, _ = procs[0].communicate(timeout=180)  # A hang would time out here.
+  assert procs[0].returncode != 0
+  assert time.time() - start < 180
+  assert any(word in out.lower() for word in ('heartbeat', 'unavailable', 'coordination',
+                                              'distributed', 'connection')), out[-3000:]
