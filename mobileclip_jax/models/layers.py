@@ -57,11 +57,11 @@ def _xla_conv(x, kernel, stride, pad, groups):
 
 
 def _shift_depthwise_conv(x, kernel, stride, pad):
-  """Depthwise conv as a sum of kh*kw shifted, strided slices times per-channel taps.
+  """Depthwise conv as a sum over taps of shifted, strided windows times per-channel weights.
 
-  XLA:CPU lowers grouped convolutions to a slow generic loop (about 20x slower than this in the
-  forward pass, 3x in the backward pass, on MCi's 7x7 depthwise convs); the shifted-slice form
-  fuses into elementwise loops and differentiates into the same.
+  XLA:CPU lowers grouped convolutions to a slow generic loop (15-20x slower than this forward,
+  about 3x slower backward, on MCi's 7x7 depthwise convs). The taps are a `lax.scan` rather than
+  unrolled: half the unrolled speed, but a 4x smaller program that compiles 2x faster.
   """
   kh, kw, _, c_out = kernel.shape
   b, h, w, c_in = x.shape
@@ -70,13 +70,15 @@ def _shift_depthwise_conv(x, kernel, stride, pad):
   x = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
   h_out = (h + 2 * pad[0] - kh) // stride + 1
   w_out = (w + 2 * pad[1] - kw) // stride + 1
-  acc = jnp.zeros((b, h_out, w_out, c_out), jnp.float32)
-  for i in range(kh):
-    for j in range(kw):
-      window = jax.lax.slice(x, (0, i, j, 0),
-                             (b, i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, c_out),
-                             (1, stride, stride, 1))
-      acc = acc + window.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
+  span = ((h_out - 1) * stride + 1, (w_out - 1) * stride + 1)
+  taps = kernel.reshape(kh * kw, c_out).astype(jnp.float32)
+
+  def add_tap(acc, t):
+    window = jax.lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (b, span[0], span[1], c_out))
+    return acc + window[:, ::stride, ::stride].astype(jnp.float32) * taps[t], None
+
+  acc, _ = jax.lax.scan(add_tap, jnp.zeros((b, h_out, w_out, c_out), jnp.float32),
+                        jnp.arange(kh * kw))
   return acc.astype(x.dtype)
 
 
