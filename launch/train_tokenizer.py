@@ -1,20 +1,25 @@
-r"""Trains a SentencePiece BPE tokenizer on captions.
+r"""Trains a SentencePiece BPE tokenizer on a dataset's captions.
 
-  python launch/train_tokenizer.py --captions=captions.txt,more.jsonl --vocab_size=32000 \
-      --out=/path/to/tokenizer.model
+  python launch/train_tokenizer.py --captions='tars:shards/{00000000..00000063}.tar' \
+      --vocab_size=32000 --out=/path/to/tokenizer.model
+  python launch/train_tokenizer.py --captions=tfds:datacompdr_12m@/data/tfds,extra.jsonl ...
 
-Captions come one per line from plain-text files, or from the --field of each object in .jsonl
-files. Use the result in a config as the tokenizer spec 'sentencepiece:/path/to/tokenizer.model'.
+Sources (see mobileclip_jax.data.captions): plain-text files (one caption per line), .jsonl files
+(their --field), webdataset shards ('tars:PATTERN': txt and syn.json captions) and built datasets
+('tfds:NAME[@DATA_DIR]'). Use the result in a config as the tokenizer spec
+'sentencepiece:/path/to/tokenizer.model'.
 """
 import itertools
 
 from absl import app
 from absl import flags
 
+from mobileclip_jax.data import captions as captions_lib
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 
 _CAPTIONS = flags.DEFINE_list(
-    'captions', None, 'Caption files: plain text (one caption per line) or .jsonl.', required=True)
+    'captions', None, "Caption sources: text/.jsonl files, 'tars:PATTERN', 'tfds:NAME[@DATA_DIR]'.",
+    required=True)
 _FIELD = flags.DEFINE_string('field', 'caption', 'Caption field of each object in .jsonl files.')
 _VOCAB_SIZE = flags.DEFINE_integer(
     'vocab_size', 32000,
@@ -27,12 +32,12 @@ _NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 3, 'Example captions to pri
 def main(argv):
   del argv
   tokenizer = tokenizer_lib.train_sentencepiece(
-      tokenizer_lib.read_captions(_CAPTIONS.value, _FIELD.value), _VOCAB_SIZE.value, _OUT.value)
+      captions_lib.iter_captions(_CAPTIONS.value, _FIELD.value), _VOCAB_SIZE.value, _OUT.value)
   print(f'Wrote {_OUT.value}: vocab_size {tokenizer.vocab_size} (asked {_VOCAB_SIZE.value}), '
         f'SOT {tokenizer.sot_token_id}, EOT {tokenizer.eot_token_id}, '
         f'pad {tokenizer.pad_token_id}.')
   print(f"Tokenizer spec for configs: 'sentencepiece:{_OUT.value}'")
-  examples = itertools.islice(tokenizer_lib.read_captions(_CAPTIONS.value, _FIELD.value),
+  examples = itertools.islice(captions_lib.iter_captions(_CAPTIONS.value, _FIELD.value),
                               _NUM_EXAMPLES.value)
   for caption in examples:
     ids = tokenizer.encode(caption)

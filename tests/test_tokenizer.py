@@ -1,7 +1,6 @@
 """Tokenizers: CLIP BPE ids equal open_clip's; SentencePiece layout, remapping and training."""
 import gzip
 import importlib.util
-import json
 import os
 import pickle
 import random
@@ -316,20 +315,6 @@ def test_sentencepiece_errors(tmp_path):
   not_a_model.write_bytes(b'not a model')
   with pytest.raises(ValueError, match='garbage.model is not a SentencePiece model'):
     tokenizer_lib.SentencePieceTokenizer(str(not_a_model))
-
-
-def test_read_captions(tmp_path):
-  text_file = tmp_path / 'captions.txt'
-  text_file.write_text('a dog\n\n  \na cat\r\n')
-  jsonl_file = tmp_path / 'captions.jsonl'
-  jsonl_file.write_text('{"caption": "a bird", "uid": 1}\n\n{"caption": "a fish"}\n')
-  assert list(tokenizer_lib.read_captions([text_file, jsonl_file])) == [
-      'a dog', 'a cat', 'a bird', 'a fish']
-  with pytest.raises(ValueError, match=r"captions.jsonl:1: .* field 'text'"):
-    list(tokenizer_lib.read_captions([jsonl_file], field='text'))
-  jsonl_file.write_text(json.dumps({'caption': 3}) + '\n')
-  with pytest.raises(ValueError, match="captions.jsonl:1: field 'caption' is a int"):
-    list(tokenizer_lib.read_captions([jsonl_file]))
 
 
 def test_train_tokenizer_cli(tmp_path):

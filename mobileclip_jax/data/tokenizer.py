@@ -16,7 +16,6 @@ import html
 import importlib.util
 import io
 import itertools
-import json
 import os
 import re
 from typing import Iterable, Iterator, Sequence
@@ -449,35 +448,6 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int,
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model.getvalue())
   return SentencePieceTokenizer(path)
-
-
-def read_captions(paths: Sequence[str | os.PathLike[str]], field: str = 'caption') -> Iterator[str]:
-  """Streams captions from text files (one per line) and JSONL files (`field` of each object).
-
-  Files ending in .jsonl are read as JSON lines, anything else as plain text. Blank lines are
-  skipped.
-
-  Raises:
-    ValueError: a JSONL line is not JSON or has no string `field` (names the file and line).
-  """
-  for path in paths:
-    is_jsonl = os.fspath(path).endswith('.jsonl')
-    with epath.Path(path).open('r', encoding='utf-8') as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        if not is_jsonl:
-          yield line.rstrip('\r\n')
-          continue
-        try:
-          caption = json.loads(line)[field]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f'{path}:{line_number}: expected a JSON object with a string field '
-                           f'{field!r} ({e!r}); set the field name with --field.') from e
-        if not isinstance(caption, str):
-          raise ValueError(f'{path}:{line_number}: field {field!r} is a {type(caption).__name__}, '
-                           'not a string.')
-        yield caption
 
 
 # ---------------------------------------------------------------------------------------------
