@@ -29,7 +29,6 @@ from absl import flags
 import jax
 
 from mobileclip_jax.data import augment
-from mobileclip_jax.data import pipeline
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError, ErrorPolicy
 from mobileclip_jax.reinforce import captions
@@ -109,7 +108,7 @@ def _augmentation() -> augment.AugmentConfig:
   section = json.loads(text)
   section = section.get('reinforce', {}).get('image_augmentation', section)
   section.setdefault('random_resized_crop', {}).setdefault('size', _GEN_SIZE.value)
-  config = pipeline.replay_config(section)
+  config = augment.from_generation_config(section)
   if config.image_size != _GEN_SIZE.value:
     raise ValueError(f'--augmentation crops to {config.image_size} px but --gen_size is '
                      f'{_GEN_SIZE.value}; make them agree.')

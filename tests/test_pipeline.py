@@ -134,7 +134,7 @@ def test_reinforced_rows_match_replayed_crop_and_captions(data_dir, tokenizer):
   iterator = pipeline.make_train_iterator(_config(data_dir), 0, 1)
   assert (iterator.kind, iterator.teacher_dims, iterator.num_examples) == (
       'reinforced', DIMS, NUM_SAMPLES)
-  replay_config = pipeline.replay_config(iterator.metadata.augmentation)
+  replay_config = augment.from_generation_config(iterator.metadata.augmentation)
   assert replay_config == augment.AugmentConfig(image_size=32, interpolation='bicubic', p=1.0)
   seen_augmentations, seen_syn = set(), set()
   for batch in _take(iterator, 3):
@@ -374,20 +374,20 @@ def test_missing_dataset_says_how_to_build_it(tmp_path):
                                                       data_dir=str(tmp_path)), 0, 1)
 
 
-def test_replay_config_from_apple_and_own_forms():
+def test_generation_config_from_apple_and_own_forms():
   apple = {'random_resized_crop': {'size': 224, 'interpolation': 'bilinear',
                                    'scale': [0.5, 1.0]},
            'rand_augment': {'enable': True, 'p': 0.5, 'num_ops': 3, 'interpolation': 'bilinear'},
            'to_rgb': {'enable': True}}
-  assert pipeline.replay_config(apple) == augment.AugmentConfig(
+  assert augment.from_generation_config(apple) == augment.AugmentConfig(
       image_size=224, interpolation='bilinear', scale=(0.5, 1.0), p=0.5, num_ops=3,
       op_interpolation='bilinear')
-  assert pipeline.replay_config({'random_resized_crop': {'size': [256, 256]},
+  assert augment.from_generation_config({'random_resized_crop': {'size': [256, 256]},
                                  'rand_augment': {'enable': False}}) == augment.AugmentConfig(
                                      image_size=256, p=0.0)
   own = augment.AugmentConfig(magnitude=5)
-  assert pipeline.replay_config(own.to_dict()) == own
+  assert augment.from_generation_config(own.to_dict()) == own
   with pytest.raises(ValueError, match='antialias'):
-    pipeline.replay_config({'random_resized_crop': {'size': 224, 'antialias': False}})
+    augment.from_generation_config({'random_resized_crop': {'size': 224, 'antialias': False}})
   with pytest.raises(ValueError, match='--reinforce_config'):
-    pipeline.replay_config(None)
+    augment.from_generation_config(None)

@@ -24,7 +24,6 @@ import pytest
 from mobileclip_jax import checkpoint
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import demo_world
-from mobileclip_jax.data import pipeline
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import tokenizer as tokenizer_lib
@@ -231,7 +230,7 @@ def test_output_builds_into_tfds_with_its_metadata(world, generated, tmp_path):
   read = reinforced_tfds.read_reinforce_config(os.path.join(out, config_lib.CONFIG_FILE))
   assert read['teachers'] == ['ViT-B-16:teacher_a', 'ViT-B-16:teacher_b']
   assert (read['k'], read['teacher_dims']) == (GEN.k, [16, 24])
-  assert pipeline.replay_config(read['augmentation']) == AUG
+  assert augment.from_generation_config(read['augmentation']) == AUG
   reinforced_tfds.build_dataset(out, 'via_config', str(tmp_path / 'tfds'),
                                 teacher_dims=read['teacher_dims'], teachers=read['teachers'],
                                 k=read['k'], augmentation=read['augmentation'], progress=False)
@@ -312,9 +311,9 @@ def test_augmentation_config_reads_back_in_the_training_pipeline():
   custom = augment.AugmentConfig(image_size=256, scale=(0.3, 0.9), magnitude=5, num_ops=3,
                                  p=0.5, op_interpolation='bilinear')
   for config in (AUG, custom):
-    assert pipeline.replay_config(config_lib.apple_augmentation(config)) == config
+    assert augment.from_generation_config(augment.to_generation_config(config)) == config
   # torchvision's default resampling is left out: Apple's loader would pass it as a string.
-  assert 'interpolation' not in config_lib.apple_augmentation(AUG)['rand_augment']
+  assert 'interpolation' not in augment.to_generation_config(AUG)['rand_augment']
 
 
 # ----------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
   for image in images:
     image.load()
   params = [json.loads(r['paug'])[0] for r in records]  # The stored augmentations.
-  replay_config = pipeline.replay_config(meta.augmentation)
+  replay_config = augment.from_generation_config(meta.augmentation)
   replayed = np.stack([augment.replay(image, p, o['image_size'], replay_config)
                        for image, p in zip(images, params)])
   tokenizer = tokenizer_lib.get_tokenizer(meta.tokenizer)

@@ -400,3 +400,62 @@ def replay(image: Image.Image, params: Any, size: int,
   for index, magnitude in ops:
     out = _OPS[index][1](out, magnitude, resample)
   return np.array(out)
+
+
+# Apple's generation configs (ml-mobileclip training/configs/*.json, `image_augmentation`).
+_TORCHVISION_OP_INTERPOLATION = 'nearest'
+
+
+def to_generation_config(config: AugmentConfig) -> dict[str, Any]:
+  """`config` as Apple's `image_augmentation` section, every field explicit.
+
+  Keys are torchvision's keyword arguments, so Apple's `compose_from_config` builds the same
+  RandomResizedCrop and RandAugment from it, and `from_generation_config` reads it back.
+  RandAugment's resampling is written only when it is not torchvision's default ('nearest'):
+  Apple's RandAugment passes it on as a string, which torchvision refuses.
+  """
+  rand_augment = {'enable': True, 'p': config.p, 'num_ops': config.num_ops,
+                  'magnitude': config.magnitude, 'num_magnitude_bins': config.num_magnitude_bins}
+  if config.op_interpolation != _TORCHVISION_OP_INTERPOLATION:
+    rand_augment['interpolation'] = config.op_interpolation
+  return {
+      'random_resized_crop': {'size': config.image_size, 'scale': list(config.scale),
+                              'ratio': list(config.ratio), 'interpolation': config.interpolation},
+      'rand_augment': rand_augment,
+      'to_rgb': {'enable': True},
+      'to_tensor': {'enable': True},
+  }
+
+
+def from_generation_config(augmentation: dict[str, Any] | None) -> AugmentConfig:
+  """The AugmentConfig of a dataset's metadata, in `AugmentConfig.to_dict` or Apple's form.
+
+  Apple's form is the 'image_augmentation' section of ml-mobileclip's generation configs
+  (training/configs/datacompdr12m.json): {'random_resized_crop': {size, scale, ratio,
+  interpolation}, 'rand_augment': {enable, p, num_ops, magnitude, num_magnitude_bins,
+  interpolation}, ...}; keys it leaves out take torchvision's defaults, which are
+  AugmentConfig's. Other transforms in it (normalize, to_rgb, to_tensor) do not affect replay.
+  """
+  if augmentation is None:
+    raise ValueError('The dataset metadata has no augmentation config, so its stored '
+                     'augmentations cannot be replayed; rebuild it with --reinforce_config.')
+  if 'random_resized_crop' not in augmentation:
+    return AugmentConfig.from_dict(augmentation)
+  crop = dict(augmentation['random_resized_crop'])
+  rand_augment = dict(augmentation.get('rand_augment') or {'enable': False})
+  size = crop.pop('size', AugmentConfig.image_size)
+  values = {'image_size': size[0] if isinstance(size, (list, tuple)) else size}
+  values.update({k: crop.pop(k) for k in ('scale', 'ratio', 'interpolation') if k in crop})
+  if not rand_augment.pop('enable', True):
+    rand_augment = {'p': 0.0}
+  if 'interpolation' in rand_augment:
+    values['op_interpolation'] = rand_augment.pop('interpolation')
+  if rand_augment.get('fill', None) is None:
+    rand_augment.pop('fill', None)  # None is torchvision's default, black.
+  values.update({k: rand_augment.pop(k) for k in ('p', 'num_ops', 'magnitude',
+                                                  'num_magnitude_bins') if k in rand_augment})
+  unknown = sorted(crop) + sorted(rand_augment)
+  if unknown:
+    raise ValueError(f'Unsupported options {unknown} in the dataset\'s augmentation config '
+                     f'{augmentation}: replay cannot reproduce them.')
+  return AugmentConfig.from_dict(values)

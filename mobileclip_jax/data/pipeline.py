@@ -133,40 +133,6 @@ class InputConfig:
     return ErrorPolicy.parse(self.error_policy, self.error_budget)
 
 
-def replay_config(augmentation: dict[str, Any] | None) -> augment.AugmentConfig:
-  """The AugmentConfig of a dataset's metadata, in `AugmentConfig.to_dict` or Apple's form.
-
-  Apple's form is the 'image_augmentation' section of ml-mobileclip's generation configs
-  (training/configs/datacompdr12m.json): {'random_resized_crop': {size, scale, ratio,
-  interpolation}, 'rand_augment': {enable, p, num_ops, magnitude, num_magnitude_bins,
-  interpolation}, ...}; keys it leaves out take torchvision's defaults, which are
-  AugmentConfig's. Other transforms in it (normalize, to_rgb, to_tensor) do not affect replay.
-  """
-  if augmentation is None:
-    raise ValueError('The dataset metadata has no augmentation config, so its stored '
-                     'augmentations cannot be replayed; rebuild it with --reinforce_config.')
-  if 'random_resized_crop' not in augmentation:
-    return augment.AugmentConfig.from_dict(augmentation)
-  crop = dict(augmentation['random_resized_crop'])
-  rand_augment = dict(augmentation.get('rand_augment') or {'enable': False})
-  size = crop.pop('size', augment.AugmentConfig.image_size)
-  values = {'image_size': size[0] if isinstance(size, (list, tuple)) else size}
-  values.update({k: crop.pop(k) for k in ('scale', 'ratio', 'interpolation') if k in crop})
-  if not rand_augment.pop('enable', True):
-    rand_augment = {'p': 0.0}
-  if 'interpolation' in rand_augment:
-    values['op_interpolation'] = rand_augment.pop('interpolation')
-  if rand_augment.get('fill', None) is None:
-    rand_augment.pop('fill', None)  # None is torchvision's default, black.
-  values.update({k: rand_augment.pop(k) for k in ('p', 'num_ops', 'magnitude',
-                                                  'num_magnitude_bins') if k in rand_augment})
-  unknown = sorted(crop) + sorted(rand_augment)
-  if unknown:
-    raise ValueError(f'Unsupported options {unknown} in the dataset\'s augmentation config '
-                     f'{augmentation}: replay cannot reproduce them.')
-  return augment.AugmentConfig.from_dict(values)
-
-
 @dataclasses.dataclass(frozen=True)
 class ReinforcedChoices:
   """Draws (augmentation a, caption c, synthetic caption s) for one reinforced example.
@@ -242,7 +208,7 @@ class ChunkLoader:
     self.chunks_per_batch = self.local_batch_size // self.chunk_size
     if self.reinforced:
       self._choices = ReinforcedChoices.for_dataset(meta, config.syn_key_regex)
-      self._augment_config = replay_config(meta.augmentation)
+      self._augment_config = augment.from_generation_config(meta.augmentation)
     else:  # RandAugment applies to the student-size crop, as torchvision's would.
       self._augment_config = dataclasses.replace(config.augmentation,
                                                  image_size=config.image_size)

@@ -20,7 +20,6 @@ from mobileclip_jax.data import reinforced_tfds
 
 CONFIG_FILE = 'reinforce_config.json'
 FORMAT = 'mobileclip_jax.reinforce/1'
-_TORCHVISION_OP_INTERPOLATION = 'nearest'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,27 +77,6 @@ class GenerationConfig:
     return f'^{re.escape(self.syn_key)}$'
 
 
-def apple_augmentation(config: augment.AugmentConfig) -> Dict[str, Any]:
-  """`config` as Apple's `image_augmentation` section, every field explicit.
-
-  Keys are torchvision's keyword arguments, so Apple's `compose_from_config` builds the same
-  RandomResizedCrop and RandAugment from it, and `data.pipeline.replay_config` reads it back.
-  RandAugment's resampling is written only when it is not torchvision's default ('nearest'):
-  Apple's RandAugment passes it on as a string, which torchvision refuses.
-  """
-  rand_augment = {'enable': True, 'p': config.p, 'num_ops': config.num_ops,
-                  'magnitude': config.magnitude, 'num_magnitude_bins': config.num_magnitude_bins}
-  if config.op_interpolation != _TORCHVISION_OP_INTERPOLATION:
-    rand_augment['interpolation'] = config.op_interpolation
-  return {
-      'random_resized_crop': {'size': config.image_size, 'scale': list(config.scale),
-                              'ratio': list(config.ratio), 'interpolation': config.interpolation},
-      'rand_augment': rand_augment,
-      'to_rgb': {'enable': True},
-      'to_tensor': {'enable': True},
-  }
-
-
 def reinforce_config(teachers: Mapping[str, Any], generation: GenerationConfig,
                      captioner: Mapping[str, Any]) -> Dict[str, Any]:
   """The JSON config of a generation (see the module docstring).
@@ -114,7 +92,8 @@ def reinforce_config(teachers: Mapping[str, Any], generation: GenerationConfig,
       'model_name': ','.join(t['name'] for t in details),
       'pretrained': ','.join(t['tag'] for t in details),
       'num_samples': generation.k,
-      'reinforce': {'image_augmentation': apple_augmentation(generation.augmentation)},
+      'reinforce': {
+          'image_augmentation': augment.to_generation_config(generation.augmentation)},
       'teacher_dims': list(teachers['teacher_dims']),
       'syn_key_regex': generation.syn_key_regex,
       'emb_dtype': generation.emb_dtype,
