@@ -447,6 +447,13 @@ def test_open_clip_model_configs_equal_open_clips_own():
   assert files.open_clip_model_cfg(clip_lib.get_config('MobileCLIP-S0')) is None  # MCt text.
   sigmoid = clip_lib.get_config('MobileCLIP2-S0', attention='sigmoid')
   assert files.open_clip_model_cfg(sigmoid) is None
+  # The CLIP teachers in open_clip's own layout: its configs plus defaults made explicit.
+  for name in ('ViT-B-16', 'ViT-L-14', 'ViT-H-14', 'ViT-L-14-quickgelu'):
+    want = ref.open_clip.get_model_config(name)
+    got = files.open_clip_model_cfg(clip_lib.get_config(name))
+    assert got.get('quick_gelu', False) == want.get('quick_gelu', False), name
+    for tower in ('vision_cfg', 'text_cfg'):
+      assert want[tower].items() <= got[tower].items(), (name, tower)
 
 
 # ---- The full-size MobileCLIP2-S0 in open_clip and timm ----

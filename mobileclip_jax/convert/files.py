@@ -40,6 +40,7 @@ from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import mci
 from mobileclip_jax.models import reparam
 from mobileclip_jax.models import text as text_lib
+from mobileclip_jax.models import vit
 
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin')
 SUFFIXES = TORCH_SUFFIXES + ('.safetensors', '.npz')
@@ -243,29 +244,55 @@ def timm_architecture(config: clip_lib.ModelConfig) -> Optional[str]:
   return None
 
 
+def _open_clip_vision_cfg(config: clip_lib.ModelConfig) -> Optional[Dict[str, Any]]:
+  """open_clip's own VisionTransformer settings for a ViT in open_clip's layout, if it can be one."""
+  image = config.image
+  if config.image_layout != 'open_clip' or not isinstance(image, vit.ViTConfig):
+    return None
+  expressible = vit.ViTConfig(
+      width=image.width, depth=image.depth, heads=image.heads, patch_size=image.patch_size,
+      mlp_ratio=image.mlp_ratio, patch_bias=False, norm_pre=True, head_bias=False, act=image.act,
+      norm_eps=1e-5)
+  if image != expressible or image.width % image.heads:
+    return None
+  return {'image_size': config.image_size, 'layers': image.depth, 'width': image.width,
+          'head_width': image.width // image.heads, 'patch_size': image.patch_size,
+          'mlp_ratio': image.mlp_ratio}
+
+
 def open_clip_model_cfg(config: clip_lib.ModelConfig) -> Optional[Dict[str, Any]]:
   """open_clip's model config (its `model_configs/*.json` vocabulary) for `config`, or None when
-  open_clip cannot build this model (MCt text tower, sigmoid attention, QK-norm, ...)."""
-  arch = timm_architecture(config)
+  open_clip cannot build this model (MCt text tower, reduced MCi towers, sigmoid attention,
+  QK-norm, ...). Towers in timm's layout must be a timm architecture; CLIP ViTs in open_clip's
+  own layout may have any size."""
   t = config.text
   plain_text = text_lib.TextConfig(width=t.width, heads=t.heads, layers=t.layers,
                                    vocab_size=t.vocab_size, context_length=t.context_length,
-                                   causal=t.causal)
-  if (arch is None or config.text_layout != 'open_clip_custom' or t != plain_text
-      or config.attention != 'softmax' or config.qk_norm):
+                                   causal=t.causal, act=t.act)
+  if t != plain_text or config.attention != 'softmax' or config.qk_norm:
     return None
-  is_mci = isinstance(config.image, mci.MCiConfig)
-  cfg = {
-      'embed_dim': config.embed_dim,
-      'vision_cfg': {'timm_model_name': arch, 'timm_model_pretrained': False,
-                     'timm_pool': 'avg' if is_mci else 'token', 'timm_proj': None,
-                     'timm_drop': 0.0, 'timm_drop_path': 0.0 if is_mci else config.image.drop_path,
-                     'image_size': config.image_size},
-      'text_cfg': {'context_length': t.context_length, 'vocab_size': t.vocab_size,
-                   'width': t.width, 'heads': t.heads, 'layers': t.layers,
-                   'no_causal_mask': not t.causal},
-      'custom_text': True,
-  }
+  text_cfg = {'context_length': t.context_length, 'vocab_size': t.vocab_size, 'width': t.width,
+              'heads': t.heads, 'layers': t.layers, 'no_causal_mask': not t.causal}
+  arch = timm_architecture(config)
+  vision_cfg = _open_clip_vision_cfg(config)
+  if arch is not None and config.text_layout == 'open_clip_custom':
+    is_mci = isinstance(config.image, mci.MCiConfig)
+    cfg = {
+        'embed_dim': config.embed_dim,
+        'vision_cfg': {'timm_model_name': arch, 'timm_model_pretrained': False,
+                       'timm_pool': 'avg' if is_mci else 'token', 'timm_proj': None,
+                       'timm_drop': 0.0,
+                       'timm_drop_path': 0.0 if is_mci else config.image.drop_path,
+                       'image_size': config.image_size},
+        'text_cfg': text_cfg,
+        'custom_text': True,
+    }
+  elif vision_cfg is not None and config.text_layout == 'open_clip' and t.act == config.image.act:
+    cfg = {'embed_dim': config.embed_dim, 'vision_cfg': vision_cfg, 'text_cfg': text_cfg}
+    if t.act == 'quick_gelu':
+      cfg['quick_gelu'] = True
+  else:
+    return None
   if config.init_logit_bias is not None:
     cfg['init_logit_bias'] = config.init_logit_bias
   return cfg
