@@ -1,6 +1,7 @@
 """launch/train.py end to end on the demo world: resume, preemption, crashes mid-save, NaN, errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +188,21 @@ def test_every_config_file_loads_with_its_presets():
   assert tuple(s4.loss.teacher_scales) == (70.0, 60.0) and s4.loss.distill_weight == 1.0
   np.testing.assert_allclose(config_lib.load_config_file(
       os.path.join(ROOT, 'configs', 'mobileclip_b.py')).loss.distill_weight, 0.75)
+
+
+def test_restore_onto_a_different_mesh(tmp_path, data_dir):
+  config = _config(tmp_path, data_dir, total=4, every=2)
+  config.mesh.data, config.mesh.fsdp = 8, 1
+  config.sharding.min_fsdp_size = 64  # Shard the tiny model's parameters for real.
+  workdir = str(tmp_path / 'work')
+  loop.train(config, workdir)
+  first = _losses(workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))  # As if the run had stopped at 2.
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  loop.train(config, workdir)  # Resumes at step 2 with parameters sharded 4-way.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if '"loss"' in line]
+  resumed = {r['step']: r['loss'] for r in rows[len(first):]}
+  assert sorted(resumed) == [3, 4]
+  for step in (3, 4):
+    assert resumed[step] == pytest.approx(first[step], rel=1e-5)
