@@ -71,7 +71,8 @@ def _shift_depthwise_conv(x, kernel, stride, pad):
   h_out = (h + 2 * pad[0] - kh) // stride + 1
   w_out = (w + 2 * pad[1] - kw) // stride + 1
   span = ((h_out - 1) * stride + 1, (w_out - 1) * stride + 1)
-  taps = kernel.reshape(kh * kw, c_out).astype(jnp.float32)
+  # jnp, not numpy: converted weights may arrive as numpy arrays, which a traced index breaks.
+  taps = jnp.asarray(kernel).reshape(kh * kw, c_out).astype(jnp.float32)
 
   def add_tap(acc, t):
     window = jax.lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (b, span[0], span[1], c_out))
