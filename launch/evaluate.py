@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 import jax
 
+from mobileclip_jax import compilation_cache
 from mobileclip_jax import sharding
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
 from mobileclip_jax.evaluation import registry
@@ -50,6 +51,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
   if not _EVAL.value:
     raise app.UsageError(f'--eval is required: some of {sorted(registry.STANDARD_EVALS)}.')
+  compilation_cache.enable()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   start = time.time()

@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 import jax
 
+from mobileclip_jax import compilation_cache
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError, ErrorPolicy
@@ -119,6 +120,7 @@ def main(argv):
   del argv
   if _BUILD_TFDS.value and not _NAME.value:
     sys.exit('--build_tfds needs --name (and --data_dir).')
+  compilation_cache.enable()
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
   try:

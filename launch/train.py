@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mobileclip_jax import compilation_cache
 from mobileclip_jax import config as config_lib
 from mobileclip_jax.train import loop
 
@@ -27,6 +28,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain INFO lines drown the progress.
   logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
+  compilation_cache.enable()
   loop.train(_CONFIG.value, _WORKDIR.value)
 
 
