@@ -1,0 +1,618 @@
+"""Speed, compile time and memory of one full DR train step: JAX vs the same step in PyTorch.
+
+  python launch/benchmark.py train [--option=KEY=VALUE ...]
+
+Options (all optional):
+  variants=MobileCLIP2-S0,MobileCLIP2-S4   named variants that open_clip also builds
+  batch=8                                  global batch sizes; default 8 when JAX runs on CPU,
+                                           64,256 on an accelerator
+  repeats=5, warmup=2                      timed steps (each timed alone: median and min) after
+                                           the first step and `warmup` more untimed steps
+  max_others_cpu=0.1, attempts=3           re-time (same process, more steps) while other
+                                           processes used more than this share of the CPUs;
+                                           keep the quietest timed section
+  quick=1                                  MobileCLIP2-S0, the first default batch, 2 repeats,
+                                           1 warm-up step, 1 attempt
+  overrides={"image_size": 64}             JSON `create_model` overrides applied to both sides:
+                                           image_size, embed_dim, text width/heads/layers/mlp_ratio
+                                           and, for ViT image towers, image width/depth/heads/
+                                           patch_size (how the smoke test stays tiny)
+  loss_rtol=, grad_rtol=                   first-step agreement tolerances (relative); default
+                                           1e-4 / 1e-3 when JAX runs on CPU, 1e-2 / 5e-2 on
+                                           accelerators (TF32 convolutions and matmuls)
+  seed=0
+
+One row per (variant, batch). Both sides run the MobileCLIP2 recipe's step
+(`config.mobileclip2_recipe`): train-mode BatchNorm; uint8 images normalized inside the step; the
+image tower once and the ground-truth + synthetic captions through the text tower in one pass;
+the DR loss (CLIP + distillation from two 768-d teachers at scales 70 / 60, averaged after
+softmax, both directions, for both caption kinds; weighted 0 / 1 as in the recipe, but both terms
+computed); the backward pass; global-norm clipping at 1.0; AdamW (lr 1e-3 with warmup + cosine,
+betas (0.9, 0.95), weight decay 0.2 on open_clip's decay set); the logit-scale clamp. fp32.
+
+Method: each framework runs in its own fresh process (`common.isolated`), torch first.
+- torch: `open_clip.create_model(variant)` with seeded non-trivial normalization statistics,
+  affines and layer scales (as the models benchmark; with the default init the residual branches
+  barely contribute), whose state_dict is saved with one batch (uint8 images, open_clip tokens of
+  ground-truth and synthetic captions, teacher embeddings: per-teacher unit vectors). Then
+  `model.train()`, AdamW with open_clip_train's parameter groups and
+  `open_clip_train.scheduler.cosine_lr`, `clip_grad_norm_`, the clamp; the loss is
+  `torch_dr_loss` below, written from the formulas of `mobileclip_jax.losses` (Apple's
+  `DRClipLoss` / `DistillClipLoss`). `torch.set_num_threads(os.cpu_count())`; on CUDA TF32
+  matmuls and cudnn.benchmark, as open_clip_train's main() sets them.
+- JAX: the saved weights go through `convert.from_open_clip`; the step is
+  `train.step.make_train_step` jitted as the trainer does (a mesh over all devices, state and
+  batch shardings, the state donated); compile time is lower + compile with the persistent
+  compilation cache disabled, so it is a real compile.
+- The first step's losses (total and each term) and pre-clipping gradient norms of both sides
+  are recorded: same weights, same batch, both in train mode, so they must agree.
+- Memory: process peak RSS (building the model and saving its weights (torch), or loading them
+  and compiling (JAX), included), plus the device peak on an accelerator; for JAX also the peak
+  RSS before the first step and XLA's per-device buffer sizes of the step (arguments, outputs,
+  donated/aliased, temporaries), which tell compiler memory from step memory. CPU seconds per step (own process, all threads) beside the wall
+  times: on a shared machine they show whether a slow step was waiting for a CPU.
+- A configuration whose process fails (e.g. out of memory at a large batch) yields a row with
+  `error` instead of numbers, and the run goes on.
+"""
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Dict, Iterator, Sequence
+
+import numpy as np
+
+from mobileclip_jax.benchmark import common
+from mobileclip_jax.benchmark import models as models_benchmark
+
+# Generic helpers of the models benchmark, shared rather than copied.
+# pylint: disable=protected-access
+_busy_cpu_s = models_benchmark._busy_cpu_s
+_list, _scalar = models_benchmark._list, models_benchmark._scalar
+_significant = models_benchmark._significant
+_randomize_normalization_ = models_benchmark._randomize_normalization_
+# pylint: enable=protected-access
+
+DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S4')
+CPU_BATCHES = (8,)
+ACCELERATOR_BATCHES = (64, 256)
+# The recipe's teachers: two DFN2B ViT-L/14 models, 768-d embeddings each.
+TEACHER_DIMS = (768, 768)
+LOSS_TERMS = ('gt/clip', 'gt/distill', 'syn/clip', 'syn/distill')
+_OPTIONS = ('variants', 'batch', 'repeats', 'warmup', 'max_others_cpu', 'attempts', 'quick',
+            'overrides', 'loss_rtol', 'grad_rtol', 'seed')
+_TEXT_OVERRIDES = ('width', 'heads', 'layers', 'mlp_ratio')   # Same names in open_clip's text_cfg.
+_VIT_OVERRIDES = ('width', 'depth', 'heads', 'patch_size')    # JAX ViTConfig names.
+_OVERRIDES = ('image_size', 'embed_dim', 'text', 'image')
+_TOLERANCES = {'cpu': {'loss': 1e-4, 'grad': 1e-3}, 'accelerator': {'loss': 1e-2, 'grad': 5e-2}}
+_CAPTIONS = ('a photo of a cat', 'two dogs playing in the snow on a sunny winter morning',
+             'a diagram on a whiteboard', 'an empty street at night, wet with rain',
+             'a bowl of fruit', 'a red bicycle leaning against a brick wall next to a door',
+             'mountains', 'a close-up of a hand holding a small green frog')
+_SYN_CAPTIONS = ('a tabby cat sitting on a wooden floor next to a window',
+                 'two dogs running through deep snow', 'a whiteboard with a hand-drawn diagram',
+                 'a city street at night with wet pavement reflecting lights',
+                 'a white bowl filled with apples, bananas and oranges',
+                 'a red bike parked against a brick wall', 'snow-capped mountains under a blue sky',
+                 'a person holding a tiny green frog in the palm of a hand')
+_SUBPROCESS_TIMEOUT_S = 4 * 3600  # S4's CPU compile and steps on a loaded machine take long.
+
+
+# ---------------------------------------------------------------- the PyTorch reference loss
+
+
+def torch_dr_loss(image_emb, text_emb, syn_text_emb, teacher_image_emb, teacher_text_emb,
+                  teacher_syn_text_emb, logit_scale, *, teacher_scales: Sequence[float],
+                  teacher_dims: Sequence[int], clip_weight: float, distill_weight: float,
+                  gt_weight: float, syn_weight: float):
+  """The DR objective in PyTorch (softmax kind, teachers averaged after softmax).
+
+  Written from the formulas of `mobileclip_jax.losses` (Apple's `DRClipLoss`): per caption kind,
+  clip_weight * CLIP + distill_weight * KD, summed over kinds with their weights.
+  CLIP = (CE(s U V^T, I) + CE(s V U^T, I)) / 2 with U, V the L2-normalized student image / text
+  rows and s = exp(logit_scale) (the parameter is clamped to [0, log 100] after every step).
+  KD = half the sum over directions of -mean_i sum_j P_ij log softmax_j(student logits)_ij, with
+  P = (1/K) sum_k softmax_j(tau_k T^k_a T^k_b^T) from each teacher's L2-normalized slice.
+
+  Args:
+    image_emb: [B, E] float32 student image embeddings, not normalized.
+    text_emb: [B, E] student embeddings of the ground-truth captions.
+    syn_text_emb: [B, E] student embeddings of the synthetic captions.
+    teacher_image_emb: [B, sum(teacher_dims)] concatenated teacher image embeddings.
+    teacher_text_emb: [B, sum(teacher_dims)] teacher embeddings of the ground-truth captions.
+    teacher_syn_text_emb: [B, sum(teacher_dims)] teacher embeddings of the synthetic captions.
+    logit_scale: [] learned log logit scale.
+    teacher_scales: K teacher logit scales tau_k (not logs).
+    teacher_dims: K teacher embedding widths.
+    clip_weight, distill_weight: weights of the two terms in each caption kind's loss.
+    gt_weight, syn_weight: weights of the caption kinds in the total.
+
+  Returns:
+    (total [] tensor, {'gt/clip', 'gt/distill', 'syn/clip', 'syn/distill': [] tensors}).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  def teacher_slices(x):
+    return [F.normalize(s, dim=-1) for s in torch.split(x, list(teacher_dims), dim=-1)]
+
+  def soft_cross_entropy(targets, logits):
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+  scale = logit_scale.exp()
+  image = F.normalize(image_emb, dim=-1)
+  teacher_image = teacher_slices(teacher_image_emb)
+  labels = torch.arange(image.shape[0], device=image.device)
+  total, terms = 0.0, {}
+  kinds = (('gt', text_emb, teacher_text_emb, gt_weight),
+           ('syn', syn_text_emb, teacher_syn_text_emb, syn_weight))
+  for kind, text_emb_k, teacher_text_k, kind_weight in kinds:
+    logits_per_image = scale * image @ F.normalize(text_emb_k, dim=-1).T
+    logits_per_text = logits_per_image.T
+    clip = (F.cross_entropy(logits_per_image, labels) +
+            F.cross_entropy(logits_per_text, labels)) / 2
+    with torch.no_grad():  # The stored teacher embeddings are data.
+      teacher_logits = [tau * a @ b.T for tau, a, b in
+                        zip(teacher_scales, teacher_image, teacher_slices(teacher_text_k))]
+      probs_per_image = sum(F.softmax(t, dim=1) for t in teacher_logits) / len(teacher_logits)
+      probs_per_text = sum(F.softmax(t.T, dim=1) for t in teacher_logits) / len(teacher_logits)
+    distill = (soft_cross_entropy(probs_per_image, logits_per_image) +
+               soft_cross_entropy(probs_per_text, logits_per_text)) / 2
+    terms[f'{kind}/clip'], terms[f'{kind}/distill'] = clip, distill
+    total = total + kind_weight * (clip_weight * clip + distill_weight * distill)
+  return total, terms
+
+
+# ---------------------------------------------------------------- shared by the worker processes
+
+
+def _weights_path(workdir: str) -> str:
+  return os.path.join(workdir, 'weights.npz')
+
+
+def _batch_path(workdir: str) -> str:
+  return os.path.join(workdir, 'batch.npz')
+
+
+def _timed_steps(step, warmup: int, repeats: int, max_others_cpu: float,
+                 attempts: int) -> Dict[str, Any]:
+  """Times `step()` (blocking) in sections of `repeats` calls after `warmup` untimed calls.
+
+  A section during which other processes used more than `max_others_cpu` of all CPUs is
+  followed by another, up to `attempts` sections; the quietest one is kept.
+  """
+  for _ in range(warmup):
+    step()
+  best = None
+  for section in range(1, attempts + 1):
+    busy, own, wall = _busy_cpu_s(), common.cpu_time_s(), time.perf_counter()
+    timing = common.time_calls(step, warmup=0, repeats=repeats)
+    busy_after, own_after, wall_after = _busy_cpu_s(), common.cpu_time_s(), time.perf_counter()
+    timing['cpu_s_per_step'] = (own_after - own) / repeats
+    timing['others_cpu_frac'] = None
+    if busy is not None:
+      others = max(0.0, (busy_after - busy) - (own_after - own)) / (
+          (wall_after - wall) * os.cpu_count())
+      timing['others_cpu_frac'] = round(others, 3)
+    if best is None or (timing['others_cpu_frac'] is not None and
+                        timing['others_cpu_frac'] < best['others_cpu_frac']):
+      best = timing
+    if timing['others_cpu_frac'] is None or timing['others_cpu_frac'] <= max_others_cpu:
+      break
+  return {**best, 'sections': section}
+
+
+# ---------------------------------------------------------------- torch side (own processes)
+
+
+def _torch_model(variant: str, overrides: Dict[str, Any]):
+  """`open_clip.create_model(variant)` (random init) with `overrides` in open_clip's terms."""
+  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
+  open_clip = torch_compat.import_open_clip()
+  cfg = open_clip.get_model_config(variant)
+  if cfg is None:
+    raise ValueError(f'open_clip has no model config {variant!r}; the train benchmark compares '
+                     f'variants both frameworks build, e.g. {", ".join(DEFAULT_VARIANTS)}.')
+  vision_cfg = dict(cfg['vision_cfg'])
+  if 'image_size' in overrides:
+    vision_cfg['image_size'] = overrides['image_size']
+  vit = overrides.get('image', {})
+  if vit:
+    vision_cfg.update({k: vit[j] for j, k in (('width', 'width'), ('depth', 'layers'),
+                                              ('patch_size', 'patch_size')) if j in vit})
+    if 'heads' in vit:
+      vision_cfg['head_width'] = vision_cfg['width'] // vit['heads']
+  kwargs = dict(vision_cfg=vision_cfg, text_cfg=dict(cfg['text_cfg'], **overrides.get('text', {})))
+  if 'embed_dim' in overrides:
+    kwargs['embed_dim'] = overrides['embed_dim']
+  return open_clip.create_model(variant, pretrained=None, **kwargs)
+
+
+def _write_reference(model, variant: str, batch: int, image_size: int, workdir: str,
+                     seed: int) -> None:
+  """Gives `model` seeded non-trivial normalization; writes `weights.npz` and `batch.npz`.
+
+  weights.npz: the whole model's state_dict. batch.npz: image uint8 [batch, S, S, 3]; text,
+  syn_text int32 [batch, L] (open_clip's tokenizer); teacher_image_emb, teacher_text_emb,
+  teacher_syn_text_emb float32 [batch, sum(TEACHER_DIMS)], each teacher's slice a unit vector.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
+  open_clip = torch_compat.import_open_clip()
+  _randomize_normalization_(model, torch.Generator().manual_seed(seed + 1))
+  np.savez(_weights_path(workdir), **{k: v.numpy() for k, v in model.state_dict().items()})
+  rng = np.random.default_rng(seed)
+  tokenizer = open_clip.get_tokenizer(variant)
+
+  def tokens(captions):
+    return tokenizer([captions[i % len(captions)] for i in range(batch)]).numpy().astype(np.int32)
+
+  def unit_slices(x):
+    parts = np.split(x, np.cumsum(TEACHER_DIMS)[:-1], axis=-1)
+    return np.concatenate([p / np.linalg.norm(p, axis=-1, keepdims=True) for p in parts], -1)
+
+  # Caption embeddings near their image's, so that the teacher targets peak like real ones.
+  teacher_image = unit_slices(rng.standard_normal((batch, sum(TEACHER_DIMS))))
+  near_image = lambda: unit_slices(teacher_image + rng.standard_normal(teacher_image.shape))
+  np.savez(_batch_path(workdir),
+           image=rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
+           text=tokens(_CAPTIONS), syn_text=tokens(_SYN_CAPTIONS),
+           teacher_image_emb=teacher_image.astype(np.float32),
+           teacher_text_emb=near_image().astype(np.float32),
+           teacher_syn_text_emb=near_image().astype(np.float32))
+
+
+def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_size: int,
+                  recipe: Dict[str, Any], mean: Sequence[float], std: Sequence[float],
+                  workdir: str, seed: int, warmup: int, repeats: int, max_others_cpu: float,
+                  attempts: int) -> Dict[str, Any]:
+  """Builds the model, writes the reference (`_write_reference`), runs the DR step in PyTorch.
+
+  Returns the first step's values, the timings, memory, device and versions.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
+  open_clip = torch_compat.import_open_clip()
+  timm = torch_compat.import_timm()
+  from open_clip_train import scheduler as scheduler_lib  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  if device.type == 'cuda':  # As open_clip_train's main() sets them.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+  torch.manual_seed(seed)
+  model = _torch_model(variant, overrides)
+  _write_reference(model, variant, batch, image_size, workdir, seed)
+  parameters = sum(p.numel() for p in model.parameters())
+  model = model.to(device).train()
+  with np.load(_batch_path(workdir)) as data:
+    inputs = {k: torch.from_numpy(data[k]).to(device) for k in data.files}
+  num_examples = inputs['image'].shape[0]
+  tokens = torch.cat([inputs['text'], inputs['syn_text']]).long()  # [gt; syn]: one text pass.
+  mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+  # open_clip_train main(): no weight decay for gains, biases and the logit scale.
+  exclude = lambda n, p: p.ndim < 2 or 'bn' in n or 'ln' in n or 'bias' in n or 'logit_scale' in n
+  named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(
+      [{'params': [p for n, p in named if exclude(n, p)], 'weight_decay': 0.0},
+       {'params': [p for n, p in named if not exclude(n, p)],
+        'weight_decay': recipe['weight_decay']}],
+      lr=recipe['lr'], betas=(recipe['b1'], recipe['b2']), eps=recipe['eps'])
+  schedule = scheduler_lib.cosine_lr(optimizer, recipe['lr'], recipe['warmup_steps'],
+                                     recipe['total_steps'])
+  count = [0]
+
+  def train_step():
+    schedule(count[0])
+    optimizer.zero_grad()
+    # NCHW contiguous, as open_clip's data pipeline hands them over (torch's CPU backward of
+    # these convolutions crashes on the channels-last strides that the permute leaves).
+    images = (inputs['image'].permute(0, 3, 1, 2).contiguous().float() / 255 - mean) / std
+    image_emb = model.encode_image(images)
+    gt_emb, syn_emb = model.encode_text(tokens).split(num_examples)
+    loss, terms = torch_dr_loss(
+        image_emb, gt_emb, syn_emb, inputs['teacher_image_emb'], inputs['teacher_text_emb'],
+        inputs['teacher_syn_text_emb'], model.logit_scale, teacher_dims=TEACHER_DIMS,
+        **recipe['loss'])
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['grad_clip'])
+    optimizer.step()
+    with torch.no_grad():
+      model.logit_scale.clamp_(0, math.log(100))
+    if device.type == 'cuda':
+      torch.cuda.synchronize()
+    count[0] += 1
+    return loss, terms, grad_norm
+
+  loss, terms, grad_norm = train_step()
+  first = {'loss': loss.item(), 'grad_norm': grad_norm.item(),
+           **{k: v.item() for k, v in terms.items()}}
+  result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
+  result['first_step'] = first
+  result['parameters'] = parameters
+  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
+  if device.type == 'cuda':
+    result['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    result['device'] = f'cuda:{torch.cuda.get_device_name()}'
+  else:
+    result['device'] = 'cpu'
+  result['threads'] = torch.get_num_threads()
+  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
+                        'timm': timm.__version__}
+  return result
+
+
+# ---------------------------------------------------------------- JAX side (own processes)
+
+
+def jax_platform() -> Dict[str, str]:
+  """{'platform': the default JAX backend, 'cpu', 'gpu' or 'tpu'}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {'platform': jax.default_backend()}
+
+
+def measure_jax(variant: str, overrides: Dict[str, Any], recipe: Dict[str, Any], workdir: str,
+                warmup: int, repeats: int, max_others_cpu: float, attempts: int,
+                seed: int) -> Dict[str, Any]:
+  """Compiles and runs the trainer's jitted DR step on the saved weights and batch."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import convert  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import losses  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  # A cache hit would make the compile time a cache read.
+  jax.config.update('jax_enable_compilation_cache', False)
+  config = clip_lib.get_config(variant, **overrides)
+  with np.load(_weights_path(workdir)) as weights:
+    variables = convert.from_open_clip(weights, config)
+  model = clip_lib.CLIP(config)
+  schedule = optimizer_lib.lr_schedule(recipe['lr'], recipe['total_steps'], recipe['warmup_steps'])
+  tx = optimizer_lib.make_optimizer(
+      config, variables['params'], schedule, b1=recipe['b1'], b2=recipe['b2'], eps=recipe['eps'],
+      weight_decay=recipe['weight_decay'], grad_clip=recipe['grad_clip'])
+  loss_config = losses.LossConfig(teacher_dims=TEACHER_DIMS, **recipe['loss'])
+  mesh = sharding_lib.create_mesh(-1, 1)
+  with np.load(_batch_path(workdir)) as data:
+    batch = {k: data[k] for k in data.files}
+  if batch['image'].shape[0] % sharding_lib.num_batch_shards(mesh):
+    raise ValueError(f'batch {batch["image"].shape[0]} does not split over the '
+                     f'{sharding_lib.num_batch_shards(mesh)} JAX devices: use a multiple.')
+  batch = sharding_lib.global_batch(batch, mesh)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                              batch_stats=variables.get('batch_stats', {}),
+                              opt_state=tx.init(variables['params']))
+  del variables
+  state_shardings = sharding_lib.infer_shardings(state, mesh)
+  state = jax.device_put(state, state_shardings)
+  step_fn = step_lib.make_train_step(model, tx, loss_config, mesh=mesh, use_syn=True,
+                                     use_teachers=True, seed=seed)
+  start = time.perf_counter()
+  compiled = jax.jit(step_fn, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                     donate_argnums=(0,)).lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  compile_peak_rss_mb = common.peak_rss_mb()  # Loading and compiling, before any step ran.
+  holder = {'state': state}
+  del state  # Donated by the first step; only `holder` may refer to it.
+
+  def train_step():
+    holder['state'], metrics = compiled(holder['state'], batch)
+    return jax.block_until_ready(metrics)
+
+  metrics = jax.device_get(train_step())
+  first = {k: float(metrics[k]) for k in ('loss', 'grad_norm') + LOSS_TERMS}
+  result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
+  result['first_step'] = first
+  result['compile_s'] = round(compile_s, 3)
+  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
+  result['compile_peak_rss_mb'] = round(compile_peak_rss_mb, 1)
+  analysis = compiled.memory_analysis()  # XLA's buffers of one step, per device.
+  if analysis is not None:
+    result['step_buffers_mb'] = {
+        name: round(getattr(analysis, f'{name}_size_in_bytes') / 2**20, 1)
+        for name in ('argument', 'output', 'alias', 'temp')}
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    result['peak_device_mb'] = round(stats['peak_bytes_in_use'] / 2**20, 1)
+  result['device'] = f'{device.platform}:{device.device_kind}'
+  result['device_count'] = jax.device_count()
+  result['versions'] = {'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+                        'flax': flax.__version__}
+  return result
+
+
+# ---------------------------------------------------------------- orchestration (runs no model)
+
+
+def recipe_settings(variant: str, batch: int) -> Dict[str, Any]:
+  """MobileCLIP2's optimizer, schedule and loss settings (JSON-able, handed to both sides)."""
+  from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.mobileclip2_recipe(variant)
+  loss = c.loss
+  # torch_dr_loss implements this form of the objective; a recipe that changes it needs both.
+  if loss.kind != 'softmax' or loss.average != 'probs' or loss.student_scale is not None:
+    raise ValueError(f'torch_dr_loss implements the softmax loss with teachers averaged after '
+                     f'softmax and the learned student scale; the recipe now has '
+                     f'kind={loss.kind!r}, average={loss.average!r}, '
+                     f'student_scale={loss.student_scale}.')
+  return {
+      'lr': c.optim.lr, 'b1': c.optim.b1, 'b2': c.optim.b2,
+      'eps': c.optim.eps if c.optim.eps is not None else optimizer_lib.default_eps(variant),
+      'weight_decay': c.optim.weight_decay, 'grad_clip': c.optim.grad_clip,
+      'warmup_steps': config_lib.parse_duration(c.schedule.warmup, batch),
+      'total_steps': config_lib.parse_duration(c.schedule.total, batch),
+      # The keyword arguments of torch_dr_loss and LossConfig beside teacher_dims.
+      'loss': {'clip_weight': loss.clip_weight, 'distill_weight': loss.distill_weight,
+               'gt_weight': loss.gt_weight, 'syn_weight': loss.syn_weight,
+               'teacher_scales': list(config_lib.as_tuple(loss.teacher_scales))},
+  }
+
+
+def _check_overrides(overrides: Any) -> None:
+  if not isinstance(overrides, dict) or any(
+      not isinstance(overrides.get(k, {}), dict) for k in ('text', 'image')):
+    raise ValueError(f'overrides must be a JSON object (with `text` and `image` objects too), such '
+                     f'as {{"image_size": 64, "text": {{"layers": 1}}}}; got {overrides!r}.')
+  unknown = sorted(set(overrides) - set(_OVERRIDES))
+  for tower, valid in (('text', _TEXT_OVERRIDES), ('image', _VIT_OVERRIDES)):
+    unknown += [f'{tower}.{k}' for k in sorted(set(overrides.get(tower, {})) - set(valid))]
+  if unknown:
+    raise ValueError(f'overrides {unknown} have no counterpart in the PyTorch reference config; '
+                     f'the train benchmark can override image_size, embed_dim, text '
+                     f'{", ".join(_TEXT_OVERRIDES)} and ViT image {", ".join(_VIT_OVERRIDES)}.')
+
+
+def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
+  unknown = sorted(set(options) - set(_OPTIONS))
+  if unknown:
+    raise ValueError(f'Unknown option(s) {unknown} for the train benchmark; valid: '
+                     f'{", ".join(_OPTIONS)}.')
+  quick = str(options.get('quick', '0')).lower() in ('1', 'true', 'yes')
+  overrides = options.get('overrides', {})
+  if isinstance(overrides, str):
+    try:
+      overrides = json.loads(overrides)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'overrides must be a JSON object such as {{"image_size": 64}}, got '
+                       f'{overrides!r}: {e}') from e
+  _check_overrides(overrides)
+  parsed = {
+      'variants': _list(options, 'variants', DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
+      'batch': _list(options, 'batch', (), int),
+      'quick': quick,
+      'repeats': _scalar(options, 'repeats', 2 if quick else 5, int),
+      'warmup': _scalar(options, 'warmup', 1 if quick else 2, int),
+      'max_others_cpu': _scalar(options, 'max_others_cpu', 0.1, float),
+      'attempts': _scalar(options, 'attempts', 1 if quick else 3, int),
+      'overrides': overrides,
+      'loss_rtol': _scalar(options, 'loss_rtol', None, float),
+      'grad_rtol': _scalar(options, 'grad_rtol', None, float),
+      'seed': _scalar(options, 'seed', 0, int),
+  }
+  for key, low in (('repeats', 1), ('attempts', 1), ('warmup', 0)):
+    if parsed[key] < low:
+      raise ValueError(f'{key} must be at least {low}, got {parsed[key]}.')
+  if 'batch' in options and (not parsed['batch'] or min(parsed['batch']) < 1):
+    raise ValueError(f'batch must list positive integers, got {options["batch"]!r}.')
+  return parsed
+
+
+def _model_config(variant: str, overrides: Dict[str, Any]):
+  """The JAX config; fails here, before any process starts, on overrides the tower lacks."""
+  from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.models import vit  # pylint: disable=g-import-not-at-top
+  base = clip_lib.get_config(variant)
+  if overrides.get('image') and not (isinstance(base.image, vit.ViTConfig) and
+                                     base.image_layout == 'open_clip'):
+    raise ValueError(f'Image tower overrides apply to open_clip ViT towers (e.g. ViT-B-16); the '
+                     f'image tower of {variant} is built by timm, whose open_clip config has no '
+                     'such keys. Override image_size instead.')
+  return clip_lib.get_config(variant, **overrides)
+
+
+def _relative(got: float, want: float) -> float:
+  return abs(got - want) / max(abs(want), 1e-12)
+
+
+def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
+         jax_r: Dict[str, Any], torch_r: Dict[str, Any], o: Dict[str, Any]) -> Dict[str, Any]:
+  row = {'variant': variant, 'batch': batch, 'image_size': image_size,
+         'parameters': torch_r['parameters']}
+  for prefix, r in (('jax', jax_r), ('torch', torch_r)):
+    row[f'{prefix}_examples_per_s'] = _significant(batch / r['median_s'])
+    row[f'{prefix}_median_s'] = _significant(r['median_s'])
+    row[f'{prefix}_min_s'] = _significant(r['min_s'])
+    if prefix == 'jax':
+      row['jax_compile_s'] = r['compile_s']
+      row['jax_compile_peak_rss_mb'] = r['compile_peak_rss_mb']
+      if 'step_buffers_mb' in r:
+        row['jax_step_buffers_mb'] = r['step_buffers_mb']
+    row[f'{prefix}_cpu_s_per_step'] = _significant(r['cpu_s_per_step'])
+    row[f'{prefix}_peak_rss_mb'] = r['peak_rss_mb']
+    if 'peak_device_mb' in r:
+      row[f'{prefix}_peak_device_mb'] = r['peak_device_mb']
+  row['ratio_median'] = _significant(jax_r['median_s'] / torch_r['median_s'])
+  row['ratio_min'] = _significant(jax_r['min_s'] / torch_r['min_s'])
+  jax_first, torch_first = jax_r['first_step'], torch_r['first_step']
+  row['jax_first_loss'], row['torch_first_loss'] = jax_first['loss'], torch_first['loss']
+  row['loss_rel_diff'] = _significant(_relative(jax_first['loss'], torch_first['loss']))
+  row['jax_first_grad_norm'] = jax_first['grad_norm']
+  row['torch_first_grad_norm'] = torch_first['grad_norm']
+  row['grad_norm_rel_diff'] = _significant(
+      _relative(jax_first['grad_norm'], torch_first['grad_norm']))
+  row['term_rel_diff'] = {k: _significant(_relative(jax_first[k], torch_first[k]))
+                          for k in LOSS_TERMS}
+  kind = 'cpu' if jax_r['device'].startswith('cpu:') else 'accelerator'
+  loss_rtol = o['loss_rtol'] if o['loss_rtol'] is not None else _TOLERANCES[kind]['loss']
+  grad_rtol = o['grad_rtol'] if o['grad_rtol'] is not None else _TOLERANCES[kind]['grad']
+  row['losses_agree'] = (max(row['loss_rel_diff'], *row['term_rel_diff'].values()) <= loss_rtol
+                         and row['grad_norm_rel_diff'] <= grad_rtol)
+  row['tolerances'] = {'loss': loss_rtol, 'grad_norm': grad_rtol}
+  row['first_step'] = {'jax': jax_first, 'torch': torch_first}
+  row['repeats'], row['warmup'] = o['repeats'], o['warmup']
+  row['sections'] = {'jax': jax_r['sections'], 'torch': torch_r['sections']}
+  row['jax_others_cpu_frac'] = jax_r['others_cpu_frac']
+  row['torch_others_cpu_frac'] = torch_r['others_cpu_frac']
+  row['jax_device'], row['torch_device'] = jax_r['device'], torch_r['device']
+  row['jax_device_count'] = jax_r['device_count']
+  row['torch_threads'] = torch_r['threads']
+  row['recipe'] = recipe
+  row['load_avg_1m'] = common.machine().get('load_avg_1m')
+  row['versions'] = {**jax_r['versions'], **torch_r['versions']}
+  return row
+
+
+def _isolated(function: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+  return common.isolated(__name__, function, kwargs, timeout=_SUBPROCESS_TIMEOUT_S)
+
+
+def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+  """Yields one row per (variant, batch); see the module docstring for the options and method.
+
+  Row fields: variant, batch, image_size, parameters; for prefix jax / torch: *_examples_per_s,
+  *_median_s, *_min_s (wall seconds per step), *_cpu_s_per_step, *_peak_rss_mb
+  (*_peak_device_mb on an accelerator); jax_compile_s, jax_compile_peak_rss_mb,
+  jax_step_buffers_mb; ratio_median / ratio_min (JAX / torch seconds: > 1 means JAX
+  is slower); jax_first_loss, torch_first_loss, loss_rel_diff, jax_first_grad_norm,
+  torch_first_grad_norm, grad_norm_rel_diff, term_rel_diff (per loss term), losses_agree and its
+  tolerances, first_step (every first-step value of both); repeats, warmup, sections (timed
+  sections run), the CPU share of other processes in the kept section, devices, torch threads,
+  the recipe settings, the 1-minute load average, versions. A failed configuration yields
+  variant, batch and `error`.
+  """
+  o = _parse(options)
+  configs = {v: _model_config(v, o['overrides']) for v in o['variants']}
+  batches = o['batch']
+  if not batches:
+    platform = _isolated('jax_platform', {})['platform']
+    batches = list(CPU_BATCHES if platform == 'cpu' else ACCELERATOR_BATCHES)
+    batches = batches[:1] if o['quick'] else batches
+  for variant in o['variants']:
+    config = configs[variant]
+    for batch in batches:
+      recipe = recipe_settings(variant, batch)
+      with tempfile.TemporaryDirectory(prefix='mobileclip_bench_train_') as workdir:
+        common_kwargs = dict(variant=variant, overrides=o['overrides'], recipe=recipe,
+                             workdir=workdir, seed=o['seed'], warmup=o['warmup'],
+                             repeats=o['repeats'], max_others_cpu=o['max_others_cpu'],
+                             attempts=o['attempts'])
+        try:
+          torch_r = _isolated('measure_torch', dict(
+              common_kwargs, batch=batch, image_size=config.image_size, mean=list(config.mean),
+              std=list(config.std)))
+          jax_r = _isolated('measure_jax', common_kwargs)
+        except RuntimeError as e:  # E.g. out of memory at this batch: report it, go on.
+          yield {'variant': variant, 'batch': batch, 'error': str(e)[-2000:],
+                 'load_avg_1m': common.machine().get('load_avg_1m')}
+          continue
+      yield _row(variant, batch, config.image_size, recipe, jax_r, torch_r, o)

@@ -1,0 +1,145 @@
+"""Smoke test of `launch/benchmark.py train` on a tiny config (benchmarks are not tests).
+
+- The benchmark's PyTorch DR loss equals open_clip's own `DistillClipLoss` (one teacher, one
+  caption kind) and `mobileclip_jax.losses.dr_loss` (two teachers, both kinds), values and
+  gradients, so the two sides of the benchmark do the same work.
+- One tiny configuration runs end to end (a torch process and a JAX process, each fresh) and
+  yields a complete row whose first-step losses and gradient norms agree.
+- Bad options are named before any process starts.
+"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from mobileclip_jax import losses  # noqa: E402
+from mobileclip_jax import torch_compat  # noqa: E402
+from mobileclip_jax.benchmark import train  # noqa: E402
+
+_FIELDS = ('variant', 'batch', 'image_size', 'parameters', 'jax_examples_per_s', 'jax_median_s',
+           'jax_min_s', 'jax_compile_s', 'jax_compile_peak_rss_mb', 'jax_step_buffers_mb',
+           'jax_cpu_s_per_step', 'jax_peak_rss_mb',
+           'torch_examples_per_s', 'torch_median_s', 'torch_min_s', 'torch_cpu_s_per_step',
+           'torch_peak_rss_mb', 'ratio_median', 'ratio_min', 'jax_first_loss', 'torch_first_loss',
+           'loss_rel_diff', 'jax_first_grad_norm', 'torch_first_grad_norm', 'grad_norm_rel_diff',
+           'term_rel_diff', 'losses_agree', 'tolerances', 'first_step', 'repeats', 'warmup',
+           'sections', 'jax_others_cpu_frac', 'torch_others_cpu_frac', 'jax_device',
+           'torch_device', 'jax_device_count', 'torch_threads', 'recipe', 'load_avg_1m',
+           'versions')
+# ViT-B-16 shrunk to one 32-wide block at 32 px and a one-layer 32-wide text tower: the whole
+# train step compiles in seconds (a MobileCLIP MCi tower, even tiny, takes minutes on 2 cores).
+_TINY = json.dumps({'image_size': 32, 'embed_dim': 16,
+                    'image': {'width': 32, 'depth': 1, 'heads': 2, 'patch_size': 8},
+                    'text': {'layers': 1, 'width': 32, 'heads': 2}})
+
+
+def _embeddings(batch, embed_dim, teacher_dims, seed=0):
+  rng = np.random.default_rng(seed)
+  student = lambda: rng.standard_normal((batch, embed_dim)).astype(np.float32)
+  teacher = lambda: rng.standard_normal((batch, sum(teacher_dims))).astype(np.float32)
+  return {losses.IMAGE: student(), losses.TEXT: student(), losses.SYN_TEXT: student(),
+          losses.TEACHER_IMAGE: teacher(), losses.TEACHER_TEXT: teacher(),
+          losses.TEACHER_SYN_TEXT: teacher()}
+
+
+def _torch_dr_loss(e, logit_scale, **kwargs):
+  """train.torch_dr_loss on numpy inputs; (total, terms, d total / d student embeddings)."""
+  t = {k: torch.tensor(v, requires_grad=k in (losses.IMAGE, losses.TEXT, losses.SYN_TEXT))
+       for k, v in e.items()}
+  total, terms = train.torch_dr_loss(
+      t[losses.IMAGE], t[losses.TEXT], t[losses.SYN_TEXT], t[losses.TEACHER_IMAGE],
+      t[losses.TEACHER_TEXT], t[losses.TEACHER_SYN_TEXT], torch.tensor(logit_scale), **kwargs)
+  total.backward()
+  grads = {k: t[k].grad.numpy() for k in (losses.IMAGE, losses.TEXT, losses.SYN_TEXT)}
+  return total.item(), {k: v.item() for k, v in terms.items()}, grads
+
+
+def test_torch_dr_loss_equals_open_clips_distill_clip_loss_for_one_teacher():
+  open_clip = torch_compat.import_open_clip()
+  e = _embeddings(batch=6, embed_dim=8, teacher_dims=(12,))
+  logit_scale, teacher_scale = np.log(1 / 0.07), 50.0
+  total, terms, _ = _torch_dr_loss(e, logit_scale, teacher_scales=(teacher_scale,),
+                                   teacher_dims=(12,), clip_weight=0.3, distill_weight=0.7,
+                                   gt_weight=1.0, syn_weight=0.0)
+  # open_clip's loss takes unit features (the model's forward normalizes) and scales, not logs.
+  unit = lambda k: torch.nn.functional.normalize(torch.tensor(e[k]), dim=-1)
+  contrastive, distill = open_clip.loss.DistillClipLoss()(
+      unit(losses.IMAGE), unit(losses.TEXT), torch.tensor(np.exp(logit_scale)),
+      unit(losses.TEACHER_IMAGE), unit(losses.TEACHER_TEXT), torch.tensor(teacher_scale))
+  np.testing.assert_allclose(terms['gt/clip'], contrastive.item(), rtol=1e-6)
+  np.testing.assert_allclose(terms['gt/distill'], distill.item(), rtol=1e-6)
+  np.testing.assert_allclose(total, 0.3 * contrastive.item() + 0.7 * distill.item(), rtol=1e-6)
+
+
+def test_torch_dr_loss_equals_jax_dr_loss_with_two_teachers_and_both_kinds():
+  dims, scales = (12, 10), (70.0, 60.0)
+  e = _embeddings(batch=6, embed_dim=8, teacher_dims=dims, seed=1)
+  weights = dict(clip_weight=0.25, distill_weight=0.75, gt_weight=1.0, syn_weight=0.5)
+  logit_scale = 2.5
+  total, terms, torch_grads = _torch_dr_loss(e, logit_scale, teacher_scales=scales,
+                                             teacher_dims=dims, **weights)
+  config = losses.LossConfig(teacher_scales=scales, teacher_dims=dims, **weights)
+
+  def jax_loss(students):
+    return losses.dr_loss({**e, **students, losses.LOGIT_SCALE: jnp.float32(logit_scale)},
+                          config)
+  students = {k: e[k] for k in (losses.IMAGE, losses.TEXT, losses.SYN_TEXT)}
+  (want_total, metrics), want_grads = jax.jit(jax.value_and_grad(jax_loss, has_aux=True))(
+      students)
+  np.testing.assert_allclose(total, want_total, rtol=1e-5)
+  for name in train.LOSS_TERMS:
+    np.testing.assert_allclose(terms[name], metrics[name], rtol=1e-5, err_msg=name)
+  for key, grad in torch_grads.items():
+    np.testing.assert_allclose(grad, want_grads[key], rtol=1e-4, atol=1e-7, err_msg=key)
+
+
+def test_tiny_config_yields_a_complete_row_whose_first_steps_agree(monkeypatch):
+  # One JAX device (not conftest's 8 fake ones), as `launch/benchmark.py` sees a CPU; XLA's
+  # cheapest CPU code generation halves the compile, and this test measures nothing.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0 '
+                     '--xla_llvm_disable_expensive_passes=true')
+  options = dict(variants='ViT-B-16', batch='2', repeats='1', warmup='0', attempts='1',
+                 overrides=_TINY)
+  rows = list(train.run(options))
+  assert len(rows) == 1
+  row = rows[0]
+  assert 'error' not in row, row.get('error')
+  assert set(_FIELDS) <= set(row), sorted(set(_FIELDS) - set(row))
+  json.dumps(row)  # JSON-able.
+  assert (row['variant'], row['batch'], row['image_size']) == ('ViT-B-16', 2, 32)
+  assert row['losses_agree'], (row['first_step'], row['tolerances'])
+  assert row['loss_rel_diff'] < 1e-4 and row['grad_norm_rel_diff'] < 1e-3
+  assert set(row['term_rel_diff']) == set(train.LOSS_TERMS)
+  for prefix in ('jax', 'torch'):
+    assert 0 < row[f'{prefix}_min_s'] <= row[f'{prefix}_median_s']
+    assert row[f'{prefix}_examples_per_s'] == pytest.approx(2 / row[f'{prefix}_median_s'],
+                                                            rel=1e-2)
+    assert row[f'{prefix}_peak_rss_mb'] > 0 and row[f'{prefix}_cpu_s_per_step'] > 0
+  assert row['ratio_median'] == pytest.approx(row['jax_median_s'] / row['torch_median_s'], rel=1e-2)
+  assert row['jax_compile_s'] > 0 and row['jax_device_count'] == 1
+  assert 0 < row['jax_compile_peak_rss_mb'] <= row['jax_peak_rss_mb']
+  assert row['jax_step_buffers_mb']['temp'] > 0
+  # The recipe reached both sides: AdamW's eps follows open_clip's rule for ViT names.
+  assert row['recipe']['eps'] == 1e-6 and row['recipe']['loss']['teacher_scales'] == [70.0, 60.0]
+  assert {'jax', 'flax', 'torch', 'open_clip', 'timm'} <= set(row['versions'])
+
+
+@pytest.mark.parametrize('options,match', [
+    ({'variant': 'MobileCLIP2-S0'}, r"Unknown option\(s\) \['variant'\].*valid: variants"),
+    ({'overrides': '{"attention": "sigmoid"}'}, r"\['attention'\] have no counterpart"),
+    ({'overrides': '{"image": {"depths": [1, 1]}}'}, r"\['image.depths'\] have no counterpart"),
+    ({'overrides': '{"image": {"depth": 1}}', 'variants': 'MobileCLIP2-S0'},
+     r'image tower of MobileCLIP2-S0 is built by timm'),
+    ({'overrides': 'image_size=64'}, r'overrides must be a JSON object'),
+    ({'variants': 'MobileCLIP2-S9'}, r"Unknown model 'MobileCLIP2-S9'"),
+    ({'batch': '8,eight'}, r"Option batch='eight' is not a valid int"),
+    ({'batch': '0'}, r'batch must list positive integers'),
+    ({'warmup': '-1'}, r'warmup must be at least 0'),
+])
+def test_bad_options_are_named(options, match):
+  with pytest.raises(ValueError, match=match):
+    next(train.run(options))
