@@ -48,6 +48,6 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH_REFERENCE,
-        'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0'],
+        'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0', 'portpicker'],
     },
 )

@@ -5,10 +5,13 @@ r"""Zero-shot classification and image-text retrieval numbers for a checkpoint.
   python launch/evaluate.py --model=MobileCLIP2-S0 --torch_checkpoint=mobileclip2_s0.pt \
     --eval=imagenet --data_dir=~/eval_data
   python launch/evaluate.py --checkpoint=/tmp/demo_run --eval=demo,demo_heldout,demo_retrieval
+  python launch/evaluate.py --config=configs/demo.py:student_dr --checkpoint=/tmp/student_dr
 
 --checkpoint takes an Orbax model checkpoint (launch/convert.py) or a training run (its latest
 step, or --step); --torch_checkpoint a state_dict in open_clip's names (.safetensors, .pt, .pth,
-.bin, .npz) of --model (import Apple's v1 checkpoints with launch/convert.py first). Standard evaluations and where they look for data under --data_dir:
+.bin, .npz) of --model (import Apple's v1 checkpoints with launch/convert.py first). --config
+gives the model (a variant with overrides) and, without --eval, the training config's evals.
+Standard evaluations and where they look for data under --data_dir:
 
 {registry}
 
@@ -23,16 +26,21 @@ import time
 from absl import app
 from absl import flags
 import jax
+from ml_collections import config_flags
 
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import sharding
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
 from mobileclip_jax.evaluation import registry
 from mobileclip_jax.evaluation import runner
+from mobileclip_jax.train import loop
 
 __doc__ = __doc__.format(registry=registry.__doc__.split('\n\n')[1])
 
-_MODEL = flags.DEFINE_string('model', None, 'Variant name; required with --torch_checkpoint.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A training config (path.py[:presets]): its model, with its overrides, and '
+    'without --eval its `evals` entries.', lock_config=False)
+_MODEL = flags.DEFINE_string('model', None, 'Variant name; --torch_checkpoint needs it or --config.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Orbax model checkpoint or training run.')
 _STEP = flags.DEFINE_integer('step', None, 'Training-run step (default: the latest).')
 _TORCH_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None, 'open_clip state_dict file.')
@@ -49,22 +57,27 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.ini
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
-  if not _EVAL.value:
-    raise app.UsageError(f'--eval is required: some of {sorted(registry.STANDARD_EVALS)}.')
+  config = _CONFIG.value
+  if not _EVAL.value and not (config and config.evals):
+    raise app.UsageError(f'--eval is required (some of {sorted(registry.STANDARD_EVALS)}), or '
+                         'a --config with evals.')
   compilation_cache.enable()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   start = time.time()
   try:
-    model, variables = runner.load_model(_MODEL.value, _CHECKPOINT.value,
-                                         _TORCH_CHECKPOINT.value, _STEP.value)
+    model, variables = runner.load_model(
+        _MODEL.value, _CHECKPOINT.value, _TORCH_CHECKPOINT.value, _STEP.value,
+        model_config=loop.model_config_from(config) if config else None)
     mesh = sharding.create_mesh()
     evaluators = []
-    for name in _EVAL.value:
+    for name in _EVAL.value or ():
       eval_type, source = registry.standard_eval(name, _DATA_DIR.value)
       entry = dict(type=eval_type, source=dict(source, limit=_LIMIT.value),
                    batch_size=_BATCH_SIZE.value, num_workers=_NUM_WORKERS.value)
       evaluators.append(evaluator_lib.build_evaluator(name, entry, model.config, mesh))
+    if not evaluators:  # The training config's own evaluations.
+      evaluators = evaluator_lib.build_evaluators(config.evals, model.config, mesh)
     results = runner.run_evaluators(model, variables, evaluators)
   except (FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
     sys.exit(f'{type(e).__name__}: {e}\nNothing was written.')

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -24,7 +25,9 @@ from PIL import Image
 import pytest
 
 from mobileclip_jax import checkpoint
+from mobileclip_jax import convert
 from mobileclip_jax import sharding
+from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
@@ -644,3 +647,36 @@ def test_results_are_written_atomically_or_not_at_all(tmp_path):
 
 if __name__ == '__main__':
   _multiprocess_worker(*sys.argv[1:])
+
+
+def test_launch_evaluate_with_a_training_config_and_an_open_clip_file(tiny, tmp_path):
+  """--config gives the reduced model (an open_clip file cannot) and the evaluations; the
+  numbers equal the in-process evaluation of the same variables."""
+  model, variables = tiny
+  weights = str(tmp_path / 'model.safetensors')
+  convert_files.write_state_dict(convert.to_open_clip(variables, model.config), weights)
+  evals = {'demo_heldout': dict(type='zeroshot', source=dict(kind='demo', split='heldout',
+                                                             num_samples=8, tasks=['object']))}
+  config_file = tmp_path / 'config.py'
+  config_file.write_text(textwrap.dedent(f'''
+      import ml_collections
+      from mobileclip_jax import config as config_lib
+
+      def get_config(arg=None):
+        c = config_lib.base_config()
+        c.model.embed_dim = {TINY['embed_dim']}
+        c.model.image_size = {TINY['image_size']}
+        c.model.image.depths = {TINY['image']['depths']}
+        c.model.image.widths = {TINY['image']['widths']}
+        c.model.text.layers, c.model.text.width, c.model.text.heads = 1, 32, 2
+        c.evals = ml_collections.ConfigDict({evals!r})
+        return c
+      '''))
+  out = tmp_path / 'results.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch', 'evaluate.py'), f'--config={config_file}',
+       f'--torch_checkpoint={weights}', f'--out={out}'], capture_output=True, text=True, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  want = runner.run_evaluators(model, variables, evaluator_lib.build_evaluators(
+      evals, model.config, sharding.create_mesh()))['metrics']
+  assert json.loads(out.read_text())['metrics'] == pytest.approx(want)

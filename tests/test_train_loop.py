@@ -17,20 +17,21 @@ from mobileclip_jax.train import loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'launch', 'train.py')
 
-# A two-stage MCi (every block type) and a one-layer text tower on 32 px demo images.
+# MobileCLIP2-B's conv-stem ViT at one 32-wide layer (BatchNorm in the stem, so batch statistics
+# travel through checkpoints) and a one-layer text tower on 32 px demo images. The trainer does
+# not care which tower it trains, and this one compiles several times faster than a reduced MCi.
 TINY_CONFIG = '''
 from mobileclip_jax import config as config_lib
 
 
 def get_config(arg=None):
   c = config_lib.base_config()
+  c.model.name = 'MobileCLIP2-B'
   c.model.embed_dim = 16
   c.model.image_size = 32
-  c.model.image.depths = (1, 1)
-  c.model.image.widths = (16, 64)
-  c.model.image.token_mixers = ('repmixer', 'attention')
-  c.model.image.pos_emb = (False, True)
-  c.model.image.se_downsample = (False, True)
+  c.model.image.width = 32
+  c.model.image.depth = 1
+  c.model.image.heads = 2
   c.model.text.layers = 1
   c.model.text.width = 32
   c.model.text.heads = 2
@@ -178,7 +179,7 @@ def test_durations_in_steps_epochs_and_examples():
 
 def test_every_config_file_loads_with_its_presets():
   for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
-    if name.endswith('.py'):
+    if name.endswith('.py') and name != 'demo.py':  # demo.py takes a role: see test_demo.py.
       for arg in ('', ':runlocal'):
         config = config_lib.load_config_file(os.path.join(ROOT, 'configs', name) + arg)
         assert loop.model_config_from(config).name == config.model.name

@@ -13,13 +13,16 @@ from mobileclip_jax.train import optimizer as optimizer_lib
 from mobileclip_jax.train import step as step_lib
 
 CONTEXT = 16
+TINY_TEXT = dict(layers=1, width=32, heads=2, vocab_size=1000, context_length=CONTEXT)
 # Two stages cover every MCi block type (MobileOne stem, RepMixer, downsample with SE, RepCPE,
 # attention) at half the graph of four: compile time dominates these tests.
 TINY_MCI = dict(embed_dim=16, image=dict(depths=(1, 1), widths=(16, 64), token_mixers=(
-    'repmixer', 'attention'), pos_emb=(False, True), se_downsample=(False, True)),
-                text=dict(layers=1, width=32, heads=2, vocab_size=1000, context_length=CONTEXT))
+    'repmixer', 'attention'), pos_emb=(False, True), se_downsample=(False, True)), text=TINY_TEXT)
+# MobileCLIP2-B's conv-stem ViT at one layer: BatchNorm (in the stem) at a fifth of the compile
+# time of the reduced MCi.
+TINY_B = dict(embed_dim=16, image_size=32, image=dict(width=32, depth=1, heads=2), text=TINY_TEXT)
 TINY_VIT = dict(embed_dim=16, image_size=32, image=dict(width=32, depth=2, heads=2, patch_size=8),
-                text=dict(layers=1, width=32, heads=2, vocab_size=1000, context_length=CONTEXT))
+                text=TINY_TEXT)
 
 
 def _tokens(rng, batch):
@@ -84,18 +87,21 @@ def _run(state, step, batch, mesh=None, steps=2):
   return jax.device_get(state), history
 
 
-@pytest.fixture(scope='module')
-def single_device_mci():
+def _single_device(name, overrides):
   batch = make_batch()
-  state, step = _setup('MobileCLIP2-S0', TINY_MCI)
+  state, step = _setup(name, overrides)
   return batch, _run(state, step, batch)
 
 
-@pytest.mark.parametrize('shape', [(8, 1), (4, 2), (1, 8)])
-def test_sharded_step_equals_single_device(single_device_mci, shape):
-  batch, (want_state, want_history) = single_device_mci
+@pytest.fixture(scope='module')
+def single_device_b():
+  return _single_device('MobileCLIP2-B', TINY_B)
+
+
+def _check_sharded_equals_single_device(name, overrides, single, shape):
+  batch, (want_state, want_history) = single
   mesh = sharding_lib.create_mesh(*shape)
-  state, step = _setup('MobileCLIP2-S0', TINY_MCI, mesh=mesh)
+  state, step = _setup(name, overrides, mesh=mesh)
   got_state, got_history = _run(state, step, batch, mesh)
   for got, want in zip(got_history, want_history):
     for key in ('loss', 'gt/distill', 'syn/clip', 'grad_norm'):
@@ -106,6 +112,17 @@ def test_sharded_step_equals_single_device(single_device_mci, shape):
   for got, want in zip(jax.tree.leaves(got_state.batch_stats),
                        jax.tree.leaves(want_state.batch_stats)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(8, 1), (4, 2), (1, 8)])
+def test_sharded_step_equals_single_device(single_device_b, shape):
+  _check_sharded_equals_single_device('MobileCLIP2-B', TINY_B, single_device_b, shape)
+
+
+@pytest.mark.slow
+def test_sharded_mci_step_equals_single_device():
+  single = _single_device('MobileCLIP2-S0', TINY_MCI)
+  _check_sharded_equals_single_device('MobileCLIP2-S0', TINY_MCI, single, (4, 2))
 
 
 @pytest.mark.parametrize('accum_steps', [2, 4])
@@ -123,13 +140,13 @@ def test_accumulation_keeps_all_negatives_and_equals_the_full_batch(accum_steps)
 
 def test_accumulation_runs_sharded_with_batchnorm_models():
   mesh = sharding_lib.create_mesh(4, 2)
-  state, step = _setup('MobileCLIP2-S0', TINY_MCI, accum_steps=2, mesh=mesh)
+  state, step = _setup('MobileCLIP2-B', TINY_B, accum_steps=2, mesh=mesh)
   _, history = _run(state, step, make_batch(), mesh, steps=3)
   assert all(np.isfinite(h['loss']) for h in history)
 
 
 def test_loss_falls_on_a_fixed_batch():
-  state, step = _setup('MobileCLIP2-S0', TINY_MCI, total_steps=40, adamw=True)
+  state, step = _setup('MobileCLIP2-B', TINY_B, total_steps=40, adamw=True)
   _, history = _run(state, step, make_batch(batch=8), steps=25)
   assert history[-1]['loss'] < 0.7 * history[0]['loss']
 

@@ -7,6 +7,7 @@ Used by launch/evaluate.py. Variables come from an Orbax model checkpoint or tra
 Results are written as JSON through a temporary file and a rename, only after every evaluation
 has finished.
 """
+import dataclasses
 import json
 import os
 import tempfile
@@ -41,13 +42,20 @@ def check_variables(model: clip.CLIP, variables: Mapping[str, Any], source: str)
 
 
 def load_model(model_name: Optional[str] = None, checkpoint_dir: Optional[str] = None,
-               torch_checkpoint: Optional[str] = None, step: Optional[int] = None
+               torch_checkpoint: Optional[str] = None, step: Optional[int] = None,
+               model_config: Optional[clip.ModelConfig] = None
                ) -> Tuple[clip.CLIP, Dict[str, Any]]:
   """(model, numpy variables) from exactly one of `checkpoint_dir` and `torch_checkpoint`.
 
   A model checkpoint or training run knows its variant; `model_name`, if given, must match it.
-  A PyTorch state_dict needs `model_name`.
+  A PyTorch state_dict needs `model_name`, or `model_config` (a variant with overrides, e.g. from
+  a training config), whose name then stands for `model_name`.
   """
+  if model_config is not None:
+    if model_name and model_name != model_config.name:
+      raise ValueError(f'The model name {model_name} and the config\'s {model_config.name} '
+                       'differ; give one of them.')
+    model_name = model_config.name
   if (checkpoint_dir is None) == (torch_checkpoint is None):
     raise ValueError('Give exactly one of a checkpoint directory and a PyTorch checkpoint.')
   if checkpoint_dir is not None:
@@ -62,13 +70,14 @@ def load_model(model_name: Optional[str] = None, checkpoint_dir: Optional[str] =
       raise ValueError(f'Loading the PyTorch checkpoint {torch_checkpoint} needs the model name '
                        f'(one of {sorted(clip.MODEL_CONFIGS)}).')
     state = convert_files.read_state_dict(torch_checkpoint)
+    # Inference-form (reparameterized) weights, as from_open_clip detects them, need that form.
+    config = dataclasses.replace(model_config or clip.get_config(model_name),
+                                 reparameterized=any('reparam_conv' in k for k in state))
     try:
-      variables = convert.from_open_clip(state, model_name)
+      variables = convert.from_open_clip(state, config)
     except ValueError as e:
       raise ValueError(f'{torch_checkpoint} is not a {model_name} checkpoint:\n{e}') from None
-    # Inference-form (reparameterized) weights, as from_open_clip detects them, need that form.
-    model = clip.create_model(model_name,
-                              reparameterized=any('reparam_conv' in k for k in state))
+    model = clip.CLIP(config)
     source = torch_checkpoint
   check_variables(model, variables, source)
   return model, variables
