@@ -98,6 +98,7 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   """Shrinks batch, steps and data to the demo world, keeping the architecture: a CPU smoke run."""
   c.data.name = 'demo_world_reinforced'   # Falls back to 'demo_world' (plain) if not built.
   c.data.data_dir = DEMO_DATA_DIR
+  c.data.syn_key_regex = base_config().data.syn_key_regex  # Recipes name DataCompDR's keys.
   c.batch_size = 16
   c.schedule.total = '20_steps'
   c.schedule.warmup = '5_steps'

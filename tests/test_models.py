@@ -329,3 +329,18 @@ def test_unknown_overrides_name_the_nearest_field():
     mobileclip_jax.create_model('MobileCLIP2-S0', text=dict(layer=2))
   with pytest.raises(ValueError, match='attention must be one of'):
     mobileclip_jax.create_model('MobileCLIP2-S0', attention='linear')
+
+
+@pytest.mark.parametrize('kernel,stride,pad,multiplier', [
+    (7, 1, 3, 1), (3, 2, 1, 1), (3, 2, 1, 2), (3, 2, 0, 1), (1, 1, 0, 1)])
+def test_cpu_depthwise_conv_and_its_gradients_equal_xlas_grouped_conv(kernel, stride, pad,
+                                                                      multiplier):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4 * multiplier)), jnp.float32)
+  shifted = lambda x, k: layers._shift_depthwise_conv(x, k, stride, (pad, pad))
+  native = lambda x, k: layers._xla_conv(x, k, stride, (pad, pad), x.shape[-1])
+  np.testing.assert_allclose(shifted(x, k), native(x, k), rtol=1e-5, atol=1e-5)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+  for got, want in zip(jax.grad(loss(shifted), (0, 1))(x, k), jax.grad(loss(native), (0, 1))(x, k)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

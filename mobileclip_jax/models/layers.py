@@ -6,6 +6,7 @@ renames and transposes (see `mobileclip_jax.convert`). Every block has a train-t
 form and, with `reparameterized=True`, the single-conv inference form that
 `mobileclip_jax.models.reparam` produces from the train-time parameters.
 """
+import functools
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -56,6 +57,59 @@ def _xla_conv(x, kernel, stride, pad, groups):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _sum_of_taps(x, taps, kernel_hw, stride, out_hw):
+  """sum_t window_t(x) * taps[t] over the kh * kw taps: x [B, H, W, C] padded, taps [kh * kw, C].
+
+  A scan's reverse pass would store every tap's window ([kh * kw, B, H', W', C]: 49 activations
+  per 7x7 conv, 50 GB for an S4 step at batch 16); this VJP keeps x alone and runs the transposed
+  sums as scans too.
+  """
+  return _taps_forward(x, taps, kernel_hw, stride, out_hw)
+
+
+def _window(x, t, kernel_hw, stride, out_hw):
+  kw = kernel_hw[1]
+  span = ((out_hw[0] - 1) * stride + 1, (out_hw[1] - 1) * stride + 1)
+  window = jax.lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (x.shape[0], *span, x.shape[3]))
+  return window[:, ::stride, ::stride].astype(jnp.float32)
+
+
+def _taps_forward(x, taps, kernel_hw, stride, out_hw):
+  def add_tap(acc, t):
+    return acc + _window(x, t, kernel_hw, stride, out_hw) * taps[t], None
+
+  acc, _ = jax.lax.scan(add_tap, jnp.zeros((x.shape[0], *out_hw, x.shape[3]), jnp.float32),
+                        jnp.arange(taps.shape[0]))
+  return acc.astype(x.dtype)
+
+
+def _taps_fwd(x, taps, kernel_hw, stride, out_hw):
+  return _taps_forward(x, taps, kernel_hw, stride, out_hw), (x, taps)
+
+
+def _taps_bwd(kernel_hw, stride, out_hw, residuals, grad):
+  x, taps = residuals
+  kw = kernel_hw[1]
+  g = grad.astype(jnp.float32)
+  # Output position (i, j) read input (i * stride + di, j * stride + dj): spread the gradient
+  # back onto that strided grid (zeros between), then add it at every tap's offset.
+  spread = jax.lax.pad(g, jnp.float32(0), ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1),
+                                           (0, 0, 0)))
+
+  def tap(dx, t):
+    start = (0, t // kw, t % kw, 0)
+    region = jax.lax.dynamic_slice(dx, start, spread.shape) + spread * taps[t]
+    dtap = jnp.sum(_window(x, t, kernel_hw, stride, out_hw) * g, axis=(0, 1, 2))
+    return jax.lax.dynamic_update_slice(dx, region, start), dtap
+
+  dx, dtaps = jax.lax.scan(tap, jnp.zeros(x.shape, jnp.float32), jnp.arange(taps.shape[0]))
+  return dx.astype(x.dtype), dtaps.astype(taps.dtype)
+
+
+_sum_of_taps.defvjp(_taps_fwd, _taps_bwd)
+
+
 def _shift_depthwise_conv(x, kernel, stride, pad):
   """Depthwise conv as a sum over taps of shifted, strided windows times per-channel weights.
 
@@ -68,19 +122,10 @@ def _shift_depthwise_conv(x, kernel, stride, pad):
   if c_out != c_in:  # Channel multiplier: output channel o reads input channel o // m.
     x = jnp.repeat(x, c_out // c_in, axis=-1)
   x = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
-  h_out = (h + 2 * pad[0] - kh) // stride + 1
-  w_out = (w + 2 * pad[1] - kw) // stride + 1
-  span = ((h_out - 1) * stride + 1, (w_out - 1) * stride + 1)
+  out_hw = ((h + 2 * pad[0] - kh) // stride + 1, (w + 2 * pad[1] - kw) // stride + 1)
   # jnp, not numpy: converted weights may arrive as numpy arrays, which a traced index breaks.
   taps = jnp.asarray(kernel).reshape(kh * kw, c_out).astype(jnp.float32)
-
-  def add_tap(acc, t):
-    window = jax.lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (b, span[0], span[1], c_out))
-    return acc + window[:, ::stride, ::stride].astype(jnp.float32) * taps[t], None
-
-  acc, _ = jax.lax.scan(add_tap, jnp.zeros((b, h_out, w_out, c_out), jnp.float32),
-                        jnp.arange(kh * kw))
-  return acc.astype(x.dtype)
+  return _sum_of_taps(x, taps, (kh, kw), stride, out_hw)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[int]) -> jax.Array:
