@@ -110,6 +110,15 @@ def test_run_writes_checkpoints_metrics_and_config(uninterrupted):
              os.listdir(os.path.join(uninterrupted, 'tb')))
 
 
+def test_rerunning_a_finished_run_does_nothing(tmp_path, data_dir, uninterrupted):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(uninterrupted, workdir)
+  metrics_before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  assert loop.train(_config(tmp_path, data_dir, total=8, every=2), workdir) == {}
+  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == metrics_before
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '6', '8']
+
+
 def test_preempted_run_resumes_bit_exactly(tmp_path, data_dir, uninterrupted):
   workdir = str(tmp_path / 'work')
   config_path = _config_file(tmp_path, data_dir, total=8, every=100)

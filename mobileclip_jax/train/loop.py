@@ -185,6 +185,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   start_step = checkpointer.latest_step()
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, state_shardings)
+  if start_step is not None and start_step >= total_steps:
+    # Before restoring or compiling: rerunning a finished run (e.g. a pod job restarted after
+    # its last save) costs seconds, not a compile.
+    checkpointer.close()
+    log.info('Nothing to do: %s holds the final step %d of %d.', checkpointer.directory,
+             start_step, total_steps)
+    return {}
   if start_step is not None:
     state, _ = checkpointer.restore(start_step, target, data.iterator)
     log.info('Resumed from %s at step %d.', checkpointer.directory, start_step)
