@@ -8,16 +8,14 @@ import os
 DEFAULT_DIR = os.path.expanduser('~/.cache/mobileclip_jax/jax_cache')
 
 
-def enable(directory: str = '') -> str:
-  """Turns the cache on in `directory`, $JAX_COMPILATION_CACHE_DIR, or DEFAULT_DIR; returns it.
+def enable() -> str:
+  """Turns the cache on in $JAX_COMPILATION_CACHE_DIR or DEFAULT_DIR; returns the directory.
 
   A directory already configured (flag or environment) is kept.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  current = jax.config.jax_compilation_cache_dir
-  if current and not directory:
-    return current
-  directory = directory or os.environ.get('JAX_COMPILATION_CACHE_DIR') or DEFAULT_DIR
+  directory = (jax.config.jax_compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+               or DEFAULT_DIR)
   jax.config.update('jax_compilation_cache_dir', directory)
   # Small programs too: the demo and the tests compile hundreds of sub-second ones.
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -7,8 +7,9 @@ before anything imports JAX.
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.expanduser('~/.cache/mobileclip_jax/jax_cache'))
+from mobileclip_jax import compilation_cache  # noqa: E402  (does not import JAX)
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', compilation_cache.DEFAULT_DIR)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 

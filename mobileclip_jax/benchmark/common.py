@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 # A child process prints exactly one line starting with this marker, followed by its JSON result.
 _RESULT_MARKER = 'BENCHMARK_RESULT '
@@ -65,3 +65,45 @@ def isolated(module: str, function: str, kwargs: Dict[str, Any], timeout: float 
       return json.loads(line[len(_RESULT_MARKER):])
   raise RuntimeError(f'{module}.{function}({kwargs}) failed (exit {proc.returncode}):\n'
                      f'{proc.stderr[-3000:]}')
+
+
+# ---------------------------------------------------------------- `--option=KEY=VALUE` parsing
+
+
+def _cast(key: str, value: Any, cast):
+  try:
+    return cast(value)
+  except ValueError as e:
+    raise ValueError(f'Option {key}={value!r} is not a valid {cast.__name__}.') from e
+
+
+def option_list(options: Dict[str, Any], key: str, default: Sequence[Any], cast=str) -> List[Any]:
+  """A comma-separated option as a list of `cast` values (`default` when absent)."""
+  value = options.get(key)
+  if value is None:
+    return list(default)
+  items = value.split(',') if isinstance(value, str) else list(value)
+  return [_cast(key, v, cast) for v in items if str(v).strip()]
+
+
+def option_scalar(options: Dict[str, Any], key: str, default: Any, cast):
+  """One option as a `cast` value (`default` when absent)."""
+  return _cast(key, options[key], cast) if key in options else default
+
+
+def common_options(options: Dict[str, Any], valid: Sequence[str], benchmark: str,
+                   example: str) -> Tuple[bool, Dict[str, Any]]:
+  """(quick, overrides) after refusing unknown option names; `overrides` is JSON text or a dict."""
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(f'Unknown option(s) {unknown} for the {benchmark} benchmark; valid: '
+                     f'{", ".join(valid)}.')
+  quick = str(options.get('quick', '0')).lower() in ('1', 'true', 'yes')
+  overrides = options.get('overrides', {})
+  if isinstance(overrides, str):
+    try:
+      overrides = json.loads(overrides)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'overrides must be a JSON object such as {example}, got '
+                       f'{overrides!r}: {e}') from e
+  return quick, overrides

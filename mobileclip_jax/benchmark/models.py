@@ -39,7 +39,6 @@ One row per (variant, tower, form, batch). Method:
 - Both outputs are saved and compared (relative L2) in the row, so a fast but wrong number shows.
 - Each timed section records the share of CPU that *other* processes used (`*_others_cpu_frac`).
 """
-import json
 import math
 import os
 import tempfile
@@ -288,25 +287,6 @@ def measure_jax(variant: str, tower: str, form: str, batch: int, repeats: int,
 # ---------------------------------------------------------------- orchestration (runs no model)
 
 
-def _cast(key: str, value: Any, cast):
-  try:
-    return cast(value)
-  except ValueError as e:
-    raise ValueError(f'Option {key}={value!r} is not a valid {cast.__name__}.') from e
-
-
-def _list(options: Dict[str, Any], key: str, default: Sequence[Any], cast=str) -> List[Any]:
-  value = options.get(key)
-  if value is None:
-    return list(default)
-  items = value.split(',') if isinstance(value, str) else list(value)
-  return [_cast(key, v, cast) for v in items if str(v).strip()]
-
-
-def _scalar(options: Dict[str, Any], key: str, default: Any, cast):
-  return _cast(key, options[key], cast) if key in options else default
-
-
 def _check_overrides(overrides: Dict[str, Any]) -> None:
   if not isinstance(overrides, dict) or not isinstance(overrides.get('text', {}), dict):
     raise ValueError(f'overrides must be a JSON object (with `text` an object too), such as '
@@ -320,30 +300,19 @@ def _check_overrides(overrides: Dict[str, Any]) -> None:
 
 
 def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
-  unknown = sorted(set(options) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f'Unknown option(s) {unknown} for the models benchmark; valid: '
-                     f'{", ".join(_OPTIONS)}.')
-  quick = str(options.get('quick', '0')).lower() in ('1', 'true', 'yes')
-  overrides = options.get('overrides', {})
-  if isinstance(overrides, str):
-    try:
-      overrides = json.loads(overrides)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'overrides must be a JSON object such as {{"image_size": 224}}, got '
-                       f'{overrides!r}: {e}') from e
+  quick, overrides = common.common_options(options, _OPTIONS, 'models', '{"image_size": 224}')
   _check_overrides(overrides)
   parsed = {
-      'variants': _list(options, 'variants', DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
-      'towers': _list(options, 'towers', TOWERS),
-      'forms': _list(options, 'forms', FORMS),
-      'batch_sizes': _list(options, 'batch_sizes', (1,) if quick else (1, 8), int),
-      'repeats': _scalar(options, 'repeats', 5, int),
+      'variants': common.option_list(options, 'variants', DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
+      'towers': common.option_list(options, 'towers', TOWERS),
+      'forms': common.option_list(options, 'forms', FORMS),
+      'batch_sizes': common.option_list(options, 'batch_sizes', (1,) if quick else (1, 8), int),
+      'repeats': common.option_scalar(options, 'repeats', 5, int),
       'overrides': overrides,
-      'max_others_cpu': _scalar(options, 'max_others_cpu', 0.1, float),
-      'attempts': _scalar(options, 'attempts', 3, int),
-      'rel_l2_tol': _scalar(options, 'rel_l2_tol', None, float),
-      'seed': _scalar(options, 'seed', 0, int),
+      'max_others_cpu': common.option_scalar(options, 'max_others_cpu', 0.1, float),
+      'attempts': common.option_scalar(options, 'attempts', 3, int),
+      'rel_l2_tol': common.option_scalar(options, 'rel_l2_tol', None, float),
+      'seed': common.option_scalar(options, 'seed', 0, int),
   }
   for key in ('repeats', 'attempts'):
     if parsed[key] < 1:

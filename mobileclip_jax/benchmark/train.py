@@ -54,7 +54,6 @@ Method: each framework runs in its own fresh process (`common.isolated`), torch 
 - A configuration whose process fails (e.g. out of memory at a large batch) yields a row with
   `error` instead of numbers, and the run goes on.
 """
-import json
 import math
 import os
 import tempfile
@@ -69,7 +68,6 @@ from mobileclip_jax.benchmark import models as models_benchmark
 # Generic helpers of the models benchmark, shared rather than copied.
 # pylint: disable=protected-access
 _busy_cpu_s = models_benchmark._busy_cpu_s
-_list, _scalar = models_benchmark._list, models_benchmark._scalar
 _significant = models_benchmark._significant
 _randomize_normalization_ = models_benchmark._randomize_normalization_
 # pylint: enable=protected-access
@@ -473,31 +471,20 @@ def _check_overrides(overrides: Any) -> None:
 
 
 def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
-  unknown = sorted(set(options) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f'Unknown option(s) {unknown} for the train benchmark; valid: '
-                     f'{", ".join(_OPTIONS)}.')
-  quick = str(options.get('quick', '0')).lower() in ('1', 'true', 'yes')
-  overrides = options.get('overrides', {})
-  if isinstance(overrides, str):
-    try:
-      overrides = json.loads(overrides)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'overrides must be a JSON object such as {{"image_size": 64}}, got '
-                       f'{overrides!r}: {e}') from e
+  quick, overrides = common.common_options(options, _OPTIONS, 'train', '{"image_size": 64}')
   _check_overrides(overrides)
   parsed = {
-      'variants': _list(options, 'variants', DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
-      'batch': _list(options, 'batch', (), int),
+      'variants': common.option_list(options, 'variants', DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
+      'batch': common.option_list(options, 'batch', (), int),
       'quick': quick,
-      'repeats': _scalar(options, 'repeats', 2 if quick else 5, int),
-      'warmup': _scalar(options, 'warmup', 1 if quick else 2, int),
-      'max_others_cpu': _scalar(options, 'max_others_cpu', 0.1, float),
-      'attempts': _scalar(options, 'attempts', 1 if quick else 3, int),
+      'repeats': common.option_scalar(options, 'repeats', 2 if quick else 5, int),
+      'warmup': common.option_scalar(options, 'warmup', 1 if quick else 2, int),
+      'max_others_cpu': common.option_scalar(options, 'max_others_cpu', 0.1, float),
+      'attempts': common.option_scalar(options, 'attempts', 1 if quick else 3, int),
       'overrides': overrides,
-      'loss_rtol': _scalar(options, 'loss_rtol', None, float),
-      'grad_rtol': _scalar(options, 'grad_rtol', None, float),
-      'seed': _scalar(options, 'seed', 0, int),
+      'loss_rtol': common.option_scalar(options, 'loss_rtol', None, float),
+      'grad_rtol': common.option_scalar(options, 'grad_rtol', None, float),
+      'seed': common.option_scalar(options, 'seed', 0, int),
   }
   for key, low in (('repeats', 1), ('attempts', 1), ('warmup', 0)):
     if parsed[key] < low:
