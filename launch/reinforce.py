@@ -32,10 +32,10 @@ from mobileclip_jax import compilation_cache
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError, ErrorPolicy
-from mobileclip_jax.reinforce import captions
-from mobileclip_jax.reinforce import config as config_lib
+from mobileclip_jax.reinforce import captioners
+from mobileclip_jax.reinforce import settings as settings_lib
 from mobileclip_jax.reinforce import generate
-from mobileclip_jax.reinforce import sources
+from mobileclip_jax.reinforce import inputs
 from mobileclip_jax.reinforce import teachers as teachers_lib
 
 _SRC = flags.DEFINE_string('src', None, "Input tar shards (braces, globs, a folder; '::' joins "
@@ -48,7 +48,7 @@ _TEACHER_DTYPE = flags.DEFINE_enum('teacher_dtype', None, ['float32', 'bfloat16'
                                    'Teacher compute dtype (default: as in the checkpoint).')
 _K = flags.DEFINE_integer('k', 10, 'Augmentations per image.')
 _NUM_SYN = flags.DEFINE_integer('num_syn', 5, 'Synthetic captions per image.')
-_CAPTIONER = flags.DEFINE_enum('captioner', 'existing', list(captions.CAPTIONERS),
+_CAPTIONER = flags.DEFINE_enum('captioner', 'existing', list(captioners.CAPTIONERS),
                                "existing: the source's syn.json captions; demo: the demo "
                                "world's captioner on the labels in each sample's json.")
 _DEMO_TEMPERATURE = flags.DEFINE_float('demo_temperature', 0.7, 'Diversity of the demo '
@@ -124,17 +124,17 @@ def main(argv):
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
-    generation = config_lib.GenerationConfig(
+    generation = settings_lib.GenerationConfig(
         k=_K.value, num_syn=_NUM_SYN.value, augmentation=_augmentation(),
         syn_key=_SYN_KEY.value, dedup_threshold=_DEDUP_THRESHOLD.value,
         max_regenerate=_MAX_REGENERATE.value, emb_dtype=_EMB_DTYPE.value, seed=_SEED.value,
         chunk_size=_CHUNK_SIZE.value, tokenizer=_TOKENIZER.value)
-    shards = sources.resolve(_SRC.value, _DEMO_SAMPLES_PER_SHARD.value, _DEMO_IMAGE_SIZE.value,
+    shards = inputs.resolve(_SRC.value, _DEMO_SAMPLES_PER_SHARD.value, _DEMO_IMAGE_SIZE.value,
                              _DEMO_SEED.value)
     ensemble = teachers_lib.TeacherEnsemble(
         [teachers_lib.load_teacher(spec, _TEACHER_DTYPE.value) for spec in _TEACHERS.value],
         images_per_device=_IMAGES_PER_DEVICE.value, texts_per_device=_TEXTS_PER_DEVICE.value)
-    captioner = captions.make_captioner(_CAPTIONER.value, _SYN_KEY.value,
+    captioner = captioners.make_captioner(_CAPTIONER.value, _SYN_KEY.value,
                                         _DEMO_TEMPERATURE.value)
     report = generate.reinforce(
         shards, _OUT.value, ensemble, captioner, generation,

@@ -4,7 +4,7 @@ r"""Trains a SentencePiece BPE tokenizer on a dataset's captions.
       --vocab_size=32000 --out=/path/to/tokenizer.model
   python launch/train_tokenizer.py --captions=tfds:datacompdr_12m@/data/tfds,extra.jsonl ...
 
-Sources (see mobileclip_jax.data.captions): plain-text files (one caption per line), .jsonl files
+Sources (see mobileclip_jax.data.caption_corpus): plain-text files (one caption per line), .jsonl files
 (their --field), webdataset shards ('tars:PATTERN': txt and syn.json captions) and built datasets
 ('tfds:NAME[@DATA_DIR]'). Use the result in a config as the tokenizer spec
 'sentencepiece:/path/to/tokenizer.model'.
@@ -14,7 +14,7 @@ import itertools
 from absl import app
 from absl import flags
 
-from mobileclip_jax.data import captions as captions_lib
+from mobileclip_jax.data import caption_corpus
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 
 _CAPTIONS = flags.DEFINE_list(
@@ -32,12 +32,12 @@ _NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 3, 'Example captions to pri
 def main(argv):
   del argv
   tokenizer = tokenizer_lib.train_sentencepiece(
-      captions_lib.iter_captions(_CAPTIONS.value, _FIELD.value), _VOCAB_SIZE.value, _OUT.value)
+      caption_corpus.iter_captions(_CAPTIONS.value, _FIELD.value), _VOCAB_SIZE.value, _OUT.value)
   print(f'Wrote {_OUT.value}: vocab_size {tokenizer.vocab_size} (asked {_VOCAB_SIZE.value}), '
         f'SOT {tokenizer.sot_token_id}, EOT {tokenizer.eot_token_id}, '
         f'pad {tokenizer.pad_token_id}.')
   print(f"Tokenizer spec for configs: 'sentencepiece:{_OUT.value}'")
-  examples = itertools.islice(captions_lib.iter_captions(_CAPTIONS.value, _FIELD.value),
+  examples = itertools.islice(caption_corpus.iter_captions(_CAPTIONS.value, _FIELD.value),
                               _NUM_EXAMPLES.value)
   for caption in examples:
     ids = tokenizer.encode(caption)

@@ -357,16 +357,16 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from mobileclip_jax.reinforce import captions
-  from mobileclip_jax.reinforce import config as reinforce_config
+  from mobileclip_jax.reinforce import captioners
+  from mobileclip_jax.reinforce import settings as reinforce_config
   from mobileclip_jax.reinforce import generate
-  from mobileclip_jax.reinforce import sources
+  from mobileclip_jax.reinforce import inputs
   from mobileclip_jax.reinforce import teachers as teachers_lib
   # pylint: enable=g-import-not-at-top
   out = os.path.join(workdir, 'reinforced')
   if not demo_dataset.exists(demo_dataset.REINFORCED_NAME, data_dir):
     _, meta = reinforced_tfds.open_reinforced(demo_dataset.PLAIN_NAME, data_dir)
-    shards = sources.resolve('::'.join(meta.source_shards))
+    shards = inputs.resolve('::'.join(meta.source_shards))
     per_device = max(1, 128 // jax.local_device_count())
     ensemble = teachers_lib.TeacherEnsemble(
         [teachers_lib.load_checkpoint_teacher(run_dir(workdir, role)) for role in TEACHERS],
@@ -375,7 +375,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
         k=settings.k, num_syn=settings.num_syn,
         augmentation=augment.AugmentConfig(image_size=settings.image_size), seed=settings.seed,
         chunk_size=128)
-    captioner = captions.make_captioner('demo', demo_temperature=settings.captioner_temperature)
+    captioner = captioners.make_captioner('demo', demo_temperature=settings.captioner_temperature)
     report = generate.reinforce(shards, out, ensemble, captioner, generation, progress=False)
     log.info('%s', report.summary())
     build = generate.build_tfds(out, demo_dataset.REINFORCED_NAME, data_dir, overwrite=True,

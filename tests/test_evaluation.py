@@ -32,10 +32,10 @@ from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
 from mobileclip_jax.evaluation import metrics
-from mobileclip_jax.evaluation import pipeline
+from mobileclip_jax.evaluation import base
 from mobileclip_jax.evaluation import registry
 from mobileclip_jax.evaluation import runner
-from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import datasets
 from mobileclip_jax.evaluation import templates
 from mobileclip_jax.models import clip
 
@@ -376,19 +376,19 @@ def test_tfds_array_record_source_without_tensorflow(oracle, tmp_path):
                 templates=['{c}'])
   got = _run('t', 'zeroshot', source, oracle, batch_size=8)
   assert got == {'zeroshot/t/top1': 1.0, 'zeroshot/t/top5': 1.0}
-  pairs = sources.open_source(dict(source, templates=None, limit=4,
+  pairs = datasets.open_source(dict(source, templates=None, limit=4,
                                    caption_key='captions/text'), 'retrieval', 16).examples
-  labelled = sources.open_source(dict(source, limit=4), 'zeroshot', 16).examples
+  labelled = datasets.open_source(dict(source, limit=4), 'zeroshot', 16).examples
   assert len(pairs) == 4
   for i in range(4):  # TFDS shuffles the examples; captions and label stay together.
     name = NAMES[labelled[i].labels[0]]
     assert pairs[i].captions == (CAPTIONS[0].format(name), name)
   with pytest.raises(ValueError, match=r"no feature 'caption'.*\['captions', 'image', 'label'\]"):
-    sources.open_source(dict(source, caption_key='caption'), 'retrieval', 16)
+    datasets.open_source(dict(source, caption_key='caption'), 'retrieval', 16)
   with pytest.raises(ValueError, match='ships no prompt templates'):
-    sources.open_source(dict(source, templates=None), 'zeroshot', 16)
+    datasets.open_source(dict(source, templates=None), 'zeroshot', 16)
   with pytest.raises(FileNotFoundError, match='not prepared'):
-    sources.open_source(dict(kind='tfds', name='cifar10', split='test',
+    datasets.open_source(dict(kind='tfds', name='cifar10', split='test',
                              data_dir=str(tmp_path / 'empty')), 'zeroshot', 16)
   assert 'tensorflow' not in sys.modules
 
@@ -401,7 +401,7 @@ def test_sharded_oracle_embeddings_equal_host_preprocessing(oracle, tmp_path):
   ev = evaluator_lib.build_evaluator('c', dict(type='zeroshot', source=dict(
       kind='wds', path=str(root)), batch_size=5), model.config, sharding.create_mesh(4, 2))
   assert ev.batch_size == 8
-  variables = pipeline.place_variables(variables, ev.mesh)
+  variables = base.place_variables(variables, ev.mesh)
   with jax.transfer_guard('disallow'):
     got = ev.encode_images(model, variables, ev._labels, {'labels': (1,)})
   want = np.stack([_color_vector(COLORS[NAMES[c]]) for c in CLASS_LABELS[0::2] +
@@ -466,13 +466,13 @@ def test_two_processes_give_the_single_process_results(oracle, tmp_path):
                                                               (32, 8, 2)])
 def test_every_process_runs_the_same_batches_and_every_item_once(num_items, global_batch,
                                                                  processes):
-  plans = [pipeline.stream_slots(num_items, global_batch, p, processes) for p in range(processes)]
+  plans = [base.stream_slots(num_items, global_batch, p, processes) for p in range(processes)]
   assert len({len(plan) for plan in plans}) == 1
   assert len(plans[0]) == -(-num_items // global_batch)
   ids = np.concatenate([np.concatenate(plan) for plan in plans])
   assert ids.size == len(plans[0]) * global_batch
   np.testing.assert_array_equal(np.sort(ids[ids >= 0]), np.arange(num_items))
-  slots = pipeline.local_slots(5, 4, 3)
+  slots = base.local_slots(5, 4, 3)
   np.testing.assert_array_equal(np.concatenate(slots), [0, 1, 2, 3, 4, -1, -1, -1, -1, -1, -1, -1])
 
 
@@ -519,10 +519,10 @@ def test_sharded_evaluation_equals_single_device(tiny):
                                          model.config, mesh)
            for mesh, kw in ((one_device, dict(batch_size=40)),
                             (eight, dict(batch_size=16, text_batch_size=24)))]
-    assert [len(pipeline.stream_slots(40, ev.batch_size)) for ev in evs] == [1, 3]
+    assert [len(base.stream_slots(40, ev.batch_size)) for ev in evs] == [1, 3]
     columns, shapes = (evs[0]._labels, {'labels': (2,)}) if eval_type == 'zeroshot' else (
         evs[0]._collect_captions, {})
-    embeddings = [ev.encode_images(model, pipeline.place_variables(variables, ev.mesh), columns,
+    embeddings = [ev.encode_images(model, base.place_variables(variables, ev.mesh), columns,
                                    shapes)['embeddings'] for ev in evs]
     np.testing.assert_allclose(embeddings[0], embeddings[1], atol=2e-5)
     results = [ev.run(model, variables) for ev in evs]
@@ -606,26 +606,26 @@ def test_bad_datasets_are_reported(oracle, tmp_path):
   root = _classification_wds(tmp_path / 'wds_colors')
   (root / 'classnames.txt').unlink()
   with pytest.raises(ValueError, match='ships no class names'):
-    sources.open_source(dict(kind='wds', path=str(root)), 'zeroshot', 16)
+    datasets.open_source(dict(kind='wds', path=str(root)), 'zeroshot', 16)
   _write_tar(str(tmp_path / 'nocls' / 'test' / '0.tar'), [('s000', {'png': _png((1, 2, 3))})])
   with pytest.raises(ValueError, match=r"sample 's000' has members \['png'\].*needs"):
-    sources.open_source(dict(kind='wds', path=str(tmp_path / 'nocls'), classnames=['a']),
+    datasets.open_source(dict(kind='wds', path=str(tmp_path / 'nocls'), classnames=['a']),
                         'zeroshot', 16)
   with pytest.raises(ValueError, match='is a retrieval dataset'):
-    sources.open_source(dict(kind='wds', path=str(_retrieval_wds(tmp_path / 'ret'))),
+    datasets.open_source(dict(kind='wds', path=str(_retrieval_wds(tmp_path / 'ret'))),
                         'zeroshot', 16)
   (tmp_path / 'empty' / 'test').mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match='No tar shards'):
-    sources.open_source(dict(kind='wds', path=str(tmp_path / 'empty'), classnames=['a'],
+    datasets.open_source(dict(kind='wds', path=str(tmp_path / 'empty'), classnames=['a'],
                              templates=['{c}']), 'zeroshot', 16)
   (tmp_path / 'bad.jsonl').write_text('{"image": "a.png", "text": "x"}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:1 needs a string 'image' and a 'caption'"):
-    sources.open_source(dict(kind='jsonl', path=str(tmp_path / 'bad.jsonl')), 'retrieval', 16)
+    datasets.open_source(dict(kind='jsonl', path=str(tmp_path / 'bad.jsonl')), 'retrieval', 16)
   (tmp_path / 'empty.jsonl').write_text('\n')
   with pytest.raises(ValueError, match='has no examples'):
-    sources.open_source(dict(kind='jsonl', path=str(tmp_path / 'empty.jsonl')), 'retrieval', 16)
+    datasets.open_source(dict(kind='jsonl', path=str(tmp_path / 'empty.jsonl')), 'retrieval', 16)
   with pytest.raises(ValueError, match="Unknown field 'nmu_samples'.*num_samples"):
-    sources.open_source(dict(kind='demo', nmu_samples=3), 'zeroshot', 16)
+    datasets.open_source(dict(kind='demo', nmu_samples=3), 'zeroshot', 16)
   with pytest.raises(ValueError, match="Unknown key 'every_step'.*every_steps"):
     evaluator_lib.build_evaluator('x', dict(source='demo', every_step=3), model.config,
                                   sharding.create_mesh())

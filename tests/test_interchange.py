@@ -18,8 +18,8 @@ from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
 from mobileclip_jax.evaluation import metrics
-from mobileclip_jax.evaluation import pipeline as eval_pipeline
-from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import base as eval_base
+from mobileclip_jax.evaluation import datasets
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import loop
 
@@ -67,8 +67,8 @@ def test_trained_checkpoint_gives_the_same_numbers_in_open_clip(trained):
   # PyTorch: the converted checkpoint in open_clip, the same images and prompts.
   export = files.export_checkpoint(workdir, str(tmp / 'export' / 'model.safetensors'))
   model = open_clip.create_model(f'local-dir:{os.path.dirname(export["weights"])}').eval()
-  data = sources.open_source(EVAL_SOURCE, sources.CLASSIFICATION, model_config.image_size)
-  images = np.stack([eval_pipeline.load_image(e.image, model_config.image_size,
+  data = datasets.open_source(EVAL_SOURCE, datasets.CLASSIFICATION, model_config.image_size)
+  images = np.stack([eval_base.load_image(e.image, model_config.image_size,
                                               model_config.interpolation) for e in data.examples])
   pixels = preprocess.normalize(images, model_config.mean, model_config.std)
   tokenizer = tokenizer_lib.get_tokenizer(model_config.tokenizer)

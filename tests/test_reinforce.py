@@ -30,10 +30,10 @@ from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy
 from mobileclip_jax.models import clip as clip_lib
-from mobileclip_jax.reinforce import captions
-from mobileclip_jax.reinforce import config as config_lib
+from mobileclip_jax.reinforce import captioners
+from mobileclip_jax.reinforce import settings as settings_lib
 from mobileclip_jax.reinforce import generate
-from mobileclip_jax.reinforce import sources
+from mobileclip_jax.reinforce import inputs
 from mobileclip_jax.reinforce import teachers as teachers_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ TEACHERS = {'teacher_a': dict(TINY, seed=0),
             'teacher_b': dict(TINY, embed_dim=24, image_size=24, seed=1)}
 AUG = augment.AugmentConfig(image_size=32)
 # Low captioner temperature: duplicates are common, so regeneration has work to do.
-GEN = config_lib.GenerationConfig(k=2, num_syn=3, augmentation=AUG, emb_dtype='float32',
+GEN = settings_lib.GenerationConfig(k=2, num_syn=3, augmentation=AUG, emb_dtype='float32',
                                   chunk_size=2, max_regenerate=3)
 DEMO_TEMPERATURE = 0.3
 NUM_SAMPLES, PER_SHARD = 7, 3
@@ -77,8 +77,8 @@ def world(tmp_path_factory):
 
 def _run(world, out, config=GEN, captioner=None, **kwargs):
   kwargs.setdefault('progress', False)
-  captioner = captioner or captions.make_captioner('demo', demo_temperature=DEMO_TEMPERATURE)
-  return generate.reinforce(sources.resolve(world['src']), str(out), world['ensemble'],
+  captioner = captioner or captioners.make_captioner('demo', demo_temperature=DEMO_TEMPERATURE)
+  return generate.reinforce(inputs.resolve(world['src']), str(out), world['ensemble'],
                             captioner, config, workers=2, **kwargs)
 
 
@@ -124,7 +124,7 @@ def test_stored_embeddings_equal_teachers_run_by_hand(world, generated):
   samples = _read_shards(generated['out'])
   assert [s.uid for _, s in samples] == [demo_world.sample_uid('train', i, 0)
                                          for i in range(NUM_SAMPLES)]
-  source = {raw.key: raw for shard in sources.resolve(world['src']) for raw in shard.read(None)}
+  source = {raw.key: raw for shard in inputs.resolve(world['src']) for raw in shard.read(None)}
   crops, texts = [], []
   for raw, sample in samples:
     # The source members are kept as they were: image bytes, caption, json with the labels.
@@ -227,7 +227,7 @@ def test_output_builds_into_tfds_with_its_metadata(world, generated, tmp_path):
   # The config reads back as ml-mobileclip's generation config plus this project's fields
   # (unequal widths 16 + 24 cannot be inferred from the embeddings), and launch/build_dataset.py's
   # way of using it builds the dataset ...
-  read = reinforced_tfds.read_reinforce_config(os.path.join(out, config_lib.CONFIG_FILE))
+  read = reinforced_tfds.read_reinforce_config(os.path.join(out, settings_lib.CONFIG_FILE))
   assert read['teachers'] == ['ViT-B-16:teacher_a', 'ViT-B-16:teacher_b']
   assert (read['k'], read['teacher_dims']) == (GEN.k, [16, 24])
   assert augment.from_generation_config(read['augmentation']) == AUG
@@ -293,9 +293,9 @@ def test_two_processes_take_alternate_shards(world, generated, tmp_path):
 
 def test_bfloat16_embeddings_are_stored_as_pth_gz(world, generated, tmp_path):
   pytest.importorskip('torch')
-  last = sources.resolve(world['src'])[2:]
+  last = inputs.resolve(world['src'])[2:]
   generate.reinforce(last, str(tmp_path), world['ensemble'],
-                     captions.make_captioner('demo', demo_temperature=DEMO_TEMPERATURE),
+                     captioners.make_captioner('demo', demo_temperature=DEMO_TEMPERATURE),
                      dataclasses.replace(GEN, emb_dtype='bfloat16'), workers=1, progress=False)
   (raw, sample), = _read_shards(tmp_path, ['00000002.tar'])
   (_, want), = _read_shards(generated['out'], ['00000002.tar'])
@@ -329,11 +329,11 @@ def test_find_offenders_uses_normalized_text_and_teacher_averaged_cosine():
   first = [[1, 0], [1, 0], [0, 1], c, [1, 0]]
   # Caption 3 vs 0: cosine 0.985 with both teachers -> 0.985 > 0.95: near duplicate.
   emb = rows(first, first)
-  assert captions.find_offenders(texts, emb, 2, 0.95) == [1, 3, 4]  # 4 is empty when normalized.
+  assert captioners.find_offenders(texts, emb, 2, 0.95) == [1, 3, 4]  # 4 is empty when normalized.
   # The same for the first teacher, orthogonal for the second: averaged 0.49, no duplicate.
   emb = rows(first, [[1, 0], [1, 0], [0, 1], [0, 1], [1, 0]])
-  assert captions.find_offenders(texts, emb, 2, 0.95) == [1, 4]
-  assert captions.normalize_caption(' Über-Cool,  “shape”! ') == 'übercool shape'
+  assert captioners.find_offenders(texts, emb, 2, 0.95) == [1, 4]
+  assert captioners.normalize_caption(' Über-Cool,  “shape”! ') == 'übercool shape'
 
 
 def test_regeneration_removes_duplicates_and_reports_the_rates(world, generated, tmp_path):
@@ -346,7 +346,7 @@ def test_regeneration_removes_duplicates_and_reports_the_rates(world, generated,
   assert after['mean_pairwise_cosine'] < before['mean_pairwise_cosine']
   assert after['distinct_2'] > before['distinct_2']
   # Stored captions keep no exact duplicate unless the report says some were left.
-  stored = [[captions.normalize_caption(c) for c in s.syn_captions]
+  stored = [[captioners.normalize_caption(c) for c in s.syn_captions]
             for _, s in _read_shards(generated['out'])]
   exact_left = sum(len(c) - len(set(c)) for c in stored)
   assert exact_left == report.after.exact_duplicates <= report.unresolved
@@ -364,29 +364,29 @@ def test_regeneration_removes_duplicates_and_reports_the_rates(world, generated,
 def test_existing_captioner_keeps_the_source_captions(world, generated, tmp_path):
   """Reinforcing a reinforced dataset with its own captions: captions and text embeddings
   stay, nothing is regenerated, duplicates are only reported."""
-  shards = [sources.TarShard(i, name, os.path.join(str(generated['out']), name))
+  shards = [inputs.TarShard(i, name, os.path.join(str(generated['out']), name))
             for i, name in enumerate(['00000000.tar', '00000001.tar', '00000002.tar'])]
   report = generate.reinforce(shards, str(tmp_path / 'again'), world['ensemble'],
-                              captions.make_captioner('existing'), GEN, workers=2,
+                              captioners.make_captioner('existing'), GEN, workers=2,
                               progress=False)
   old, new = _read_shards(generated['out']), _read_shards(tmp_path / 'again')
   for (_, a), (_, b) in zip(old, new):
     assert a.syn_captions == b.syn_captions and a.captions == b.captions
     np.testing.assert_allclose(a.text_emb, b.text_emb, atol=1e-6)
-  offenders = sum(len(captions.find_offenders(s.syn_captions, s.text_emb[1:], 2,
+  offenders = sum(len(captioners.find_offenders(s.syn_captions, s.text_emb[1:], 2,
                                               GEN.dedup_threshold)) for _, s in old)
   assert report.captions.regenerated == 0 and report.captions.unresolved == offenders > 0
   assert report.captions.before.rates() == report.captions.after.rates()
 
 
 def test_corrupt_and_uncaptionable_samples_follow_the_policy(world, tmp_path):
-  existing = captions.make_captioner('existing')
+  existing = captioners.make_captioner('existing')
   with pytest.raises(CorruptSampleError, match=r"no syn.json\['syn_text'\]"):
     _run(world, tmp_path / 'fail', captioner=existing)
   report = _run(world, tmp_path / 'skip', captioner=existing, policy=ErrorPolicy('skip'))
   assert report.counter.skipped == {'missing_member': NUM_SAMPLES} and report.complete
   assert not [p for p in os.listdir(tmp_path / 'skip') if p.endswith('.tar')]
-  too_small = config_lib.GenerationConfig(k=1, num_syn=1, augmentation=augment.AugmentConfig(
+  too_small = settings_lib.GenerationConfig(k=1, num_syn=1, augmentation=augment.AugmentConfig(
       image_size=28))
   with pytest.raises(ValueError, match=r'teacher_a \(32 px\).*at least 32'):
     _run(world, tmp_path / 'small', too_small)

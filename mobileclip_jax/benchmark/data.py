@@ -49,7 +49,7 @@ from PIL import Image
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import demo_world
-from mobileclip_jax.data import pipeline
+from mobileclip_jax.data import loader
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import tokenizer as tokenizer_lib
@@ -107,8 +107,8 @@ def make_datasets(data_dir: str, num_samples: int, image_size: int, k: int,
 
 
 def _input_config(data_dir: str, dataset: str, image_size: int, batch_size: int,
-                  worker_count: int = 0) -> pipeline.InputConfig:
-  return pipeline.InputConfig(dataset=dataset, data_dir=data_dir, global_batch_size=batch_size,
+                  worker_count: int = 0) -> loader.InputConfig:
+  return loader.InputConfig(dataset=dataset, data_dir=data_dir, global_batch_size=batch_size,
                               image_size=image_size, worker_count=worker_count)
 
 
@@ -136,7 +136,7 @@ def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
         image.load()
 
   def shuffle(num_examples):
-    return lambda: [pipeline.shuffled_index(0, 0, i, num_examples) for i in range(count)]
+    return lambda: [loader.shuffled_index(0, 0, i, num_examples) for i in range(count)]
 
   return {
       'row': 'stage', 'examples': count,
@@ -156,7 +156,7 @@ def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
 def _example_row(data_dir: str, dataset: str, o: Dict[str, Any]) -> Dict[str, Any]:
   config = _input_config(data_dir, dataset, o['image_size'], o['batch_size'])
   source, meta = reinforced_tfds.open_reinforced(dataset, data_dir)
-  loader = pipeline.ChunkLoader(config, source, meta, dataset, 0, 1)
+  loader = loader.ChunkLoader(config, source, meta, dataset, 0, 1)
   chunks = iter(range(1 << 30))
   loader(next(chunks))  # Warm-up: tokenizer caches, allocator.
   count = o['repeats'] * loader.chunks_per_batch
@@ -175,7 +175,7 @@ def measure_loader(data_dir: str, image_size: int, batch_size: int, batches: int
   """Runs in a fresh interpreter (`common.isolated`): the whole iterator, start-up included."""
   start, cpu_start = time.perf_counter(), common.cpu_time_s()
   config = _input_config(data_dir, 'reinforced', image_size, batch_size, worker_count)
-  iterator = pipeline.make_train_iterator(config, 0, 1)
+  iterator = loader.make_train_iterator(config, 0, 1)
   next(iterator)
   first = time.perf_counter() - start
   steady = time.perf_counter()

@@ -4,8 +4,8 @@
   zeroshot.py    prompt-ensemble classifiers, top-1 / top-5
   retrieval.py   recall@1/5/10 both ways, several captions per image, mean R@1
   metrics.py     the metric math on host embeddings (numpy), with one documented tie rule
-  pipeline.py    padded global batches over the mesh, gathering embeddings to every process
-  sources.py     webdataset (clip_benchmark / DataComp), TFDS ArrayRecord, JSONL, folders, demo
+  base.py        padded global batches over the mesh, gathering embeddings to every process
+  datasets.py    webdataset (clip_benchmark / DataComp), TFDS ArrayRecord, JSONL, folders, demo
   templates.py   class names and prompt templates (OpenAI ImageNet ones read from open_clip)
   registry.py    standard evaluations by name ('imagenet', 'coco', 'demo', ...)
   runner.py      loading checkpoints and writing results, for launch/evaluate.py

@@ -16,7 +16,7 @@ Metric names are '<prefix>/<name>/<metric>', e.g. 'zeroshot/imagenet/top1',
 Config (`config.evals`, a ConfigDict of name -> entry; every key but `source` has a default):
 
   type             'zeroshot' | 'retrieval' (may be left out for a standard evaluation)
-  source           a source spec dict (sources.py), or the name of a standard evaluation
+  source           a source spec dict (datasets.py), or the name of a standard evaluation
                    (registry.py: 'imagenet', 'coco', 'demo', ...)
   data_dir         where a standard evaluation looks for its data
   every_steps      0 = only at the first and last step
@@ -33,14 +33,14 @@ from jax.sharding import Mesh
 
 from mobileclip_jax.evaluation import registry
 from mobileclip_jax.evaluation import retrieval
-from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import datasets
 from mobileclip_jax.evaluation import zeroshot
 
 ENTRY_DEFAULTS: Dict[str, Any] = dict(
     type='', source=None, data_dir='', every_steps=0, batch_size=256, text_batch_size=0,
     prefix='', cache=False, num_workers=8)
-EVALUATORS = {sources.CLASSIFICATION: zeroshot.ZeroShotEvaluator,
-              sources.RETRIEVAL: retrieval.RetrievalEvaluator}
+EVALUATORS = {datasets.CLASSIFICATION: zeroshot.ZeroShotEvaluator,
+              datasets.RETRIEVAL: retrieval.RetrievalEvaluator}
 
 
 class Evaluator(Protocol):
@@ -82,7 +82,7 @@ def build_evaluator(name: str, entry: Mapping[str, Any], model_config, mesh: Mes
                      f'name ({sorted(registry.STANDARD_EVALS)}), got {source!r}.')
   if eval_type not in EVALUATORS:
     raise ValueError(f'evals.{name}.type must be one of {sorted(EVALUATORS)}, got {eval_type!r}.')
-  data = sources.open_source(source, eval_type, model_config.image_size)
+  data = datasets.open_source(source, eval_type, model_config.image_size)
   return EVALUATORS[eval_type](
       name, data, model_config, mesh, every_steps=int(entry['every_steps']),
       batch_size=int(entry['batch_size']), text_batch_size=int(entry['text_batch_size']),

@@ -6,7 +6,7 @@ Karpathy test images (25k captions), Flickr30k on its 1k test images (5k caption
 main retrieval number is the mean of the two R@1.
 
 Images are a global stream; each process embeds the captions of the images it read, as a
-process-local stream padded to a common number of batches (pipeline.py). The caption tokens are
+process-local stream padded to a common number of batches (base.py). The caption tokens are
 kept after the first run.
 
 Metrics: '<prefix>/<name>/i2t_R@k', '<prefix>/<name>/t2i_R@k' for k in 1, 5, 10, and
@@ -18,22 +18,22 @@ import jax
 import numpy as np
 
 from mobileclip_jax.evaluation import metrics as metrics_lib
-from mobileclip_jax.evaluation import pipeline
-from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import base
+from mobileclip_jax.evaluation import datasets
 
 RECALL_K = (1, 5, 10)
 
 
-class RetrievalEvaluator(pipeline.EvaluatorBase):
-  """Image-text retrieval over an `EvalData` with captions (see `pipeline.EvaluatorBase`)."""
+class RetrievalEvaluator(base.EvaluatorBase):
+  """Image-text retrieval over an `EvalData` with captions (see `base.EvaluatorBase`)."""
   default_prefix = 'retrieval'
 
-  def __init__(self, name: str, data: sources.EvalData, model_config, mesh, **kwargs):
+  def __init__(self, name: str, data: datasets.EvalData, model_config, mesh, **kwargs):
     super().__init__(name, data, model_config, mesh, **kwargs)
     self._captions: List[Tuple[int, int, str]] = []  # (image index, caption number, text).
     self._caption_batches: Optional[List[Dict[str, np.ndarray]]] = None
 
-  def _collect_captions(self, index: int, example: sources.Example) -> Dict[str, np.ndarray]:
+  def _collect_captions(self, index: int, example: datasets.Example) -> Dict[str, np.ndarray]:
     if self._caption_batches is None:
       if not example.captions:
         raise ValueError(f'{example.where} (example {index}) has no caption.')
@@ -44,9 +44,9 @@ class RetrievalEvaluator(pipeline.EvaluatorBase):
     """This process's caption token batches; every process runs the same number of batches."""
     if self._caption_batches is None:
       local_batch = self.text_batch_size // jax.process_count()
-      num_batches = max(1, pipeline.global_max(-(-len(self._captions) // local_batch), self.mesh))
+      num_batches = max(1, base.global_max(-(-len(self._captions) // local_batch), self.mesh))
       batches = []
-      for slots in pipeline.local_slots(len(self._captions), local_batch, num_batches):
+      for slots in base.local_slots(len(self._captions), local_batch, num_batches):
         rows = [self._captions[i] if i >= 0 else (-1, 0, '') for i in slots]
         batches.append({'inputs': self.tokenize([text for _, _, text in rows]),
                         'image': np.asarray([r[0] for r in rows], np.int32),
@@ -58,7 +58,7 @@ class RetrievalEvaluator(pipeline.EvaluatorBase):
     if self._caption_batches is None:
       self._captions = []  # A failed earlier run may have left some.
     images = self.encode_images(model, variables, self._collect_captions, {})
-    texts = pipeline.encode(model, variables, self.mesh, pipeline.TEXT, self._caption_stream(),
+    texts = base.encode(model, variables, self.mesh, base.TEXT, self._caption_stream(),
                             ('image', 'caption'))
     recall = metrics_lib.retrieval_recall(images['embeddings'], texts['embeddings'],
                                           texts['image'], RECALL_K)

@@ -7,7 +7,7 @@ accuracy uses the tie rule of `metrics.py`; top-5 is reported for tasks with mor
 (with 5 it is 1.0 by construction).
 
 The prompts of all tasks form one text stream and the images one image stream, each sharded over
-the mesh (pipeline.py); a dataset with several tasks (the demo world) embeds its images once.
+the mesh (base.py); a dataset with several tasks (the demo world) embeds its images once.
 Metrics: '<prefix>/<name>/top1' and '/top5' for a single-task dataset, '<prefix>/<name>_<task>/...'
 per task otherwise.
 """
@@ -16,18 +16,18 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from mobileclip_jax.evaluation import metrics as metrics_lib
-from mobileclip_jax.evaluation import pipeline
-from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import base
+from mobileclip_jax.evaluation import datasets
 from mobileclip_jax.evaluation import templates as templates_lib
 
 TOP_K = (1, 5)
 
 
-class ZeroShotEvaluator(pipeline.EvaluatorBase):
-  """Zero-shot classification of an `EvalData` with tasks (see `pipeline.EvaluatorBase`)."""
+class ZeroShotEvaluator(base.EvaluatorBase):
+  """Zero-shot classification of an `EvalData` with tasks (see `base.EvaluatorBase`)."""
   default_prefix = 'zeroshot'
 
-  def __init__(self, name: str, data: sources.EvalData, model_config, mesh, **kwargs):
+  def __init__(self, name: str, data: datasets.EvalData, model_config, mesh, **kwargs):
     if not data.tasks:
       raise ValueError(f'Evaluator {name!r}: {data.description} has no classification task '
                        '(class names and templates).')
@@ -42,10 +42,10 @@ class ZeroShotEvaluator(pipeline.EvaluatorBase):
       self._prompt_batches = [
           {'inputs': self.tokenize([prompts[i] if i >= 0 else '' for i in slots]),
            'index': slots}
-          for slots in pipeline.stream_slots(len(prompts), self.text_batch_size)]
+          for slots in base.stream_slots(len(prompts), self.text_batch_size)]
     return self._prompt_batches
 
-  def _labels(self, index: int, example: sources.Example) -> Dict[str, np.ndarray]:
+  def _labels(self, index: int, example: datasets.Example) -> Dict[str, np.ndarray]:
     tasks = self.data.tasks
     if len(example.labels) != len(tasks) or not all(
         0 <= label < len(task.classnames) for label, task in zip(example.labels, tasks)):
@@ -55,7 +55,7 @@ class ZeroShotEvaluator(pipeline.EvaluatorBase):
     return {'labels': np.asarray(example.labels, np.int32)}
 
   def _evaluate(self, model, variables) -> Dict[str, float]:
-    text = pipeline.encode(model, variables, self.mesh, pipeline.TEXT, self._prompt_stream(),
+    text = base.encode(model, variables, self.mesh, base.TEXT, self._prompt_stream(),
                            ('index',))['embeddings']
     images = self.encode_images(model, variables, self._labels,
                                 {'labels': (len(self.data.tasks),)})

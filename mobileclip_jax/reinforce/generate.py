@@ -5,13 +5,13 @@ Per input sample (spec sections 5-6, Apple's RayGen embedding pass):
     bicubic-resized (PIL) to every smaller teacher resolution; each teacher normalizes with its
     own mean/std -> image_emb [k, D];
   - the ground-truth caption and S synthetic captions (from the captioner, near-duplicates
-    regenerated, see captions.py) are embedded by every teacher -> text_emb [1 + S, D], ground
+    regenerated, see captioners.py) are embedded by every teacher -> text_emb [1 + S, D], ground
     truth first, then the synthetic captions in syn.json order;
   - D = sum of the teacher widths, each teacher's slice unit-norm.
 Output: one DataCompDR-format tar per input shard under the same name, members: the image
 (original bytes), txt, json (as in the source, else {"uid": key}), syn.json {syn_key: [S]},
 paug.json {"param_aug": [k]}, npz (or pth.gz for bfloat16) {image_emb, text_emb}, plus any
-other member of the source (url.txt, ...). The reinforce config (config.py) sits next to them.
+other member of the source (url.txt, ...). The reinforce config (settings.py) sits next to them.
 
 Host work (decode, k replays, resizes) runs in a thread pool one chunk ahead of the devices, and
 image embeddings are dispatched before the captions are made, so the three overlap.
@@ -45,9 +45,9 @@ from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
-from mobileclip_jax.reinforce import captions as captions_lib
-from mobileclip_jax.reinforce import config as config_lib
-from mobileclip_jax.reinforce import sources
+from mobileclip_jax.reinforce import captioners
+from mobileclip_jax.reinforce import settings as settings_lib
+from mobileclip_jax.reinforce import inputs
 from mobileclip_jax.reinforce import teachers as teachers_lib
 
 STATE_DIR = '.reinforce'
@@ -67,7 +67,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # Fixed member dates: the same inputs give t
 class _Prepared:
   """A decoded sample with its k augmentations at every teacher resolution."""
   raw: wds.RawSample
-  item: captions_lib.CaptionInput
+  item: captioners.CaptionInput
   caption: str
   paug: List[Any]
   views: Dict[int, np.ndarray]  # size -> uint8 [k, size, size, 3]
@@ -107,8 +107,8 @@ def _existing_captions(raw: wds.RawSample, syn_key: str) -> Optional[List[str]]:
 @dataclasses.dataclass(frozen=True)
 class _Preparer:
   """Turns a raw sample into a `_Prepared` (runs in worker threads; holds no mutable state)."""
-  config: config_lib.GenerationConfig
-  captioner: captions_lib.Captioner
+  config: settings_lib.GenerationConfig
+  captioner: captioners.Captioner
   sizes: Tuple[int, ...]
   shard_seed: int
 
@@ -127,7 +127,7 @@ class _Preparer:
     if not isinstance(labels, dict):
       raise CorruptSampleError(raw.shard, raw.key, wds.BAD_JSON, 'json is not a JSON object')
     image = _decode_image(image_bytes, raw)
-    item = captions_lib.CaptionInput(raw.shard, raw.key, str(labels.get('uid', raw.key)), image,
+    item = captioners.CaptionInput(raw.shard, raw.key, str(labels.get('uid', raw.key)), image,
                                      labels, _existing_captions(raw, c.syn_key))
     self.captioner.check(item, c.num_syn)
     # Each sample's draws depend only on (seed, shard name, position): threads cannot reorder
@@ -203,7 +203,7 @@ def _embedding_member(image_emb: np.ndarray, text_emb: np.ndarray,
 
 
 def _members(p: _Prepared, syn: List[str], image_emb: np.ndarray, text_emb: np.ndarray,
-             config: config_lib.GenerationConfig) -> Dict[str, bytes]:
+             config: settings_lib.GenerationConfig) -> Dict[str, bytes]:
   members = {ext: data for ext, data in p.raw.members.items() if ext not in _GENERATED}
   members.setdefault('json', json.dumps({'uid': p.raw.key}).encode('utf-8'))
   members['syn.json'] = json.dumps({config.syn_key: syn}).encode('utf-8')
@@ -237,7 +237,7 @@ def _read_record(out_dir: str, name: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-def finished_record(out_dir: str, shard: sources.InputShard,
+def finished_record(out_dir: str, shard: inputs.InputShard,
                     config_hash: str) -> Optional[Dict[str, Any]]:
   """The record of `shard` if its output is complete for these settings and inputs, else None.
 
@@ -264,8 +264,8 @@ class _Context:
   """Everything the shard loop uses, fixed for a run."""
   out_dir: str
   ensemble: teachers_lib.TeacherEnsemble
-  captioner: captions_lib.Captioner
-  config: config_lib.GenerationConfig
+  captioner: captioners.Captioner
+  config: settings_lib.GenerationConfig
   config_hash: str
   policy: ErrorPolicy
   pool: concurrent.futures.Executor
@@ -274,7 +274,7 @@ class _Context:
 
 
 def _embed_chunk(ctx: _Context, good: List[_Prepared], rng: np.random.Generator
-                 ) -> Tuple[np.ndarray, np.ndarray, List[List[str]], captions_lib.QualityReport]:
+                 ) -> Tuple[np.ndarray, np.ndarray, List[List[str]], captioners.QualityReport]:
   """(image_emb [n, k, D], text_emb [n, 1 + S, D], syn captions, caption report) of a chunk."""
   c, ensemble = ctx.config, ctx.ensemble
   n, width = len(good), ensemble.width
@@ -286,7 +286,7 @@ def _embed_chunk(ctx: _Context, good: List[_Prepared], rng: np.random.Generator
     raise ValueError(f'Captioner {ctx.captioner.name!r} returned {[len(s) for s in syn]} '
                      f'captions for {n} images; expected {c.num_syn} each.')
   texts = ensemble.embed_texts([p.caption for p in good] + [t for s in syn for t in s])
-  syn, syn_emb, report = captions_lib.deduplicate(
+  syn, syn_emb, report = captioners.deduplicate(
       items, syn, texts[n:].reshape(n, c.num_syn, width), captioner=ctx.captioner,
       embed_texts=ensemble.embed_texts, num_teachers=len(ensemble.teachers),
       threshold=c.dedup_threshold, max_regenerate=c.max_regenerate, rng=rng)
@@ -294,10 +294,10 @@ def _embed_chunk(ctx: _Context, good: List[_Prepared], rng: np.random.Generator
   return images.result().reshape(n, c.k, width), text_emb, syn, report
 
 
-def _generate_shard(ctx: _Context, shard: sources.InputShard) -> Dict[str, Any]:
+def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
   """Generates one output shard and writes its record; returns the record."""
   start, c = time.time(), ctx.config
-  counter, quality = SkipCounter(), captions_lib.QualityReport()
+  counter, quality = SkipCounter(), captioners.QualityReport()
 
   def handle(error: CorruptSampleError) -> None:
     ctx.policy.handle(error, counter, check_budget=False)
@@ -370,7 +370,7 @@ class ReinforceReport:
   samples_generated: int
   seconds: float
   counter: SkipCounter
-  captions: captions_lib.QualityReport
+  captions: captioners.QualityReport
   complete: bool
   k: int
 
@@ -390,15 +390,15 @@ class ReinforceReport:
     return '\n'.join(lines)
 
 
-def _aggregate(records: Sequence[Dict[str, Any]]) -> Tuple[SkipCounter, captions_lib.QualityReport]:
-  counter, quality = SkipCounter(), captions_lib.QualityReport()
+def _aggregate(records: Sequence[Dict[str, Any]]) -> Tuple[SkipCounter, captioners.QualityReport]:
+  counter, quality = SkipCounter(), captioners.QualityReport()
   for record in records:
     counter.merge(SkipCounter.from_json(record['counter']))
-    quality.merge(captions_lib.QualityReport.from_json(record['captions']))
+    quality.merge(captioners.QualityReport.from_json(record['captions']))
   return counter, quality
 
 
-def _write_summary(out_dir: str, shards: Sequence[sources.InputShard], config_hash: str) -> bool:
+def _write_summary(out_dir: str, shards: Sequence[inputs.InputShard], config_hash: str) -> bool:
   """Writes the summary of every finished shard; the manifest too once all are. Returns that."""
   records = [finished_record(out_dir, s, config_hash) for s in shards]
   done = [r for r in records if r is not None]
@@ -419,16 +419,16 @@ def _write_summary(out_dir: str, shards: Sequence[sources.InputShard], config_ha
   return complete
 
 
-def reinforce(shards: Sequence[sources.InputShard], out_dir: str,
-              ensemble: teachers_lib.TeacherEnsemble, captioner: captions_lib.Captioner,
-              config: config_lib.GenerationConfig, *, policy: ErrorPolicy = ErrorPolicy(),
+def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
+              ensemble: teachers_lib.TeacherEnsemble, captioner: captioners.Captioner,
+              config: settings_lib.GenerationConfig, *, policy: ErrorPolicy = ErrorPolicy(),
               process_index: Optional[int] = None, process_count: Optional[int] = None,
               workers: Optional[int] = None, overwrite: bool = False,
               progress: bool = True) -> ReinforceReport:
   """Generates the reinforced shards of this process (see the module docstring).
 
   Args:
-    shards: all input shards (`sources.resolve`), the same list in every process.
+    shards: all input shards (`inputs.resolve`), the same list in every process.
     out_dir: output folder.
     ensemble: the teachers.
     captioner: makes the synthetic captions.
@@ -456,8 +456,8 @@ def reinforce(shards: Sequence[sources.InputShard], out_dir: str,
     raise ValueError(f'Teachers {too_big} take larger images than the generation size '
                      f'{config.gen_size}: augmented crops are only resized down. Set gen_size to '
                      f'at least {max(ensemble.image_sizes)}.')
-  settings = config_lib.reinforce_config(ensemble.describe(), config, captioner.describe())
-  config_lib.write_or_check(out_dir, settings, overwrite)
+  settings = settings_lib.reinforce_config(ensemble.describe(), config, captioner.describe())
+  settings_lib.write_or_check(out_dir, settings, overwrite)
   config_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
   mine = [s for s in shards if s.index % process_count == process_index]
@@ -494,9 +494,9 @@ def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> reinforced_t
 
   Keyword arguments go to `reinforced_tfds.build_dataset` (workers, overwrite, progress, ...).
   """
-  settings = config_lib.read_config(out_dir)
+  settings = settings_lib.read_config(out_dir)
   if settings is None:
-    raise FileNotFoundError(f'{out_dir} has no {config_lib.CONFIG_FILE}: it is not the output of '
+    raise FileNotFoundError(f'{out_dir} has no {settings_lib.CONFIG_FILE}: it is not the output of '
                             'launch/reinforce.py.')
   if not os.path.exists(os.path.join(out_dir, MANIFEST_FILE)):
     raise FileNotFoundError(f'{out_dir} has no {MANIFEST_FILE}: the generation is not complete '

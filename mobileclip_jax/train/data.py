@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from mobileclip_jax.data import demo_dataset
-from mobileclip_jax.data import pipeline
+from mobileclip_jax.data import loader
 from mobileclip_jax.models import clip as clip_lib
 
 log = logging.getLogger('mobileclip_jax')
@@ -22,7 +22,7 @@ log = logging.getLogger('mobileclip_jax')
 class TrainInput:
   """An opened training dataset."""
   name: str
-  iterator: pipeline.TrainIterator
+  iterator: loader.TrainIterator
 
   @property
   def kind(self) -> str:
@@ -68,13 +68,13 @@ def open_input(config: ml_collections.ConfigDict, model_config: clip_lib.ModelCo
   name = d.name
   if name in demo_dataset.DEMO_NAMES:
     name = _resolve_demo(name, d.data_dir)
-  input_config = pipeline.InputConfig(
+  input_config = loader.InputConfig(
       dataset=name, data_dir=d.data_dir, split=d.split, global_batch_size=config.batch_size,
       image_size=model_config.image_size, tokenizer=d.tokenizer,
       context_length=model_config.text.context_length, syn_key_regex=d.syn_key_regex,
       seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
       error_policy=d.error_policy, error_budget=d.max_corrupt)
-  return TrainInput(name, pipeline.make_train_iterator(input_config, process_index, process_count))
+  return TrainInput(name, loader.make_train_iterator(input_config, process_index, process_count))
 
 
 def build_evaluators(config: ml_collections.ConfigDict, model_config: clip_lib.ModelConfig,

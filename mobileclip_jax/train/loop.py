@@ -26,7 +26,7 @@ from mobileclip_jax import losses
 from mobileclip_jax import sharding as sharding_lib
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import data as train_data
-from mobileclip_jax.train import metrics as metrics_lib
+from mobileclip_jax.train import reporting
 from mobileclip_jax.train import optimizer as optimizer_lib
 from mobileclip_jax.train import step as step_lib
 
@@ -174,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_vars['params'][k]))
             for k in ('visual', 'text')}
   log.info('Model %s: image %s, text %s parameters; %s compute.', model_config.name,
-           metrics_lib.human_count(counts['visual']), metrics_lib.human_count(counts['text']),
+           reporting.human_count(counts['visual']), reporting.human_count(counts['text']),
            model_config.dtype)
 
   # ---------------------------------------------------------------- restore or init
@@ -215,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                      donate_argnums=(0,)).lower(target, abstract_batch).compile()
   log.info('Compiled the train step in %.1f s; memory %s.', time.perf_counter() - t0,
-           metrics_lib.memory_summary(compiled))
+           reporting.memory_summary(compiled))
 
   # ---------------------------------------------------------------- evaluators
   evaluators = train_data.build_evaluators(config, model_config, mesh)
@@ -231,8 +231,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                  ', '.join(f'{k}={v:.4f}' for k, v in results.items()))
 
   # ---------------------------------------------------------------- loop
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
+  writer = reporting.MetricWriter(workdir)
+  progress = reporting.Progress(total_steps, config.batch_size, start_step)
   preemption = _Preemption()
   meta = {'model_config': clip_lib.config_to_dict(model_config), 'dataset': data.name,
           'objective': objective}
@@ -281,7 +281,7 @@ def _check_and_log(pending, writer, progress, config, schedule, data,
   """NaN guard on the step's metrics (one step behind, to keep the device busy) and logging."""
   step, metrics = pending
   host = _to_host(metrics)
-  bad = metrics_lib.non_finite(host)
+  bad = reporting.non_finite(host)
   if bad:
     where = (f'the last complete checkpoint is step {last_saved}' if last_saved
              else 'no checkpoint was written yet')

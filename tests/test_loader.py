@@ -1,4 +1,4 @@
-"""Tests for the Grain training input pipeline (mobileclip_jax.data.pipeline).
+"""Tests for the Grain training input pipeline (mobileclip_jax.data.loader).
 
 The datasets are tiny reinforced/plain TFDS builds made from tars here. Every teacher
 embedding row encodes (sample number, row) in its first two components, so a batch shows which
@@ -17,7 +17,7 @@ import pytest
 
 from mobileclip_jax import sharding
 from mobileclip_jax.data import augment
-from mobileclip_jax.data import pipeline
+from mobileclip_jax.data import loader
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
@@ -96,10 +96,10 @@ def tokenizer():
   return tokenizer_lib.get_tokenizer('clip')
 
 
-def _config(data_dir, dataset='reinforced', **kwargs) -> pipeline.InputConfig:
+def _config(data_dir, dataset='reinforced', **kwargs) -> loader.InputConfig:
   kwargs = {'global_batch_size': 8, 'image_size': SIZE,
             'context_length': 16, 'seed': 3, **kwargs}
-  return pipeline.InputConfig(dataset=dataset, data_dir=data_dir, **kwargs)
+  return loader.InputConfig(dataset=dataset, data_dir=data_dir, **kwargs)
 
 
 def _take(iterator, n: int) -> list[dict[str, np.ndarray]]:
@@ -122,7 +122,7 @@ def _tokens(tokenizer, texts) -> list[bytes]:
 
 def _numbers(batch) -> list[int]:
   """The sample number of every example of a batch, from its teacher text embedding."""
-  return [_decode_row(row)[0] for row in batch[pipeline.TEACHER_TEXT_EMB]]
+  return [_decode_row(row)[0] for row in batch[loader.TEACHER_TEXT_EMB]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,29 +131,29 @@ def _numbers(batch) -> list[int]:
 
 def test_reinforced_rows_match_replayed_crop_and_captions(data_dir, tokenizer):
   samples = _samples()
-  iterator = pipeline.make_train_iterator(_config(data_dir), 0, 1)
+  iterator = loader.make_train_iterator(_config(data_dir), 0, 1)
   assert (iterator.kind, iterator.teacher_dims, iterator.num_examples) == (
       'reinforced', DIMS, NUM_SAMPLES)
   replay_config = augment.from_generation_config(iterator.metadata.augmentation)
   assert replay_config == augment.AugmentConfig(image_size=32, interpolation='bicubic', p=1.0)
   seen_augmentations, seen_syn = set(), set()
   for batch in _take(iterator, 3):
-    assert set(batch) == set(pipeline.REINFORCED_KEYS)
+    assert set(batch) == set(loader.REINFORCED_KEYS)
     for key, (shape, dtype) in iterator.element_spec.items():
       assert batch[key].shape == (8,) + shape and batch[key].dtype == dtype, key
     for b in range(8):
-      number, a = _decode_row(batch[pipeline.TEACHER_IMAGE_EMB][b])
+      number, a = _decode_row(batch[loader.TEACHER_IMAGE_EMB][b])
       sample = samples[number]
       # The image is stored augmentation a, replayed at the student's size.
       image = Image.open(io.BytesIO(sample.image))
       want = augment.replay(image, sample.paug[a], SIZE, replay_config)
-      np.testing.assert_array_equal(batch[pipeline.IMAGE][b], want)
+      np.testing.assert_array_equal(batch[loader.IMAGE][b], want)
       # The ground-truth caption and its teacher row (row 0: C = 1).
-      assert batch[pipeline.TEXT][b].tobytes() == _tokens(tokenizer, sample.captions)[0]
-      assert _decode_row(batch[pipeline.TEACHER_TEXT_EMB][b]) == (number, 0)
+      assert batch[loader.TEXT][b].tobytes() == _tokens(tokenizer, sample.captions)[0]
+      assert _decode_row(batch[loader.TEACHER_TEXT_EMB][b]) == (number, 0)
       # The synthetic caption and its row: 1 + its index among the S flattened captions.
-      s = _tokens(tokenizer, sample.syn_captions).index(batch[pipeline.SYN_TEXT][b].tobytes())
-      assert _decode_row(batch[pipeline.TEACHER_SYN_TEXT_EMB][b]) == (number, 1 + s)
+      s = _tokens(tokenizer, sample.syn_captions).index(batch[loader.SYN_TEXT][b].tobytes())
+      assert _decode_row(batch[loader.TEACHER_SYN_TEXT_EMB][b]) == (number, 1 + s)
       seen_augmentations.add(a)
       seen_syn.add(s)
   assert seen_augmentations == set(range(K)) and seen_syn == set(range(5))
@@ -162,8 +162,8 @@ def test_reinforced_rows_match_replayed_crop_and_captions(data_dir, tokenizer):
 
 def test_choices_uniform_and_syn_key_regex(data_dir):
   source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
-  choices = pipeline.ReinforcedChoices.for_dataset(meta, '^syn_text.*$')
-  assert choices == pipeline.ReinforcedChoices(k=K, num_captions=1, syn_starts=(0, 2),
+  choices = loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$')
+  assert choices == loader.ReinforcedChoices(k=K, num_captions=1, syn_starts=(0, 2),
                                                syn_counts=(2, 3))
   draws = np.array([choices.draw(np.random.default_rng([0, i])) for i in range(6000)])
   # a ~ U{0..k-1}; a key uniform among keys, then a caption uniform within it (Apple's
@@ -174,13 +174,13 @@ def test_choices_uniform_and_syn_key_regex(data_dir):
     sd = np.sqrt(len(draws) * p * (1 - p))
     assert np.all(np.abs(counts - len(draws) * p) <= 5 * sd), (column, counts)
 
-  only_dfn = pipeline.ChunkLoader(_config(data_dir, syn_key_regex='^syn_text_dfn$'), source,
+  only_dfn = loader.ChunkLoader(_config(data_dir, syn_key_regex='^syn_text_dfn$'), source,
                                   meta, 'reinforced', 0, 1)
   rows = [_decode_row(row)[1] - 1 for u in range(3)
-          for row in only_dfn(u)[pipeline.TEACHER_SYN_TEXT_EMB]]
+          for row in only_dfn(u)[loader.TEACHER_SYN_TEXT_EMB]]
   assert set(rows) == {2, 3, 4}  # dfn's captions follow coca's two.
   with pytest.raises(ValueError, match=re.escape("['syn_text_coca', 'syn_text_dfn']")):
-    pipeline.make_train_iterator(_config(data_dir, syn_key_regex='^syn_text_blip$'), 0, 1)
+    loader.make_train_iterator(_config(data_dir, syn_key_regex='^syn_text_blip$'), 0, 1)
 
 
 def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, tokenizer):
@@ -188,24 +188,24 @@ def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, t
   captions = [sample.captions[0] for sample in samples]
   number_of = {row: i for i, row in enumerate(_tokens(tokenizer, captions))}
   config = _config(data_dir, 'plain', global_batch_size=NUM_SAMPLES, num_epochs=2)
-  batches = _take(pipeline.make_train_iterator(config, 0, 1), 2)
-  assert all(set(batch) == {pipeline.IMAGE, pipeline.TEXT} for batch in batches)
+  batches = _take(loader.make_train_iterator(config, 0, 1), 2)
+  assert all(set(batch) == {loader.IMAGE, loader.TEXT} for batch in batches)
   images = []
   for batch in batches:
-    numbers = [number_of[row.tobytes()] for row in batch[pipeline.TEXT]]
+    numbers = [number_of[row.tobytes()] for row in batch[loader.TEXT]]
     assert sorted(numbers) == list(range(NUM_SAMPLES))  # One epoch per batch here.
-    images.append(batch[pipeline.IMAGE][np.argsort(numbers)])
+    images.append(batch[loader.IMAGE][np.argsort(numbers)])
   # Each epoch samples new parameters: the same image is cropped differently.
   assert all(np.any(a != b) for a, b in zip(*images))
 
   # The configured augmentation is what is sampled: the full image, resized, with no ops.
   whole = augment.AugmentConfig(scale=(1.0, 1.0), ratio=(WIDTH / HEIGHT,) * 2, p=0.0)
-  batch = next(pipeline.make_train_iterator(
+  batch = next(loader.make_train_iterator(
       _config(data_dir, 'plain', augmentation=whole), 0, 1))
-  for b, row in enumerate(batch[pipeline.TEXT]):
+  for b, row in enumerate(batch[loader.TEXT]):
     image = Image.open(io.BytesIO(samples[number_of[row.tobytes()]].image))
     want = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(batch[pipeline.IMAGE][b], want)
+    np.testing.assert_array_equal(batch[loader.IMAGE][b], want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,35 +214,35 @@ def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, t
 
 def test_epochs_shuffle_and_drop_remainder(data_dir):
   config = _config(data_dir, num_epochs=2)  # 24 records, batches of 8: 3 per epoch.
-  iterator = pipeline.make_train_iterator(config, 0, 1)
+  iterator = loader.make_train_iterator(config, 0, 1)
   assert iterator.num_batches == 6
   order = [n for batch in iterator for n in _numbers(batch)]  # Ends after 6 batches.
   first, second = order[:NUM_SAMPLES], order[NUM_SAMPLES:]
   assert sorted(first) == sorted(second) == list(range(NUM_SAMPLES))
   assert first != second and first != sorted(first)  # Shuffled, differently per epoch.
-  other_seed = pipeline.make_train_iterator(_config(data_dir, num_epochs=2, seed=4), 0, 1)
+  other_seed = loader.make_train_iterator(_config(data_dir, num_epochs=2, seed=4), 0, 1)
   assert [n for batch in _take(other_seed, 3) for n in _numbers(batch)] != first
   # 24 records in batches of 10: the last incomplete batch is dropped.
-  assert pipeline.make_train_iterator(
+  assert loader.make_train_iterator(
       _config(data_dir, num_epochs=1, global_batch_size=10), 0, 1).num_batches == 2
   with pytest.raises(ValueError, match='no full global batch'):
-    pipeline.make_train_iterator(_config(data_dir, num_epochs=1, global_batch_size=32), 0, 1)
+    loader.make_train_iterator(_config(data_dir, num_epochs=1, global_batch_size=32), 0, 1)
 
 
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_processes_read_disjoint_slices_of_each_global_batch(data_dir, process_count):
   config = _config(data_dir, global_batch_size=16)  # Batch 1 straddles epochs 0 and 1.
-  whole = _take(pipeline.make_train_iterator(config, 0, 1), 3)
+  whole = _take(loader.make_train_iterator(config, 0, 1), 3)
   assert len(set(_numbers(whole[0]))) == 16
-  parts = [_take(pipeline.make_train_iterator(config, p, process_count), 3)
+  parts = [_take(loader.make_train_iterator(config, p, process_count), 3)
            for p in range(process_count)]
   for t, batch in enumerate(whole):
     local = [part[t] for part in parts]
-    assert all(len(b[pipeline.IMAGE]) == 16 // process_count for b in local)
+    assert all(len(b[loader.IMAGE]) == 16 // process_count for b in local)
     # Concatenated in process order, the slices are the global batch, bit for bit.
     _assert_batches_equal([{k: np.concatenate([b[k] for b in local]) for k in batch}], [batch])
   with pytest.raises(ValueError, match='not divisible'):
-    pipeline.make_train_iterator(config, 0, 3)
+    loader.make_train_iterator(config, 0, 3)
 
 
 def test_chunks_are_the_largest_divisor_of_the_local_batch(data_dir):
@@ -250,7 +250,7 @@ def test_chunks_are_the_largest_divisor_of_the_local_batch(data_dir):
   for batch, limit, processes, want in ((8, 3, 1, (2, 4)), (12, 64, 1, (12, 1)),
                                         (14, 5, 2, (1, 7)), (16, 4, 2, (4, 2))):
     last = processes - 1
-    loader = pipeline.ChunkLoader(_config(data_dir, global_batch_size=batch,
+    loader = loader.ChunkLoader(_config(data_dir, global_batch_size=batch,
                                           max_chunk_size=limit), source, meta, 'r', last,
                                   processes)
     assert (loader.chunk_size, loader.chunks_per_batch) == want
@@ -263,7 +263,7 @@ def test_chunks_are_the_largest_divisor_of_the_local_batch(data_dir):
 
 def test_global_batch_on_fake_devices(data_dir):
   mesh = sharding.create_mesh(data=4, fsdp=2)
-  local = next(pipeline.make_train_iterator(_config(data_dir), 0, 1))
+  local = next(loader.make_train_iterator(_config(data_dir), 0, 1))
   arrays = sharding.global_batch(local, mesh)
   for key, array in arrays.items():
     assert array.shape == local[key].shape and array.sharding == sharding.batch_sharding(mesh)
@@ -290,11 +290,11 @@ def _save_and_restore(tmp_path, iterator, fresh):
 
 @pytest.mark.parametrize('worker_count', [0, 2])
 def test_orbax_resume_is_exact(data_dir, tmp_path, worker_count):
-  iterator = pipeline.make_train_iterator(_config(data_dir), 0, 1)
+  iterator = loader.make_train_iterator(_config(data_dir), 0, 1)
   _take(iterator, 3)
   # Restored into an iterator with `worker_count` processes that build each batch in 4 chunks
   # of 2 (their own chunks for 2 workers): batches depend on neither.
-  fresh = pipeline.make_train_iterator(
+  fresh = loader.make_train_iterator(
       _config(data_dir, worker_count=worker_count, max_chunk_size=3), 0, 1)
   restored = _save_and_restore(tmp_path, iterator, fresh)
   assert restored is fresh
@@ -304,8 +304,8 @@ def test_orbax_resume_is_exact(data_dir, tmp_path, worker_count):
 
 
 def test_restore_refuses_another_batch_size(data_dir):
-  state = pipeline.make_train_iterator(_config(data_dir), 0, 1).get_state()
-  other = pipeline.make_train_iterator(_config(data_dir, global_batch_size=4), 0, 1)
+  state = loader.make_train_iterator(_config(data_dir), 0, 1).get_state()
+  other = loader.make_train_iterator(_config(data_dir, global_batch_size=4), 0, 1)
   with pytest.raises(ValueError, match='global_batch_size'):
     other.set_state(state)
 
@@ -318,7 +318,7 @@ def _corrupt_source(data_dir):
   """(records with 3 corrupt ones, metadata, {record index: reason})."""
   source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
   records = [source[i] for i in range(len(source))]
-  bad = {2: wds.BAD_IMAGE, 5: pipeline.BAD_PAUG, 11: pipeline.EMB_NONFINITE}
+  bad = {2: wds.BAD_IMAGE, 5: loader.BAD_PAUG, 11: loader.EMB_NONFINITE}
   records[2] = {**records[2], 'image': records[2]['image'][:60]}  # Cut PNG.
   paug = json.loads(records[5]['paug'])
   paug = [[[0, 0, HEIGHT + 1, 10], ops] for _, ops in paug]  # Boxes taller than the image.
@@ -330,10 +330,10 @@ def _corrupt_source(data_dir):
 
 
 def _iterator(records, meta, **kwargs):
-  config = pipeline.InputConfig(dataset='reinforced', global_batch_size=8, image_size=SIZE,
+  config = loader.InputConfig(dataset='reinforced', global_batch_size=8, image_size=SIZE,
                                 context_length=16, seed=3, **kwargs)
-  loader = pipeline.ChunkLoader(config, records, meta, 'DS', 0, 1)
-  return pipeline.TrainIterator(loader, num_batches=3)  # One epoch.
+  loader = loader.ChunkLoader(config, records, meta, 'DS', 0, 1)
+  return loader.TrainIterator(loader, num_batches=3)  # One epoch.
 
 
 def test_corrupt_records_fail_naming_the_record(data_dir):
@@ -351,7 +351,7 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
   records, meta, bad = _corrupt_source(data_dir)
   iterator = _iterator(records, meta, error_policy='skip', error_budget='3', worker_count=0)
   batches = list(iterator)
-  assert len(batches) == 3 and all(len(b[pipeline.IMAGE]) == 8 for b in batches)
+  assert len(batches) == 3 and all(len(b[loader.IMAGE]) == 8 for b in batches)
   bad_numbers = {_decode_row(records[i]['image_emb'][0])[0] for i in bad}
   numbers = [n for batch in batches for n in _numbers(batch)]
   assert not bad_numbers & set(numbers)
@@ -370,7 +370,7 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
 
 def test_missing_dataset_says_how_to_build_it(tmp_path):
   with pytest.raises(FileNotFoundError, match='build_dataset.py'):
-    pipeline.make_train_iterator(pipeline.InputConfig(dataset='nowhere',
+    loader.make_train_iterator(loader.InputConfig(dataset='nowhere',
                                                       data_dir=str(tmp_path)), 0, 1)
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from mobileclip_jax import sharding
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
-from mobileclip_jax.evaluation import sources
+from mobileclip_jax.evaluation import datasets
 
 IMAGE = 'encode_image'
 TEXT = 'encode_text'
@@ -151,7 +151,7 @@ def encode(model, variables: Any, mesh: Mesh, method: str,
 # Host-side loading.
 
 
-def load_image(image: sources.ImageLike, size: int, interpolation: str,
+def load_image(image: datasets.ImageLike, size: int, interpolation: str,
                where: str = '') -> np.ndarray:
   """Encoded bytes / uint8 array / PIL image -> uint8 [size, size, 3] (open_clip's eval resize)."""
   try:
@@ -191,7 +191,7 @@ class EvaluatorBase:
   """
   default_prefix = ''
 
-  def __init__(self, name: str, data: sources.EvalData, model_config, mesh: Mesh, *,
+  def __init__(self, name: str, data: datasets.EvalData, model_config, mesh: Mesh, *,
                every_steps: int = 0, batch_size: int = 256, text_batch_size: int = 0,
                prefix: str = '', cache: bool = False, num_workers: int = 8):
     if every_steps < 0:
@@ -252,7 +252,7 @@ class EvaluatorBase:
     c = self.model_config
     return load_image(example.image, c.image_size, c.interpolation, example.where), example
 
-  def image_batches(self, columns: Callable[[int, sources.Example], Dict[str, np.ndarray]],
+  def image_batches(self, columns: Callable[[int, datasets.Example], Dict[str, np.ndarray]],
                     column_shapes: Mapping[str, tuple]) -> Iterator[Dict[str, np.ndarray]]:
     """This process's image batches: 'inputs' uint8 [Bl, S, S, 3], 'index' [Bl], the columns.
 

@@ -3,23 +3,23 @@ import json
 
 import pytest
 
-from mobileclip_jax.data import captions
+from mobileclip_jax.data import caption_corpus
 from mobileclip_jax.data import demo_dataset
 from mobileclip_jax.data import wds
 
 
 def test_text_and_jsonl_files(tmp_path):
-  text_file = tmp_path / 'captions.txt'
+  text_file = tmp_path / 'caption_corpus.txt'
   text_file.write_text('a dog\n\n  \na cat\r\n')
-  jsonl_file = tmp_path / 'captions.jsonl'
+  jsonl_file = tmp_path / 'caption_corpus.jsonl'
   jsonl_file.write_text('{"caption": "a bird", "uid": 1}\n\n{"caption": "a fish"}\n')
-  assert list(captions.iter_captions([str(text_file), str(jsonl_file)])) == [
+  assert list(caption_corpus.iter_captions([str(text_file), str(jsonl_file)])) == [
       'a dog', 'a cat', 'a bird', 'a fish']
-  with pytest.raises(ValueError, match=r"captions.jsonl:1: .* field 'text'"):
-    list(captions.iter_captions([str(jsonl_file)], field='text'))
+  with pytest.raises(ValueError, match=r"caption_corpus.jsonl:1: .* field 'text'"):
+    list(caption_corpus.iter_captions([str(jsonl_file)], field='text'))
   jsonl_file.write_text(json.dumps({'caption': 3}) + '\n')
-  with pytest.raises(ValueError, match="captions.jsonl:1: field 'caption' is a int"):
-    list(captions.iter_captions([str(jsonl_file)]))
+  with pytest.raises(ValueError, match="caption_corpus.jsonl:1: field 'caption' is a int"):
+    list(caption_corpus.iter_captions([str(jsonl_file)]))
 
 
 def test_webdataset_tars_give_gt_and_synthetic_captions(tmp_path):
@@ -27,7 +27,7 @@ def test_webdataset_tars_give_gt_and_synthetic_captions(tmp_path):
     for i in range(3):
       writer.write(f'k{i}', {'txt': f'caption {i}'.encode(),
                              'syn.json': json.dumps({'syn_text': [f'syn {i}a', f'syn {i}b']}).encode()})
-  got = list(captions.iter_captions([f'tars:{tmp_path}/{{00000000..00000001}}.tar']))
+  got = list(caption_corpus.iter_captions([f'tars:{tmp_path}/{{00000000..00000001}}.tar']))
   assert got == ['caption 0', 'syn 0a', 'syn 0b', 'caption 1', 'syn 1a', 'syn 1b',
                  'caption 2', 'syn 2a', 'syn 2b']
 
@@ -35,5 +35,5 @@ def test_webdataset_tars_give_gt_and_synthetic_captions(tmp_path):
 def test_built_dataset(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   demo_dataset.ensure_plain_dataset(data_dir, num_samples=12, image_size=16, samples_per_shard=6)
-  got = list(captions.iter_captions([f'tfds:{demo_dataset.PLAIN_NAME}@{data_dir}']))
+  got = list(caption_corpus.iter_captions([f'tfds:{demo_dataset.PLAIN_NAME}@{data_dir}']))
   assert len(got) == 12 and all(isinstance(c, str) and c for c in got)
