@@ -23,7 +23,7 @@ import pytest
 
 from mobileclip_jax import checkpoint
 from mobileclip_jax.data import augment
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import demo as demo_world
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import tokenizer as tokenizer_lib

@@ -48,7 +48,7 @@ from PIL import Image
 
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.data import augment
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import demo as demo_world
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds

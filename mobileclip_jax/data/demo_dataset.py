@@ -1,38 +1,20 @@
-"""The demo world as a training dataset: demo tars -> the plain TFDS image-caption dataset.
+"""Transitional: train/data.py's fallback to the demo world (issue 9 removes it, then this file).
 
-`ensure_plain_dataset` makes `demo_world` in a data directory if it is not there yet (a few
-seconds), through the same DataCompDR-tar -> TFDS path as real data. The reinforced version,
-`demo_world_reinforced`, needs trained teachers and is made by `launch/demo.py`.
+The demo's datasets are built by mobileclip_jax/demo/datasets.py.
 """
-import logging
-import os
+from mobileclip_jax.demo import datasets
+from mobileclip_jax.demo import settings
+from mobileclip_jax.demo.world import DemoWorldConfig
 
-from mobileclip_jax.data import demo_world
-from mobileclip_jax.data import reinforced_tfds
-
-log = logging.getLogger('mobileclip_jax')
-PLAIN_NAME = 'demo_world'
-REINFORCED_NAME = 'demo_world_reinforced'
+PLAIN_NAME = settings.PLAIN_NAME
+REINFORCED_NAME = settings.REINFORCED_NAME
 DEMO_NAMES = (PLAIN_NAME, REINFORCED_NAME)
-
-
-def exists(name: str, data_dir: str) -> bool:
-  try:
-    reinforced_tfds.open_reinforced(name, data_dir)
-  except FileNotFoundError:
-    return False
-  return True
+exists = datasets.exists
 
 
 def ensure_plain_dataset(data_dir: str, num_samples: int = 4096, image_size: int = 64,
                          seed: int = 0, samples_per_shard: int = 1024) -> str:
-  """Builds the plain `demo_world` TFDS dataset under `data_dir` unless it exists; returns its name."""
-  data_dir = os.path.expanduser(data_dir)
-  if exists(PLAIN_NAME, data_dir):
-    return PLAIN_NAME
-  log.info('Building the demo world dataset (%d samples at %d px) in %s.', num_samples,
-           image_size, data_dir)
-  tars = os.path.join(data_dir, f'{PLAIN_NAME}.tars')
-  shards = demo_world.write_split(tars, 'train', num_samples, image_size, samples_per_shard, seed)
-  reinforced_tfds.build_dataset(shards, PLAIN_NAME, data_dir, kind='plain', progress=False)
+  """Builds the plain `demo_world` under `data_dir` unless it exists; returns its name."""
+  datasets.build_plain(PLAIN_NAME, data_dir, num_samples, image_size, seed, samples_per_shard,
+                       DemoWorldConfig())
   return PLAIN_NAME

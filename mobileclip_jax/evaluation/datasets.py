@@ -35,7 +35,7 @@ takes `limit` (evaluate only the first N examples, 0 = all). Unknown fields are 
       Classification only.
   demo            split='val', num_samples=1000, seed=0, world=None, tasks=None,
                   image_size=None, captions='captioner', num_captions=5, temperature=0.7
-      The demo world (data/demo_world.py), rendered on the fly at `image_size` (default: the
+      The demo world (mobileclip_jax/demo/), rendered on the fly at `image_size` (default: the
       model's). Classification: its zero-shot tasks (`tasks` picks some, default all); on the
       'heldout' split the 'object' task (colour + shape) is the compositional test. Retrieval:
       `num_captions` accurate captioner captions per image, or captions='gt' for the noisy
@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 from PIL import Image
 
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import demo as demo_world
 from mobileclip_jax.data import wds
 from mobileclip_jax.evaluation import templates as templates_lib
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import demo as demo_world
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError
 

@@ -3,7 +3,7 @@
 Each input shard becomes one output shard under the same name: a tar's path relative to the
 common folder of all input tars ('00000000.tar', or '03/00000000.tar' for DataCompDR-1B's
 layout), or '%08d.tar' for the demo world. `src='demo:SPLIT:N'` makes samples 0..N-1 of a
-demo-world split, with the members `demo_world.write_split` would write to disk.
+demo-world split, with the members `demo.write_split` would write to disk.
 """
 import dataclasses
 import hashlib
@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import demo as demo_world
 from mobileclip_jax.data import wds
 
 DEMO_PREFIX = 'demo:'
