@@ -17,6 +17,7 @@ Written to <workdir>/inspect/ for a demo workdir (whatever stages are finished):
                          the image tower holds the attribute at all
   confusion_<role>.png   zero-shot confusion matrices per task on 'val'
 """
+import dataclasses
 import io
 import json
 import logging
@@ -152,17 +153,19 @@ def _object_in_crop(obj: world_lib.SceneObject, box: Sequence[int], side: int,
 
 
 def augmentation_stats(name: str, data_dir: str, image_size: int,
-                       world: world_lib.DemoWorldConfig, num: int = 1000,
+                       world: world_lib.DemoWorldConfig,
+                       plain: Optional[augment.AugmentConfig] = None, num: int = 1000,
                        seed: int = 0) -> Dict[str, Any]:
   """What the training crops keep of the main object, and what RandAugment does to colours.
 
   For a plain dataset the parameters are sampled as the loader does (`augment.sample_params`
-  with the loader's default, DataCompDR's, at `image_size`); for a reinforced one they are the
-  stored ones.
+  with `plain`, default the loader's, at `image_size`); for a reinforced one they are the stored
+  ones.
   """
   source, meta = reinforced_tfds.open_reinforced(name, data_dir)
   rng = np.random.default_rng(seed)
-  config = augment.AugmentConfig(image_size=image_size)
+  plain = plain or loader.InputConfig(dataset=name).augmentation
+  config = dataclasses.replace(plain, image_size=image_size)
   kept, diameters, ops = [], [], []
   for i in range(min(num, len(source))):
     record = source[i]
@@ -231,7 +234,8 @@ def caption_stats(texts: Sequence[str], labels: Sequence[Mapping[str, Any]],
   than the context. (Colour and shape words may also come from another object of the scene.)
   """
   tokens = tokenizer(list(texts), context_length)
-  seen = [tokenizer.decode(row) for row in tokens]
+  # Decoding spaces out punctuation ('medium - sized'): join hyphens back for matching.
+  seen = [tokenizer.decode(row).replace(' - ', '-') for row in tokens]
   lengths = [len(tokenizer.encode(t)) + 2 for t in texts]  # + start and end tokens
   stats = {'captions': len(texts),
            'truncated': float(np.mean([n > context_length for n in lengths])),

@@ -49,6 +49,8 @@ BACKGROUND_COLORS: Mapping[str, Rgb] = {
     'beige': (215, 200, 165),
 }
 TEXTURES = ('flat', 'gradient', 'stripes', 'dots', 'noise')
+# The colour of `DemoWorldConfig.plain_background_prob`'s flat backgrounds.
+PLAIN_BACKGROUND = 'gray'
 STYLES = ('filled', 'outline')
 # Radius ranges (fraction of the image side) per size class; labels come from the radius.
 SIZE_RADII: Mapping[str, tuple[float, float]] = {
@@ -82,6 +84,8 @@ class DemoWorldConfig:
     caption_noise: multiplies every ground-truth caption noise rate (0 gives clean captions).
     omit_rate, filler_rate, wrong_rate, uninformative_rate: ground-truth noise rates (module doc).
     supersample: object mask supersampling factor; 0 picks one giving a >= 256 px mask canvas.
+    plain_background_prob: probability that a scene's background is flat PLAIN_BACKGROUND, like
+      a product photo: the object is all that tells such scenes apart (a teacher-data knob).
   """
   shapes: tuple[str, ...] = SHAPES
   colors: tuple[str, ...] = tuple(OBJECT_COLORS)
@@ -99,6 +103,7 @@ class DemoWorldConfig:
   wrong_rate: float = 0.1
   uninformative_rate: float = 0.1
   supersample: int = 0
+  plain_background_prob: float = 0.0
 
   def __post_init__(self):
     for name, chosen, known in (('shapes', self.shapes, SHAPES),
@@ -122,7 +127,12 @@ class DemoWorldConfig:
         sum(self.count_probs), 1.0, abs_tol=1e-6) or min(self.count_probs) < 0:
       raise ValueError(f'DemoWorldConfig.count_probs={self.count_probs} must be 1 to '
                        f'{len(POSITION_ANCHORS)} non-negative probabilities summing to 1.')
-    rates = ('outline_prob', 'omit_rate', 'filler_rate', 'wrong_rate', 'uninformative_rate')
+    if self.plain_background_prob and (PLAIN_BACKGROUND not in self.background_colors or
+                                       'flat' not in self.textures):
+      raise ValueError(f'DemoWorldConfig.plain_background_prob needs {PLAIN_BACKGROUND!r} in '
+                       "background_colors and 'flat' in textures.")
+    rates = ('outline_prob', 'omit_rate', 'filler_rate', 'wrong_rate', 'uninformative_rate',
+             'plain_background_prob')
     for name in rates:
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f'DemoWorldConfig.{name}={getattr(self, name)} must be in [0, 1].')
@@ -243,8 +253,11 @@ def _size_of_radius(radius: float) -> str:
 
 
 def _sample_background(config: DemoWorldConfig, rng: np.random.Generator) -> Background:
-  texture = pick(rng, config.textures)
-  color = pick(rng, config.background_colors)
+  if config.plain_background_prob and rng.random() < config.plain_background_prob:
+    texture, color = 'flat', PLAIN_BACKGROUND
+  else:
+    texture = pick(rng, config.textures)
+    color = pick(rng, config.background_colors)
   rgb = _jitter_rgb(rng, BACKGROUND_COLORS[color], config.color_jitter)
   # The second tone is lighter on dark colours and darker on light ones, by a fixed step.
   step = 45 if sum(rgb) < 3 * 128 else -45
