@@ -25,8 +25,10 @@ from PIL import Image
 import pytest
 
 from mobileclip_jax import checkpoint
+from mobileclip_jax import rules
 from mobileclip_jax import convert
 from mobileclip_jax import sharding
+from mobileclip_jax import utils
 from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
@@ -499,7 +501,7 @@ def tiny():
   rng = np.random.default_rng(6)
 
   def fill(path, shape):
-    if sharding.path_str(path).endswith('var'):  # BatchNorm running variance.
+    if rules.path_str(path).endswith('var'):  # BatchNorm running variance.
       return np.ones(shape.shape, np.float32)
     return rng.normal(0, 0.2, shape.shape).astype(np.float32)
 

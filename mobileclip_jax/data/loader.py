@@ -44,18 +44,12 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mobileclip_jax import keys
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
-
-IMAGE, TEXT, SYN_TEXT = 'image', 'text', 'syn_text'
-TEACHER_IMAGE_EMB = 'teacher_image_emb'
-TEACHER_TEXT_EMB = 'teacher_text_emb'
-TEACHER_SYN_TEXT_EMB = 'teacher_syn_text_emb'
-PLAIN_KEYS = (IMAGE, TEXT)
-REINFORCED_KEYS = PLAIN_KEYS + (SYN_TEXT, TEACHER_IMAGE_EMB, TEACHER_TEXT_EMB, TEACHER_SYN_TEXT_EMB)
 
 # CorruptSampleError reasons found at load time (bad images reuse wds.BAD_IMAGE).
 BAD_PAUG = 'bad_paug'
@@ -227,14 +221,14 @@ class ChunkLoader:
   def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-example (shape, dtype) of each batch entry; a batch adds a leading [B_local]."""
     size, length = self.config.image_size, self.config.context_length
-    spec = {IMAGE: ((size, size, 3), np.dtype(np.uint8)),
-            TEXT: ((length,), np.dtype(np.int32))}
+    spec = {keys.IMAGE: ((size, size, 3), np.dtype(np.uint8)),
+            keys.TEXT: ((length,), np.dtype(np.int32))}
     if self.reinforced:
       dim = self.meta.embed_dim
-      spec.update({SYN_TEXT: ((length,), np.dtype(np.int32)),
-                   TEACHER_IMAGE_EMB: ((dim,), np.dtype(np.float32)),
-                   TEACHER_TEXT_EMB: ((dim,), np.dtype(np.float32)),
-                   TEACHER_SYN_TEXT_EMB: ((dim,), np.dtype(np.float32))})
+      spec.update({keys.SYN_TEXT: ((length,), np.dtype(np.int32)),
+                   keys.TEACHER_IMAGE: ((dim,), np.dtype(np.float32)),
+                   keys.TEACHER_TEXT: ((dim,), np.dtype(np.float32)),
+                   keys.TEACHER_SYN_TEXT: ((dim,), np.dtype(np.float32))})
     return spec
 
   def stream_positions(self, u: int) -> list[tuple[int, int]]:
@@ -272,8 +266,8 @@ class ChunkLoader:
   def _reinforced_example(self, index: int, record: dict[str, Any],
                           rng: np.random.Generator) -> dict[str, Any]:
     a, c, s = self._choices.draw(rng)
-    rows = {TEACHER_IMAGE_EMB: ('image_emb', a), TEACHER_TEXT_EMB: ('text_emb', c),
-            TEACHER_SYN_TEXT_EMB: ('text_emb', self.meta.num_captions + s)}
+    rows = {keys.TEACHER_IMAGE: ('image_emb', a), keys.TEACHER_TEXT: ('text_emb', c),
+            keys.TEACHER_SYN_TEXT: ('text_emb', self.meta.num_captions + s)}
     embeddings = {}
     for key, (name, row) in rows.items():
       # Only the rows used are checked: the whole record costs 10x more (float16 math).
@@ -288,7 +282,8 @@ class ChunkLoader:
                           f'no augmentation {a} of k={self.meta.k} ({type(e).__name__}: '
                           f'{e})') from None
     image = self._replay(index, record, self._image(index, record), params)
-    return {IMAGE: image, TEXT: record['captions'][c], SYN_TEXT: record['syn_captions'][s],
+    return {keys.IMAGE: image, keys.TEXT: record['captions'][c],
+            keys.SYN_TEXT: record['syn_captions'][s],
             **embeddings}
 
   def _plain_example(self, index: int, record: dict[str, Any],
@@ -296,7 +291,8 @@ class ChunkLoader:
     c = int(rng.integers(self.meta.num_captions))
     image = self._image(index, record)
     params = augment.sample_params(rng, image.height, image.width, self._augment_config)
-    return {IMAGE: self._replay(index, record, image, params), TEXT: record['captions'][c]}
+    return {keys.IMAGE: self._replay(index, record, image, params),
+            keys.TEXT: record['captions'][c]}
 
   def example(self, epoch: int, position: int) -> tuple[dict[str, Any], list[CorruptSampleError]]:
     """The example at (epoch, position): (raw fields, errors of the records it replaced)."""
@@ -324,12 +320,13 @@ class ChunkLoader:
       examples.append(example)
       errors.extend(example_errors)
     length = self.config.context_length
-    images = np.stack([e[IMAGE] for e in examples])
-    batch = {IMAGE: images,
-             TEXT: self._tokenizer([e[TEXT].decode('utf-8') for e in examples], length)}
+    images = np.stack([e[keys.IMAGE] for e in examples])
+    batch = {keys.IMAGE: images,
+             keys.TEXT: self._tokenizer([e[keys.TEXT].decode('utf-8') for e in examples], length)}
     if self.reinforced:
-      batch[SYN_TEXT] = self._tokenizer([e[SYN_TEXT].decode('utf-8') for e in examples], length)
-      for key in (TEACHER_IMAGE_EMB, TEACHER_TEXT_EMB, TEACHER_SYN_TEXT_EMB):
+      batch[keys.SYN_TEXT] = self._tokenizer(
+          [e[keys.SYN_TEXT].decode('utf-8') for e in examples], length)
+      for key in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT):
         batch[key] = np.stack([e[key] for e in examples])
     batch[_ERRORS] = errors
     return batch

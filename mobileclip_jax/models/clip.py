@@ -5,7 +5,6 @@
 the variant's mean/std; tokens are [B, 77] int32. Embeddings come back unnormalized, float32.
 """
 import dataclasses
-import difflib
 import math
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
 from mobileclip_jax.models import mci
@@ -175,16 +175,11 @@ def config_from_dict(d: Dict[str, Any]) -> ModelConfig:
   return ModelConfig(**tuples(d))
 
 
-def _nearest(key: str, valid) -> str:
-  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-  return f' Did you mean {", ".join(close)}?' if close else f' Valid: {", ".join(sorted(valid))}.'
-
-
 def _replace(obj, overrides: Dict[str, Any], what: str):
   fields = {f.name for f in dataclasses.fields(obj)}
   for key in overrides:
     if key not in fields:
-      raise ValueError(f'Unknown {what} override {key!r}.{_nearest(key, fields)}')
+      raise ValueError(f'Unknown {what} override {key!r}.{utils.did_you_mean(key, fields)}')
   return dataclasses.replace(obj, **overrides)
 
 
@@ -196,7 +191,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
   (`image=dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128))`, `text=dict(layers=2)`).
   """
   if name not in MODEL_CONFIGS:
-    raise ValueError(f'Unknown model {name!r}.{_nearest(name, MODEL_CONFIGS)}')
+    raise ValueError(f'Unknown model {name!r}.{utils.did_you_mean(name, MODEL_CONFIGS)}')
   config = MODEL_CONFIGS[name]
   nested = {k: overrides.pop(k) for k in ('image', 'text') if isinstance(overrides.get(k), dict)}
   for key, value in nested.items():
