@@ -251,15 +251,15 @@ def test_chunks_are_the_largest_divisor_of_the_local_batch(data_dir):
   for batch, limit, processes, want in ((8, 3, 1, (2, 4)), (12, 64, 1, (12, 1)),
                                         (14, 5, 2, (1, 7)), (16, 4, 2, (4, 2))):
     last = processes - 1
-    loader = loader.ChunkLoader(_config(data_dir, global_batch_size=batch,
-                                          max_chunk_size=limit), source, meta, 'r', last,
-                                  processes)
-    assert (loader.chunk_size, loader.chunks_per_batch) == want
+    chunks = loader.ChunkLoader(_config(data_dir, global_batch_size=batch,
+                                        max_chunk_size=limit), source, meta, 'r', last,
+                                processes)
+    assert (chunks.chunk_size, chunks.chunks_per_batch) == want
     # Batches 0 and 1 of the last process: the last B / P positions of global batches 0 and 1.
     local = batch // processes
     positions = [divmod(g, NUM_SAMPLES) for t in range(2)
                  for g in range(t * batch + last * local, (t + 1) * batch)]
-    assert [p for u in range(2 * want[1]) for p in loader.stream_positions(u)] == positions
+    assert [p for u in range(2 * want[1]) for p in chunks.stream_positions(u)] == positions
 
 
 def test_global_batch_on_fake_devices(data_dir):
@@ -332,9 +332,9 @@ def _corrupt_source(data_dir):
 
 def _iterator(records, meta, **kwargs):
   config = loader.InputConfig(dataset='reinforced', global_batch_size=8, image_size=SIZE,
-                                context_length=16, seed=3, **kwargs)
-  loader = loader.ChunkLoader(config, records, meta, 'DS', 0, 1)
-  return loader.TrainIterator(loader, num_batches=3)  # One epoch.
+                              context_length=16, seed=3, **kwargs)
+  chunks = loader.ChunkLoader(config, records, meta, 'DS', 0, 1)
+  return loader.TrainIterator(chunks, num_batches=3)  # One epoch.
 
 
 def test_corrupt_records_fail_naming_the_record(data_dir):
@@ -367,6 +367,22 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
   assert fresh.skip_counter.skipped == iterator.skip_counter.skipped
   with pytest.raises(BudgetExceededError, match='3 skipped'):
     list(_iterator(records, meta, error_policy='skip', error_budget='2'))
+
+
+def test_benchmark_photos_have_natural_image_statistics():
+  """The loader benchmark's source images: amplitude spectrum ~1/f as photographs have, and
+  JPEG sizes like ImageNet's (~4-5 bits per pixel at quality 90), not flat synthetic scenes."""
+  from mobileclip_jax.benchmark import data as data_benchmark  # pylint: disable=g-import-not-at-top
+  pixels = data_benchmark.photo(np.random.default_rng(0), 256, 384)
+  gray = pixels.astype(np.float64).mean(-1)
+  spectrum = np.abs(np.fft.fft2(gray - gray.mean()))
+  radius = np.hypot(*np.meshgrid(np.fft.fftfreq(384), np.fft.fftfreq(256)))
+  bands = np.geomspace(0.02, 0.4, 9)
+  amplitude = [spectrum[(radius >= lo) & (radius < hi)].mean() for lo, hi in zip(bands, bands[1:])]
+  slope = np.polyfit(np.log(np.sqrt(bands[1:] * bands[:-1])), np.log(amplitude), 1)[0]
+  assert -1.3 < slope < -0.7, slope
+  bits = 8 * len(data_benchmark._jpeg(pixels)) / (256 * 384)
+  assert 3 < bits < 6, bits
 
 
 def test_missing_dataset_says_how_to_build_it(tmp_path):
