@@ -19,7 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 from mobileclip_jax import keys
 from mobileclip_jax import losses  # noqa: E402
 from mobileclip_jax import torch_compat  # noqa: E402
-from mobileclip_jax.benchmark import train  # noqa: E402
+from mobileclip_jax.benchmark import train
+from mobileclip_jax.benchmark import train_torch  # noqa: E402
 
 # ViT-B-16 shrunk to one 32-wide block at 32 px and a one-layer 32-wide text tower: the whole
 # train step compiles in seconds (a MobileCLIP MCi tower, even tiny, takes minutes on 2 cores).
@@ -38,10 +39,10 @@ def _embeddings(batch, embed_dim, teacher_dims, seed=0):
 
 
 def _torch_dr_loss(e, logit_scale, **kwargs):
-  """train.torch_dr_loss on numpy inputs; (total, terms, d total / d student embeddings)."""
+  """train_torch.torch_dr_loss on numpy inputs; (total, terms, d total / d student embeddings)."""
   t = {k: torch.tensor(v, requires_grad=k in (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB))
        for k, v in e.items()}
-  total, terms = train.torch_dr_loss(
+  total, terms = train_torch.torch_dr_loss(
       t[keys.IMAGE_EMB], t[keys.TEXT_EMB], t[keys.SYN_TEXT_EMB], t[keys.TEACHER_IMAGE],
       t[keys.TEACHER_TEXT], t[keys.TEACHER_SYN_TEXT], torch.tensor(logit_scale), **kwargs)
   total.backward()
