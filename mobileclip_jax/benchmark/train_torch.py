@@ -167,8 +167,7 @@ def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_siz
   """
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
-  timm = torch_compat.import_timm()
+  torch_compat.import_open_clip()  # Makes open_clip_train importable.
   from open_clip_train import scheduler as scheduler_lib  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -227,15 +226,7 @@ def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_siz
   result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
   result['first_step'] = first
   result['parameters'] = parameters
-  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
-  if device.type == 'cuda':
-    result['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result['device'] = f'cuda:{torch.cuda.get_device_name()}'
-  else:
-    result['device'] = 'cpu'
-  result['threads'] = torch.get_num_threads()
-  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
-                        'timm': timm.__version__}
+  result.update(common.torch_process_fields(device))
   return result
 
 
