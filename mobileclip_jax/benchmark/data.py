@@ -48,10 +48,12 @@ from PIL import Image
 
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
+from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
 
@@ -91,7 +93,7 @@ def make_datasets(data_dir: str, num_samples: int, image_size: int, k: int,
   shards = os.path.join(data_dir, 'tars')
   with wds.ShardWriter(os.path.join(shards, '{:05d}.tar'), 256) as writer:
     for demo in demo_world.iter_samples('train', num_samples, image_size, seed=0):
-      sample = wds.Sample(
+      sample = sample_codec.Sample(
           shard='', key=demo['uid'], uid=demo['uid'], image=demo_world.encode_image(demo['image']),
           image_format='jpg', captions=[demo['caption']], syn_keys=('syn_text',),
           syn_captions=[captioner.caption(demo['labels'], rng) for _ in range(_NUM_SYN)],
@@ -99,9 +101,9 @@ def make_datasets(data_dir: str, num_samples: int, image_size: int, k: int,
           paug=[augment.sample_params(rng, image_size, image_size) for _ in range(k)],
           image_emb=_unit_rows(rng, k, teacher_dims),
           text_emb=_unit_rows(rng, 1 + _NUM_SYN, teacher_dims))
-      writer.write(sample.key, wds.encode_sample(sample))
+      writer.write(sample.key, sample_codec.encode_sample(sample))
   for kind in ('reinforced', 'plain'):
-    reinforced_tfds.build_dataset(os.path.join(shards, '*.tar'), kind, data_dir, kind=kind,
+    dataset_build.build_dataset(os.path.join(shards, '*.tar'), kind, data_dir, kind=kind,
                                   augmentation=_AUGMENTATION, teacher_dims=teacher_dims,
                                   progress=False)
 
@@ -156,15 +158,15 @@ def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
 def _example_row(data_dir: str, dataset: str, o: Dict[str, Any]) -> Dict[str, Any]:
   config = _input_config(data_dir, dataset, o['image_size'], o['batch_size'])
   source, meta = reinforced_tfds.open_reinforced(dataset, data_dir)
-  loader = loader.ChunkLoader(config, source, meta, dataset, 0, 1)
+  chunk_loader = loader.ChunkLoader(config, source, meta, dataset, 0, 1)
   chunks = iter(range(1 << 30))
-  loader(next(chunks))  # Warm-up: tokenizer caches, allocator.
-  count = o['repeats'] * loader.chunks_per_batch
+  chunk_loader(next(chunks))  # Warm-up: tokenizer caches, allocator.
+  count = o['repeats'] * chunk_loader.chunks_per_batch
   wall, cpu = time.perf_counter(), common.cpu_time_s()
   for _ in range(count):
-    loader(next(chunks))
+    chunk_loader(next(chunks))
   wall, cpu = time.perf_counter() - wall, common.cpu_time_s() - cpu
-  examples = count * loader.chunk_size
+  examples = count * chunk_loader.chunk_size
   return {'row': 'example', 'dataset': dataset, 'kind': meta.kind, 'examples': examples,
           'samples_per_s': examples / wall, 'samples_per_core_s': examples / cpu,
           'us_per_example_cpu': cpu / examples * 1e6}
