@@ -381,6 +381,61 @@ def test_layout_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Apache Beam.
+
+
+def _records(path):
+  source, meta = rt.open_reinforced(path)
+  return [source[i] for i in range(len(source))], meta
+
+
+def test_beam_runner_writes_the_local_build(tmp_path):
+  """The DirectRunner build equals the local one: records in order, metadata, counts, list."""
+  pytest.importorskip('apache_beam')
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  direct = pipeline_options.PipelineOptions(['--runner=DirectRunner'])
+  src, good, _ = _bad_dataset(tmp_path, ['bad_image', 'zero_row', 'null_op', 'bad_utf8'],
+                              truncate_tar=True)
+  local = _build(src, tmp_path / 'local', policy=SKIP_ALL)
+  beam = _build(src, tmp_path / 'beam', policy=SKIP_ALL, runner='beam', beam_options=direct)
+  assert beam.counter == local.counter and beam.num_examples == len(good)
+  assert beam.metadata == local.metadata
+  (got, got_meta), (want, want_meta) = _records(beam.path), _records(local.path)
+  assert got_meta == want_meta and len(got) == len(want) == len(good)
+  for a, b in zip(got, want):
+    assert a.keys() == b.keys()
+    for field in a:
+      np.testing.assert_array_equal(np.asarray(a[field], dtype=object),
+                                    np.asarray(b[field], dtype=object), err_msg=field)
+  rows = lambda report: sorted(map(json.dumps, errors.read_skip_log(report.skipped_list)))
+  assert rows(beam) == rows(local) and len(rows(beam)) == 6  # 5 samples, and the cut itself.
+  assert not os.path.exists(tmp_path / 'beam' / 'ds.staging')
+  # The command line: --runner=beam with Beam's own options.
+  with open(tmp_path / 'augmentation.json', 'w') as f:
+    json.dump(AUGMENTATION, f)
+  cli = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch', 'build_dataset.py'), f'--src={src}',
+       '--name=ds', f'--data_dir={tmp_path / "cli"}', '--runner=beam', '--policy=skip',
+       '--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2',
+       f'--reinforce_config={tmp_path / "augmentation.json"}'],
+      capture_output=True, text=True, check=False)
+  assert cli.returncode == 0, cli.stderr
+  assert f'Wrote {len(good)} reinforced examples' in cli.stdout and 'emb_norm: 1' in cli.stdout
+  assert [r['uid'] for r in _records(str(tmp_path / 'cli' / 'ds'))[0]] == [
+      r['uid'] for r in want]
+
+  # The same policy: a budget fails after the pipeline, before the dataset is moved into place;
+  # 'fail' stops at the first corrupt sample, named.
+  with pytest.raises(BudgetExceededError, match=r'5 skipped of 8 seen[\s\S]*skipped_samples'):
+    _build(src, tmp_path / 'over', policy=ErrorPolicy('skip', max_count=4), runner='beam',
+           beam_options=direct)
+  assert not os.path.exists(rt.dataset_dir('ds', str(tmp_path / 'over')))
+  with pytest.raises(CorruptSampleError, match=r"b/00000.tar: sample '000000': bad_image"):
+    _build(src, tmp_path / 'fail', runner='beam', beam_options=direct)
+  assert not os.path.exists(rt.dataset_dir('ds', str(tmp_path / 'fail')))
+
+
+# ----------------------------------------------------------------------------------------------
 # Resume and determinism.
 
 

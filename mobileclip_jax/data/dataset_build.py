@@ -31,7 +31,7 @@ from mobileclip_jax.data import dataset_layout
 from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import shard_staging
 from mobileclip_jax.data import wds
-from mobileclip_jax.data.errors import ErrorPolicy, SkipCounter
+from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
 from mobileclip_jax.data.reinforced_tfds import (SKIPPED_FILE, VERSION, DatasetMetadata,
                                                  dataset_dir, features)
 
@@ -214,8 +214,18 @@ def build_dataset(src: str | Sequence[str], name: str, data_dir: str, *,
     out_dir.rmtree()
   builder = ReinforcedDatasetBuilder(name=name, metadata=meta, jobs=jobs, runner=runner,
                                      staging_dir=staging_dir, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      beam_options=beam_options))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        beam_options=beam_options))
+  except Exception as e:  # pylint: disable=broad-except
+    # Beam wraps a worker's exception (RuntimeError: ... [while running ...]): the corrupt
+    # sample that stopped the build under policy 'fail' is the one to report.
+    cause = e
+    while cause is not None and not isinstance(cause, CorruptSampleError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None or cause is e:
+      raise
+    raise cause from None
   if runner == 'beam':
     counter = builder.counter
     samples_read = counter.seen

@@ -461,8 +461,8 @@ def _region_errors(path: str, regions: list[_Region], stats: ShardStats,
       counts.append(lost - sum(counts))
     else:
       counts = _share(lost, sizes)
-    how = (f'of the {lost} samples {MANIFEST_FILE} lists and the tar lacks'
-           + (', shared among the damaged stretches by size' if len(regions) > 1 else ''))
+    how = (f'{MANIFEST_FILE} lists {stats.expected} samples, the tar holds {stats.samples}'
+           + ('; shared among the damaged stretches by size' if len(regions) > 1 else ''))
   else:
     counts = [int(s) for s in sizes]  # A stretch also holds parts of its neighbours.
     how = ('estimated from the stretch\'s size over the mean sample size (no '
