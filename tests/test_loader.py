@@ -397,6 +397,22 @@ def test_skipped_records_are_listed_exactly_over_a_resume(data_dir, tmp_path):
   assert sum(resumed.skip_counter.skipped.values()) == len(rows)
 
 
+def test_benchmark_photos_have_natural_image_statistics():
+  """The loader benchmark's source images: amplitude spectrum ~1/f as photographs have, and
+  JPEG sizes like ImageNet's (~4-5 bits per pixel at quality 90), not flat synthetic scenes."""
+  from mobileclip_jax.benchmark import data as data_benchmark  # pylint: disable=g-import-not-at-top
+  pixels = data_benchmark.photo(np.random.default_rng(0), 256, 384)
+  gray = pixels.astype(np.float64).mean(-1)
+  spectrum = np.abs(np.fft.fft2(gray - gray.mean()))
+  radius = np.hypot(*np.meshgrid(np.fft.fftfreq(384), np.fft.fftfreq(256)))
+  bands = np.geomspace(0.02, 0.4, 9)
+  amplitude = [spectrum[(radius >= lo) & (radius < hi)].mean() for lo, hi in zip(bands, bands[1:])]
+  slope = np.polyfit(np.log(np.sqrt(bands[1:] * bands[:-1])), np.log(amplitude), 1)[0]
+  bits = 8 * len(data_benchmark._jpeg(pixels)) / (256 * 384)
+  assert -1.3 < slope < -0.7, slope
+  assert 3 < bits < 6, bits
+
+
 def test_missing_dataset_says_how_to_build_it(tmp_path):
   with pytest.raises(FileNotFoundError, match='build_dataset.py'):
     loader.make_train_iterator(loader.InputConfig(dataset='nowhere',
