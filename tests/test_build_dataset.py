@@ -373,6 +373,12 @@ def test_layout_errors(tmp_path):
   with pytest.raises(FileExistsError, match='--overwrite'):
     _build(src, tmp_path / 'data')
   assert _build(src, tmp_path / 'data', overwrite=True).num_examples == 2
+  # Widths that cannot be inferred: the embeddings are not unit-norm slices.
+  scaled = [test_wds.make_sample(rng, i) for i in range(3)]
+  for sample in scaled:
+    sample.image_emb, sample.text_emb = 3 * sample.image_emb, 3 * sample.text_emb
+  with pytest.raises(ValueError, match='teacher widths cannot be inferred.*--teacher_dims'):
+    _build(_write(tmp_path / 'scaled', scaled), tmp_path / 'data', name='scaled')
   # No majority: the samples disagree on k and none is given.
   mixed = [test_wds.make_sample(rng, i, k=2 + i % 2) for i in range(4)]
   with pytest.raises(ValueError, match=r'do not agree on the number of stored augmentations '

@@ -101,9 +101,14 @@ def _inferred_dims(sample: sample_codec.Sample) -> tuple[int, ...] | None:
 def _teacher_dims(samples: Sequence[sample_codec.Sample], given: Sequence[int] | None,
                   width: int) -> tuple[int, ...]:
   if not given:
-    return _consensus([_inferred_dims(s) for s in samples], 'the teacher widths (from unit-norm '
-                      'slices of the embeddings)', 'pass --teacher_dims (e.g. 768,768 for '
-                      'DataCompDR)')
+    fix = 'pass --teacher_dims (e.g. 768,768 for DataCompDR)'
+    dims = _consensus([_inferred_dims(s) for s in samples], 'the teacher widths (from unit-norm '
+                      'slices of the embeddings)', fix)
+    if dims is None:
+      raise ValueError(f'The teacher widths cannot be inferred: the embeddings of most of the '
+                       f'first {len(samples)} samples are not equal-width unit-norm slices (or '
+                       f'hold NaN/Inf); {fix}.')
+    return dims
   dims = tuple(int(d) for d in given)
   if sum(dims) != width:
     raise ValueError(f'--teacher_dims {list(dims)} sum to {sum(dims)}, but the embeddings of '

@@ -139,6 +139,8 @@ def read_result(job: ShardJob, fingerprint: str | None = None) -> ShardResult | 
     return None
   if fingerprint is not None and data.get('fingerprint') != fingerprint:
     return None
+  if 'stats' not in data or not epath.Path(job.skipped_path).exists():
+    return None  # Staged by an older version without the lists: staged again.
   return ShardResult(SkipCounter.from_json(data['counter']),
                      [wds.ShardStats(**s) for s in data['stats']])
 
