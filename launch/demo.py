@@ -10,7 +10,8 @@ MobileCLIP student with the CLIP loss and with the DR objective, evaluates all f
 DR student to open_clip and checks it there, and prints the results (also in
 <workdir>/results.json, loss curves in <workdir>/loss_curves.png). Rerun to complete an
 interrupted run: finished stages are skipped. Afterwards `python launch/train.py
---config=configs/s4.py:runlocal` trains with the DR objective on the reinforced demo data, and
+--config=configs/mobileclip2.py:s4,runlocal` trains with the DR objective on the reinforced demo
+data, and
 `--config=configs/demo.py:student_dr` (or teacher_a, teacher_b, student_clip) reruns a stage.
 See mobileclip_jax/demo.py.
 """

@@ -43,6 +43,7 @@ import numpy as np
 from mobileclip_jax import checkpoint as checkpoint_lib
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import sharding
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import demo_dataset
@@ -243,7 +244,7 @@ def train_config(role: str, settings: DemoSettings, data_dir: str) -> ml_collect
 
 
 def _write_json(path: str, value: Any) -> None:
-  runner.write_json_atomic(path, value)
+  utils.write_json_atomic(path, value)
 
 
 def _read_json(path: str) -> Optional[Any]:

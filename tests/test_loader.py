@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+from mobileclip_jax import keys
 from mobileclip_jax import sharding
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import dataset_build
@@ -125,7 +126,7 @@ def _tokens(tokenizer, texts) -> list[bytes]:
 
 def _numbers(batch) -> list[int]:
   """The sample number of every example of a batch, from its teacher text embedding."""
-  return [_decode_row(row)[0] for row in batch[loader.TEACHER_TEXT_EMB]]
+  return [_decode_row(row)[0] for row in batch[keys.TEACHER_TEXT]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,22 +142,22 @@ def test_reinforced_rows_match_replayed_crop_and_captions(data_dir, tokenizer):
   assert replay_config == augment.AugmentConfig(image_size=32, interpolation='bicubic', p=1.0)
   seen_augmentations, seen_syn = set(), set()
   for batch in _take(iterator, 3):
-    assert set(batch) == set(loader.REINFORCED_KEYS)
+    assert set(batch) == set(keys.REINFORCED_BATCH)
     for key, (shape, dtype) in iterator.element_spec.items():
       assert batch[key].shape == (8,) + shape and batch[key].dtype == dtype, key
     for b in range(8):
-      number, a = _decode_row(batch[loader.TEACHER_IMAGE_EMB][b])
+      number, a = _decode_row(batch[keys.TEACHER_IMAGE][b])
       sample = samples[number]
       # The image is stored augmentation a, replayed at the student's size.
       image = Image.open(io.BytesIO(sample.image))
       want = augment.replay(image, sample.paug[a], SIZE, replay_config)
-      np.testing.assert_array_equal(batch[loader.IMAGE][b], want)
+      np.testing.assert_array_equal(batch[keys.IMAGE][b], want)
       # The ground-truth caption and its teacher row (row 0: C = 1).
-      assert batch[loader.TEXT][b].tobytes() == _tokens(tokenizer, sample.captions)[0]
-      assert _decode_row(batch[loader.TEACHER_TEXT_EMB][b]) == (number, 0)
+      assert batch[keys.TEXT][b].tobytes() == _tokens(tokenizer, sample.captions)[0]
+      assert _decode_row(batch[keys.TEACHER_TEXT][b]) == (number, 0)
       # The synthetic caption and its row: 1 + its index among the S flattened captions.
-      s = _tokens(tokenizer, sample.syn_captions).index(batch[loader.SYN_TEXT][b].tobytes())
-      assert _decode_row(batch[loader.TEACHER_SYN_TEXT_EMB][b]) == (number, 1 + s)
+      s = _tokens(tokenizer, sample.syn_captions).index(batch[keys.SYN_TEXT][b].tobytes())
+      assert _decode_row(batch[keys.TEACHER_SYN_TEXT][b]) == (number, 1 + s)
       seen_augmentations.add(a)
       seen_syn.add(s)
   assert seen_augmentations == set(range(K)) and seen_syn == set(range(5))
@@ -180,7 +181,7 @@ def test_choices_uniform_and_syn_key_regex(data_dir):
   only_dfn = loader.ChunkLoader(_config(data_dir, syn_key_regex='^syn_text_dfn$'), source,
                                   meta, 'reinforced', 0, 1)
   rows = [_decode_row(row)[1] - 1 for u in range(3)
-          for row in only_dfn(u)[loader.TEACHER_SYN_TEXT_EMB]]
+          for row in only_dfn(u)[keys.TEACHER_SYN_TEXT]]
   assert set(rows) == {2, 3, 4}  # dfn's captions follow coca's two.
   with pytest.raises(ValueError, match=re.escape("['syn_text_coca', 'syn_text_dfn']")):
     loader.make_train_iterator(_config(data_dir, syn_key_regex='^syn_text_blip$'), 0, 1)
@@ -192,12 +193,12 @@ def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, t
   number_of = {row: i for i, row in enumerate(_tokens(tokenizer, captions))}
   config = _config(data_dir, 'plain', global_batch_size=NUM_SAMPLES, num_epochs=2)
   batches = _take(loader.make_train_iterator(config, 0, 1), 2)
-  assert all(set(batch) == {loader.IMAGE, loader.TEXT} for batch in batches)
+  assert all(set(batch) == {keys.IMAGE, keys.TEXT} for batch in batches)
   images = []
   for batch in batches:
-    numbers = [number_of[row.tobytes()] for row in batch[loader.TEXT]]
+    numbers = [number_of[row.tobytes()] for row in batch[keys.TEXT]]
     assert sorted(numbers) == list(range(NUM_SAMPLES))  # One epoch per batch here.
-    images.append(batch[loader.IMAGE][np.argsort(numbers)])
+    images.append(batch[keys.IMAGE][np.argsort(numbers)])
   # Each epoch samples new parameters: the same image is cropped differently.
   assert all(np.any(a != b) for a, b in zip(*images))
 
@@ -205,10 +206,10 @@ def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, t
   whole = augment.AugmentConfig(scale=(1.0, 1.0), ratio=(WIDTH / HEIGHT,) * 2, p=0.0)
   batch = next(loader.make_train_iterator(
       _config(data_dir, 'plain', augmentation=whole), 0, 1))
-  for b, row in enumerate(batch[loader.TEXT]):
+  for b, row in enumerate(batch[keys.TEXT]):
     image = Image.open(io.BytesIO(samples[number_of[row.tobytes()]].image))
     want = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(batch[loader.IMAGE][b], want)
+    np.testing.assert_array_equal(batch[keys.IMAGE][b], want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_processes_read_disjoint_slices_of_each_global_batch(data_dir, process_c
            for p in range(process_count)]
   for t, batch in enumerate(whole):
     local = [part[t] for part in parts]
-    assert all(len(b[loader.IMAGE]) == 16 // process_count for b in local)
+    assert all(len(b[keys.IMAGE]) == 16 // process_count for b in local)
     # Concatenated in process order, the slices are the global batch, bit for bit.
     _assert_batches_equal([{k: np.concatenate([b[k] for b in local]) for k in batch}], [batch])
   with pytest.raises(ValueError, match='not divisible'):
@@ -354,7 +355,7 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
   records, meta, bad = _corrupt_source(data_dir)
   iterator = _iterator(records, meta, error_policy='skip', error_budget='3', worker_count=0)
   batches = list(iterator)
-  assert len(batches) == 3 and all(len(b[loader.IMAGE]) == 8 for b in batches)
+  assert len(batches) == 3 and all(len(b[keys.IMAGE]) == 8 for b in batches)
   bad_numbers = {_decode_row(records[i]['image_emb'][0])[0] for i in bad}
   numbers = [n for batch in batches for n in _numbers(batch)]
   assert not bad_numbers & set(numbers)

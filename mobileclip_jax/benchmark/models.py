@@ -47,6 +47,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.benchmark import common
 
 DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S4')
@@ -352,11 +353,6 @@ def _measure(function: str, kwargs: Dict[str, Any], max_others_cpu: float,
   return {**best, 'attempts': attempt}
 
 
-def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def _significant(x: float, digits: int = 4) -> float:
   return float(f'{x:.{digits}g}')
 
@@ -417,7 +413,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
                         workdir=workdir)
           torch_r = _measure('measure_torch', kwargs, o['max_others_cpu'], o['attempts'])
           jax_r = _measure('measure_jax', kwargs, o['max_others_cpu'], o['attempts'])
-          rel_l2 = _rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
+          rel_l2 = utils.rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
                            np.load(_output_path(workdir, 'torch', tower, form, batch)))
           yield _row(variant, tower, form, batch, ref['image_size'], jax_r, torch_r, rel_l2,
                      o['rel_l2_tol'])

@@ -23,7 +23,7 @@ Options (all optional):
   seed=0
 
 One row per (variant, batch). Both sides run the MobileCLIP2 recipe's step
-(`config.mobileclip2_recipe`): train-mode BatchNorm; uint8 images normalized inside the step; the
+(configs/mobileclip2.py, the variant's own or S0's for the teachers' ViTs): train-mode BatchNorm; uint8 images normalized inside the step; the
 image tower once and the ground-truth + synthetic captions through the text tower in one pass;
 the DR loss (CLIP + distillation from two 768-d teachers at scales 70 / 60, averaged after
 softmax, both directions, for both caption kinds; weighted 0 / 1 as in the recipe, but both terms
@@ -40,10 +40,10 @@ Method: each framework runs in its own fresh process (`common.isolated`), torch 
   `torch_dr_loss` below, written from the formulas of `mobileclip_jax.losses` (Apple's
   `DRClipLoss` / `DistillClipLoss`). `torch.set_num_threads(os.cpu_count())`; on CUDA TF32
   matmuls and cudnn.benchmark, as open_clip_train's main() sets them.
-- JAX: the saved weights go through `convert.from_open_clip`; the step is
-  `train.step.make_train_step` jitted as the trainer does (a mesh over all devices, state and
-  batch shardings, the state donated); compile time is lower + compile with the persistent
-  compilation cache disabled, so it is a real compile.
+- JAX: the step is the trainer's own, built by `train.setup.build` from the same config (mesh,
+  state and batch shardings, fsdp threshold, accumulation, the state donated); the saved weights
+  go through `convert.from_open_clip` into its state; compile time is lower + compile with the
+  persistent compilation cache disabled, so it is a real compile.
 - The first step's losses (total and each term) and pre-clipping gradient norms of both sides
   are recorded: same weights, same batch, both in train mode, so they must agree.
 - Memory: process peak RSS (building the model and saving its weights (torch), or loading them
@@ -352,64 +352,65 @@ def jax_platform() -> Dict[str, str]:
   return {'platform': jax.default_backend()}
 
 
-def measure_jax(variant: str, overrides: Dict[str, Any], recipe: Dict[str, Any], workdir: str,
-                warmup: int, repeats: int, max_others_cpu: float, attempts: int,
-                seed: int) -> Dict[str, Any]:
-  """Compiles and runs the trainer's jitted DR step on the saved weights and batch."""
+def training_config(variant: str, batch: int, overrides: Dict[str, Any]):
+  """The config both sides run: MobileCLIP2's recipe (configs/mobileclip2.py) for `variant` at
+  `batch`, with the model overrides; JAX builds its step from it through train/setup.py."""
+  from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import rules  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  specs = config_lib.recipe_specs()
+  c = config_lib.load_config_file(specs.get(variant, specs['MobileCLIP2-S0']))
+  c.model.name = variant
+  if clip_lib.get_config(variant).image_layout == 'open_clip':
+    c.optim.wd_rules = (rules.OPEN_CLIP_VIT_WD_RULE,) + tuple(c.optim.wd_rules)
+  c.batch_size = batch
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      c.model[key].update(value)
+    else:
+      c.model[key] = value
+  return c
+
+
+def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: str, warmup: int,
+                repeats: int, max_others_cpu: float, attempts: int, seed: int) -> Dict[str, Any]:
+  """Builds the trainer's step (train/setup.py) and runs it on the saved weights and batch."""
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import convert  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax import losses  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.train import setup  # pylint: disable=g-import-not-at-top
   # A cache hit would make the compile time a cache read.
   jax.config.update('jax_enable_compilation_cache', False)
-  config = clip_lib.get_config(variant, **overrides)
+  config = training_config(variant, batch, overrides)
+  config.seed = seed
+  mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+  model_config = setup.model_config(config)
+  run = setup.build(config, mesh, spec=setup.InputSpec.synthetic(model_config, TEACHER_DIMS))
   with np.load(_weights_path(workdir)) as weights:
-    variables = convert.from_open_clip(weights, config)
-  model = clip_lib.CLIP(config)
-  schedule = optimizer_lib.lr_schedule(recipe['lr'], recipe['total_steps'], recipe['warmup_steps'])
-  tx = optimizer_lib.make_optimizer(
-      config, variables['params'], schedule, b1=recipe['b1'], b2=recipe['b2'], eps=recipe['eps'],
-      weight_decay=recipe['weight_decay'], grad_clip=recipe['grad_clip'])
-  loss_config = losses.LossConfig(teacher_dims=TEACHER_DIMS, **recipe['loss'])
-  mesh = sharding_lib.create_mesh(-1, 1)
+    variables = convert.from_open_clip(weights, model_config)
   with np.load(_batch_path(workdir)) as data:
-    batch = {k: data[k] for k in data.files}
-  if batch['image'].shape[0] % sharding_lib.num_batch_shards(mesh):
-    raise ValueError(f'batch {batch["image"].shape[0]} does not split over the '
-                     f'{sharding_lib.num_batch_shards(mesh)} JAX devices: use a multiple.')
-  batch = sharding_lib.global_batch(batch, mesh)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                              batch_stats=variables.get('batch_stats', {}),
-                              opt_state=tx.init(variables['params']))
+    batch_arrays = sharding_lib.global_batch({k: data[k] for k in data.files}, mesh)
+  state = run.init_state()
+  state = state.replace(
+      params=jax.device_put(variables['params'], run.state_shardings.params),
+      batch_stats=jax.device_put(variables.get('batch_stats', {}), run.state_shardings.batch_stats))
   del variables
-  state_shardings = sharding_lib.infer_shardings(state, mesh)
-  state = jax.device_put(state, state_shardings)
-  step_fn = step_lib.make_train_step(model, tx, loss_config, mesh=mesh, use_syn=True,
-                                     use_teachers=True, seed=seed)
-  start = time.perf_counter()
-  compiled = jax.jit(step_fn, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                     donate_argnums=(0,)).lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  compiled = run.step
   compile_peak_rss_mb = common.peak_rss_mb()  # Loading and compiling, before any step ran.
   holder = {'state': state}
   del state  # Donated by the first step; only `holder` may refer to it.
 
   def train_step():
-    holder['state'], metrics = compiled(holder['state'], batch)
+    holder['state'], metrics = compiled(holder['state'], batch_arrays)
     return jax.block_until_ready(metrics)
 
   metrics = jax.device_get(train_step())
   first = {k: float(metrics[k]) for k in ('loss', 'grad_norm') + LOSS_TERMS}
   result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
   result['first_step'] = first
-  result['compile_s'] = round(compile_s, 3)
+  result['compile_s'] = round(run.compile_seconds, 3)
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   result['compile_peak_rss_mb'] = round(compile_peak_rss_mb, 1)
   analysis = compiled.memory_analysis()  # XLA's buffers of one step, per device.
@@ -431,11 +432,11 @@ def measure_jax(variant: str, overrides: Dict[str, Any], recipe: Dict[str, Any],
 # ---------------------------------------------------------------- orchestration (runs no model)
 
 
-def recipe_settings(variant: str, batch: int) -> Dict[str, Any]:
-  """MobileCLIP2's optimizer, schedule and loss settings (JSON-able, handed to both sides)."""
+def recipe_settings(variant: str, batch: int, overrides: Dict[str, Any]) -> Dict[str, Any]:
+  """The training config's optimizer, schedule and loss settings, for the torch side (JSON)."""
   from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.mobileclip2_recipe(variant)
+  c = training_config(variant, batch, overrides)
   loss = c.loss
   # torch_dr_loss implements this form of the objective; a recipe that changes it needs both.
   if loss.kind != 'softmax' or loss.average != 'probs' or loss.student_scale is not None:
@@ -443,6 +444,9 @@ def recipe_settings(variant: str, batch: int) -> Dict[str, Any]:
                      f'softmax and the learned student scale; the recipe now has '
                      f'kind={loss.kind!r}, average={loss.average!r}, '
                      f'student_scale={loss.student_scale}.')
+  if c.accum_steps != 1 or c.optim.lr_rules or c.optim.freeze:
+    raise ValueError('The torch side runs one micro-batch, no lr multipliers and no frozen '
+                     'parameters; the recipe asks for them.')
   return {
       'lr': c.optim.lr, 'b1': c.optim.b1, 'b2': c.optim.b2,
       'eps': c.optim.eps if c.optim.eps is not None else optimizer_lib.default_eps(variant),
@@ -587,15 +591,15 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   for variant in o['variants']:
     config = configs[variant]
     for batch in batches:
-      recipe = recipe_settings(variant, batch)
+      recipe = recipe_settings(variant, batch, o['overrides'])
       with tempfile.TemporaryDirectory(prefix='mobileclip_bench_train_') as workdir:
-        common_kwargs = dict(variant=variant, overrides=o['overrides'], recipe=recipe,
+        common_kwargs = dict(variant=variant, overrides=o['overrides'], batch=batch,
                              workdir=workdir, seed=o['seed'], warmup=o['warmup'],
                              repeats=o['repeats'], max_others_cpu=o['max_others_cpu'],
                              attempts=o['attempts'])
         try:
           torch_r = _isolated('measure_torch', dict(
-              common_kwargs, batch=batch, image_size=config.image_size, mean=list(config.mean),
+              common_kwargs, recipe=recipe, image_size=config.image_size, mean=list(config.mean),
               std=list(config.std)))
           jax_r = _isolated('measure_jax', common_kwargs)
         except RuntimeError as e:  # E.g. out of memory at this batch: report it, go on.

@@ -46,7 +46,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from mobileclip_jax.data import atomic_files
+from mobileclip_jax import keys
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import errors
 from mobileclip_jax.data import reinforced_tfds
@@ -54,13 +55,6 @@ from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data.errors import (CorruptSampleError, ErrorPolicy, SkipCounter, SkipLog,
                                         read_skip_log)
-
-IMAGE, TEXT, SYN_TEXT = 'image', 'text', 'syn_text'
-TEACHER_IMAGE_EMB = 'teacher_image_emb'
-TEACHER_TEXT_EMB = 'teacher_text_emb'
-TEACHER_SYN_TEXT_EMB = 'teacher_syn_text_emb'
-PLAIN_KEYS = (IMAGE, TEXT)
-REINFORCED_KEYS = PLAIN_KEYS + (SYN_TEXT, TEACHER_IMAGE_EMB, TEACHER_TEXT_EMB, TEACHER_SYN_TEXT_EMB)
 
 # Records tried for one example before giving up: only a dataset that is mostly corrupt gets here.
 MAX_ATTEMPTS = 32
@@ -229,14 +223,14 @@ class ChunkLoader:
   def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-example (shape, dtype) of each batch entry; a batch adds a leading [B_local]."""
     size, length = self.config.image_size, self.config.context_length
-    spec = {IMAGE: ((size, size, 3), np.dtype(np.uint8)),
-            TEXT: ((length,), np.dtype(np.int32))}
+    spec = {keys.IMAGE: ((size, size, 3), np.dtype(np.uint8)),
+            keys.TEXT: ((length,), np.dtype(np.int32))}
     if self.reinforced:
       dim = self.meta.embed_dim
-      spec.update({SYN_TEXT: ((length,), np.dtype(np.int32)),
-                   TEACHER_IMAGE_EMB: ((dim,), np.dtype(np.float32)),
-                   TEACHER_TEXT_EMB: ((dim,), np.dtype(np.float32)),
-                   TEACHER_SYN_TEXT_EMB: ((dim,), np.dtype(np.float32))})
+      spec.update({keys.SYN_TEXT: ((length,), np.dtype(np.int32)),
+                   keys.TEACHER_IMAGE: ((dim,), np.dtype(np.float32)),
+                   keys.TEACHER_TEXT: ((dim,), np.dtype(np.float32)),
+                   keys.TEACHER_SYN_TEXT: ((dim,), np.dtype(np.float32))})
     return spec
 
   def stream_positions(self, u: int) -> list[tuple[int, int]]:
@@ -274,8 +268,8 @@ class ChunkLoader:
   def _reinforced_example(self, index: int, record: dict[str, Any],
                           rng: np.random.Generator) -> dict[str, Any]:
     a, c, s = self._choices.draw(rng)
-    rows = {TEACHER_IMAGE_EMB: ('image_emb', a), TEACHER_TEXT_EMB: ('text_emb', c),
-            TEACHER_SYN_TEXT_EMB: ('text_emb', self.meta.num_captions + s)}
+    rows = {keys.TEACHER_IMAGE: ('image_emb', a), keys.TEACHER_TEXT: ('text_emb', c),
+            keys.TEACHER_SYN_TEXT: ('text_emb', self.meta.num_captions + s)}
     embeddings = {}
     for key, (name, row) in rows.items():
       # Only the rows used are checked: the whole record costs 10x more (float16 math).
@@ -291,7 +285,8 @@ class ChunkLoader:
                           f'no augmentation {a} of k={self.meta.k} ({type(e).__name__}: '
                           f'{e})') from None
     image = self._replay(index, record, self._image(index, record), params)
-    return {IMAGE: image, TEXT: record['captions'][c], SYN_TEXT: record['syn_captions'][s],
+    return {keys.IMAGE: image, keys.TEXT: record['captions'][c],
+            keys.SYN_TEXT: record['syn_captions'][s],
             **embeddings}
 
   def _plain_example(self, index: int, record: dict[str, Any],
@@ -299,11 +294,12 @@ class ChunkLoader:
     c = int(rng.integers(self.meta.num_captions))
     image = self._image(index, record)
     params = augment.sample_params(rng, image.height, image.width, self._augment_config)
-    return {IMAGE: self._replay(index, record, image, params), TEXT: record['captions'][c]}
+    return {keys.IMAGE: self._replay(index, record, image, params),
+            keys.TEXT: record['captions'][c]}
 
   def example(self, epoch: int, position: int) -> tuple[dict[str, Any], list[CorruptSampleError]]:
     """The example at (epoch, position): (raw fields, errors of the records it replaced)."""
-    errors = []
+    replaced = []
     for attempt in range(MAX_ATTEMPTS):
       rng = np.random.default_rng([self.config.seed, epoch, position, attempt])
       # A replacement record is drawn at random: the next one in any order would often be a
@@ -313,28 +309,29 @@ class ChunkLoader:
       record = self._source[index]
       try:
         if self.reinforced:
-          return self._reinforced_example(index, record, rng), errors
-        return self._plain_example(index, record, rng), errors
+          return self._reinforced_example(index, record, rng), replaced
+        return self._plain_example(index, record, rng), replaced
       except CorruptSampleError as e:
-        errors.append(e)
+        replaced.append(e)
     raise RuntimeError(f'{MAX_ATTEMPTS} records in a row were corrupt (epoch {epoch}, position '
-                       f'{position}) in {self._path}; the last: {errors[-1]}')
+                       f'{position}) in {self._path}; the last: {replaced[-1]}')
 
   def __call__(self, u: int) -> dict[str, Any]:
-    examples, errors = [], []
+    examples, replaced = [], []
     for epoch, position in self.stream_positions(int(u)):
-      example, example_errors = self.example(epoch, position)
+      example, example_replaced = self.example(epoch, position)
       examples.append(example)
-      errors.extend(example_errors)
+      replaced.extend(example_replaced)
     length = self.config.context_length
-    images = np.stack([e[IMAGE] for e in examples])
-    batch = {IMAGE: images,
-             TEXT: self._tokenizer([e[TEXT].decode('utf-8') for e in examples], length)}
+    images = np.stack([e[keys.IMAGE] for e in examples])
+    batch = {keys.IMAGE: images,
+             keys.TEXT: self._tokenizer([e[keys.TEXT].decode('utf-8') for e in examples], length)}
     if self.reinforced:
-      batch[SYN_TEXT] = self._tokenizer([e[SYN_TEXT].decode('utf-8') for e in examples], length)
-      for key in (TEACHER_IMAGE_EMB, TEACHER_TEXT_EMB, TEACHER_SYN_TEXT_EMB):
+      batch[keys.SYN_TEXT] = self._tokenizer(
+          [e[keys.SYN_TEXT].decode('utf-8') for e in examples], length)
+      for key in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT):
         batch[key] = np.stack([e[key] for e in examples])
-    batch[_ERRORS] = errors
+    batch[_ERRORS] = replaced
     return batch
 
 
@@ -404,11 +401,11 @@ class TrainIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._inner)
-    errors = batch.pop(_ERRORS)
+    replaced = batch.pop(_ERRORS)
     self.skip_counter.ok(self._loader.local_batch_size)
     if self.skipped_log is not None and self._log is None:
       self._open_log()
-    for error in errors:
+    for error in replaced:
       self._policy.handle(error, self.skip_counter, self._log, batch=self._next_batch)
     self._next_batch += 1
     return batch
@@ -446,9 +443,9 @@ class TrainIterator(grain.DatasetIterator):
     by an earlier run, for a fresh start): they are met again, so the list stays exact.
     """
     if os.path.exists(self.skipped_log):
-      atomic_files.write_text_atomic(self.skipped_log, [
-          json.dumps(row) + '\n' for row in read_skip_log(self.skipped_log)
-          if row['batch'] < self._next_batch])
+      with utils.atomic_write(self.skipped_log, encoding='utf-8') as f:
+        f.writelines(json.dumps(row) + '\n' for row in read_skip_log(self.skipped_log)
+                     if row['batch'] < self._next_batch)
     self._log = SkipLog(self.skipped_log)
 
   def close(self) -> None:

@@ -121,16 +121,21 @@ def features(meta: DatasetMetadata) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(spec)
 
 
-def read_reinforce_config(path: str) -> dict[str, Any]:
+def read_reinforce_config(path_or_json: str) -> dict[str, Any]:
   """Reads a generation config as in ml-mobileclip training/configs/datacompdr12m.json.
 
+  The one reader of Apple's format (the builder, launch/reinforce.py's --augmentation and the
+  TFDS build of a generated folder all use it). `path_or_json` is a file path or JSON text.
   Returns {'augmentation', 'teachers', 'k', 'teacher_dims', 'syn_key_regex', 'emb_dtype',
   'tokenizer'}; entries the file does not set are None. Apple's files set the first three;
   this project's `launch/reinforce.py` also records the others. A file without the 'reinforce'
   section is taken as the augmentation config itself.
   """
-  with open(path, encoding='utf-8') as f:
-    config = json.load(f)
+  if os.path.isfile(path_or_json):
+    with open(path_or_json, encoding='utf-8') as f:
+      config = json.load(f)
+  else:
+    config = json.loads(path_or_json)
   out = dict.fromkeys(('augmentation', 'teachers', 'k', 'teacher_dims', 'syn_key_regex',
                        'emb_dtype', 'tokenizer'))
   if 'reinforce' not in config:

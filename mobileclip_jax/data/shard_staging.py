@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 from etils import epath
 import tqdm
 
-from mobileclip_jax.data import atomic_files
+from mobileclip_jax import utils
 from mobileclip_jax.data import errors
 from mobileclip_jax.data import sample_checks
 from mobileclip_jax.data import sample_codec
@@ -124,8 +124,9 @@ def process_shard(job: ShardJob, result: ShardResult) -> Iterator[tuple[str, dic
 
 def write_result(job: ShardJob, result: ShardResult, fingerprint: str | None) -> None:
   """Writes the shard's list, then its counts (the marker that the shard is done)."""
-  atomic_files.write_text_atomic(job.skipped_path, [json.dumps(r) + '\n' for r in result.rows])
-  atomic_files.write_json_atomic(job.stats_path, {
+  with utils.atomic_write(job.skipped_path) as f:
+    f.writelines(json.dumps(row) + '\n' for row in result.rows)
+  utils.write_json_atomic(job.stats_path, {
       'fingerprint': fingerprint, 'shard': job.shard, 'counter': result.counter.to_json(),
       'stats': [s.to_json() for s in result.stats]})
 
@@ -271,5 +272,6 @@ def write_list(jobs: Sequence[ShardJob], extra: Sequence[dict[str, Any]], stagin
         yield from f
     yield from (json.dumps(row) + '\n' for row in extra)
 
-  atomic_files.write_text_atomic(path, lines())
+  with utils.atomic_write(path) as f:
+    f.writelines(lines())
   return path

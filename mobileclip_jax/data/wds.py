@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from etils import epath
 
-from mobileclip_jax.data import atomic_files
+from mobileclip_jax import utils
 from mobileclip_jax.data import errors
 from mobileclip_jax.data import tar_blocks
 from mobileclip_jax.data.errors import CorruptSampleError
@@ -164,8 +164,9 @@ def write_manifest(counts: Mapping[str, int]) -> None:
   for folder, entries in by_folder.items():
     _read_manifest.cache_clear()
     merged = {**_read_manifest(folder), **entries}
-    atomic_files.write_text_atomic(os.path.join(folder, MANIFEST_FILE), [
-        json.dumps({'shard': name, 'num_samples': merged[name]}) + '\n' for name in sorted(merged)])
+    with utils.atomic_write(os.path.join(folder, MANIFEST_FILE), encoding='utf-8') as f:
+      f.writelines(json.dumps({'shard': name, 'num_samples': merged[name]}) + '\n'
+                   for name in sorted(merged))
   _read_manifest.cache_clear()
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import errors
@@ -215,14 +216,6 @@ def _record_path(out_dir: str, name: str) -> str:
   return os.path.join(out_dir, STATE_DIR, 'shards', f'{name}.json')
 
 
-def _write_json_atomic(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _read_record(out_dir: str, name: str) -> Optional[Dict[str, Any]]:
   try:
     with open(_record_path(out_dir, name), encoding='utf-8') as f:
@@ -333,7 +326,7 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
             'size': os.path.getsize(final) if writer.paths else 0,
             'counter': counter.to_json(), 'captions': quality.to_json(),
             'seconds': time.time() - start}
-  _write_json_atomic(_record_path(ctx.out_dir, shard.name), record)
+  utils.write_json_atomic(_record_path(ctx.out_dir, shard.name), record)
   return record
 
 
@@ -398,18 +391,15 @@ def _write_summary(out_dir: str, shards: Sequence[inputs.InputShard], config_has
   done = [r for r in records if r is not None]
   counter, quality = _aggregate(done)
   complete = len(done) == len(shards)
-  _write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), {
+  utils.write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), {
       'complete': complete, 'shards': len(shards), 'shards_finished': len(done),
       'samples': sum(r['num_samples'] for r in done), 'counter': counter.to_json(),
       'captions': quality.to_json()})
   if complete:
     lines = [json.dumps({'shard': os.path.splitext(r['name'])[0], 'num_samples': r['num_samples']})
              for r in done if r['num_samples']]
-    path = os.path.join(out_dir, MANIFEST_FILE)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with utils.atomic_write(os.path.join(out_dir, MANIFEST_FILE), encoding='utf-8') as f:
       f.write(''.join(line + '\n' for line in lines))
-    os.replace(tmp, path)
   return complete
 
 
@@ -498,10 +488,9 @@ def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> dataset_buil
   with open(os.path.join(out_dir, MANIFEST_FILE), encoding='utf-8') as f:
     manifest = [json.loads(line) for line in f if line.strip()]
   shards = [os.path.join(out_dir, entry['shard'] + '.tar') for entry in manifest]
-  generation = settings['generation']
+  config = reinforced_tfds.read_reinforce_config(os.path.join(out_dir, settings_lib.CONFIG_FILE))
   return dataset_build.build_dataset(
-      shards, name, data_dir, kind='reinforced', emb_dtype=settings['emb_dtype'],
-      teachers=[f'{t["name"]}:{t["tag"]}' for t in generation['teachers']],
-      teacher_dims=settings['teacher_dims'], k=settings['num_samples'],
-      augmentation=settings['reinforce']['image_augmentation'],
-      tokenizer=settings['tokenizer'], syn_key_regex=settings['syn_key_regex'], **kwargs)
+      shards, name, data_dir, kind='reinforced', emb_dtype=config['emb_dtype'],
+      teachers=config['teachers'], teacher_dims=config['teacher_dims'], k=config['k'],
+      augmentation=config['augmentation'], tokenizer=config['tokenizer'],
+      syn_key_regex=config['syn_key_regex'], **kwargs)

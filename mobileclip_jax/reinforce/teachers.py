@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobileclip_jax import checkpoint
+from mobileclip_jax import rules
 from mobileclip_jax import sharding
 from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.convert import open_clip as convert_open_clip
@@ -69,9 +70,9 @@ class Teacher:
     """sha256 over every variable (path, dtype, shape, bytes): identifies the weights."""
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(self.variables)[0]
-    for path, leaf in sorted(leaves, key=lambda item: sharding.path_str(item[0])):
+    for path, leaf in sorted(leaves, key=lambda item: rules.path_str(item[0])):
       array = np.ascontiguousarray(leaf)
-      digest.update(f'{sharding.path_str(path)}|{array.dtype}|{array.shape}|'.encode())
+      digest.update(f'{rules.path_str(path)}|{array.dtype}|{array.shape}|'.encode())
       digest.update(array.tobytes())
     return digest.hexdigest()
 
