@@ -267,6 +267,7 @@ SAMPLE = 2 * MEMBER
     # Inside s4's first header: s3 may have had more members, so it is reported too.
     (4 * SAMPLE + 100, ['s0', 's1', 's2'], 's3'),
     (6 * SAMPLE, ['s0', 's1', 's2', 's3', 's4'], 's5'),  # before the end-of-archive marker
+    (6 * SAMPLE + 512, ['s0', 's1', 's2', 's3', 's4'], 's5'),  # inside it (2 zero blocks)
 ])
 def test_cut_tar_counts_every_lost_sample(tmp_path, cut_at, kept, cut_sample):
   data = _six_samples(tmp_path)
@@ -322,6 +323,19 @@ def test_destroyed_stretch_counts_the_samples_inside(tmp_path, manifest):
   # the count is the stretch's size over the mean sample size, exact here.
   assert reports == [('s1', errors.TAR_DAMAGED, 1), ('s4', errors.TAR_DAMAGED, 1),
                      ('(s1, s4)', errors.TAR_DAMAGED, 2)]
+
+
+def test_damage_with_nothing_to_measure_by_is_left_to_the_other_shards(tmp_path):
+  """No manifest and no intact sample: the stretch's loss is unknown, not guessed as 0."""
+  data = _six_samples(tmp_path, manifest=False)
+  junk = np.random.default_rng(1).bytes(4 * SAMPLE)
+  keys, reports, stats = _read_damaged(tmp_path, data[:SAMPLE] + junk + data[5 * SAMPLE:])
+  assert keys == [] and stats.unknown_loss and stats.loss_key == '(s0, s5)'
+  assert reports == [('s0', errors.TAR_DAMAGED, 1), ('s5', errors.TAR_DAMAGED, 1),
+                     ('(s0, s5)', errors.TAR_DAMAGED, 0)]
+  estimate = wds.estimate_cut_loss([wds.ShardStats('a.tar', samples=6), stats])
+  assert [(e.key, e.reason, e.count) for e in estimate] == [
+      ('(s0, s5)', errors.TAR_DAMAGED, 4)]
 
 
 def test_unreadable_file_loses_what_the_manifest_lists(tmp_path):

@@ -95,9 +95,11 @@ def scan(f) -> Iterator[tuple]:
   while True:
     f.seek(offset)
     block = f.read(_BLOCK)
-    if len(block) < _BLOCK:  # The end of the file: fine only after an end-of-archive marker.
-      if gap_start is not None or zeros_start is None:
-        yield ('cut', offset if gap_start is None else gap_start, None)
+    if len(block) < _BLOCK:  # The end of the file: fine only after an end-of-archive marker
+      # (two zero blocks, as POSIX and every tar writer have it; one may be a cut).
+      if gap_start is not None or zeros_start is None or offset - zeros_start < 2 * _BLOCK:
+        yield ('cut', offset if gap_start is None and zeros_start is None else
+               zeros_start if gap_start is None else gap_start, None)
       return
     if block == _ZERO_BLOCK:
       if gap_start is None and zeros_start is None:

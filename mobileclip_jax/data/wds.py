@@ -282,16 +282,19 @@ class ShardStats:
     samples: samples read, good or reported (the keys the reader saw).
     expected: the shard's sample count in its manifest, if any.
     damaged: stretches of the tar that could not be read (a cut counts as one).
-    unknown_loss: cut with no manifest: the samples after the cut were not counted
-      (`estimate_cut_loss` counts them from the other shards).
-    cut_key: the key range reported for the cut, e.g. '(000123, end)'.
+    unknown_loss: damaged with no manifest and nothing to measure the loss by (a cut; a
+      stretch in a shard with no intact sample): not counted here (`estimate_cut_loss` counts
+      it from the other shards).
+    loss_key: the key range reported for that loss, e.g. '(000123, end)'.
+    lost: samples the reports of damaged stretches counted (beyond `samples`).
   """
   path: str
   samples: int = 0
   expected: int | None = None
   damaged: int = 0
   unknown_loss: bool = False
-  cut_key: str | None = None
+  loss_key: str | None = None
+  lost: int = 0
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -439,6 +442,7 @@ def iter_samples(path: str, on_error: ErrorHandler | None = None,
       yield sample
   stats.damaged = len(regions)
   for error in _region_errors(path, regions, stats, whole_bytes / whole if whole else None):
+    stats.lost += error.count
     report(on_error, error)
 
 
@@ -470,18 +474,24 @@ def _region_errors(path: str, regions: list[_Region], stats: ShardStats,
            f'{MANIFEST_FILE} entry gives the shard\'s count)')
   out = []
   for region, count in zip(regions, counts):
+    unknown = stats.expected is None and (region.end is None or mean is None)
+    if unknown:
+      stats.unknown_loss, stats.loss_key = True, region.key
     if region.end is None:
-      if stats.expected is None:
-        stats.unknown_loss, stats.cut_key = True, region.key
+      if unknown:
         out.append(CorruptSampleError(
             path, region.key, errors.TAR_TRUNCATED, f'the tar is cut at byte {region.start}; '
             f'how many samples followed is unknown without a {MANIFEST_FILE} entry for the '
             'shard (not counted here)', count=0))
       else:
-        stats.cut_key = region.key
         out.append(CorruptSampleError(path, region.key, errors.TAR_TRUNCATED,
                                       f'the tar is cut at byte {region.start}: {count} samples '
                                       f'lost after it ({how})', count=count))
+    elif unknown:
+      out.append(CorruptSampleError(
+          path, region.key, errors.TAR_DAMAGED, f'bytes {region.start}-{region.end} are '
+          'unreadable; how many samples they held is unknown: no intact sample to measure by '
+          f'and no {MANIFEST_FILE} entry (not counted here)', count=0))
     else:
       out.append(CorruptSampleError(
           path, region.key, errors.TAR_DAMAGED, f'bytes {region.start}-{region.end} are '
@@ -490,21 +500,23 @@ def _region_errors(path: str, regions: list[_Region], stats: ShardStats,
 
 
 def estimate_cut_loss(stats: Sequence[ShardStats]) -> list[CorruptSampleError]:
-  """Counts, for shards cut with no manifest, the samples after the cut from the other shards.
+  """Counts, for damaged shards with no manifest (`ShardStats.unknown_loss`), the samples lost
+  from the other shards.
 
   The estimate is the median sample count of the shards read without damage, less what the
-  cut shard held (webdataset shard sets are written with one count per shard; the last shard
-  may be shorter, which this overestimates). Returns one 'tar_truncated' report per such shard
-  (nothing if no shard was read whole).
+  damaged shard held (webdataset shard sets are written with one count per shard; the last
+  shard may be shorter, which this overestimates). Returns one report per such shard, keyed as
+  the loss it completes (nothing if no shard was read whole).
   """
   whole = sorted(s.samples for s in stats if not s.damaged)
   if not whole:
     return []
   median = whole[len(whole) // 2]
   return [CorruptSampleError(
-      s.path, s.cut_key, errors.TAR_TRUNCATED, f'estimated: shards read whole hold a median of '
-      f'{median} samples and this one {s.samples} before the cut', count=max(0, median - s.samples))
-      for s in stats if s.unknown_loss]
+      s.path, s.loss_key, errors.TAR_TRUNCATED if s.loss_key.endswith('end)') else
+      errors.TAR_DAMAGED, f'estimated: shards read whole hold a median of {median} samples, '
+      f'this one {s.samples} read and {s.lost} counted lost',
+      count=max(0, median - s.samples - s.lost)) for s in stats if s.unknown_loss]
 
 
 # ----------------------------------------------------------------------------------------------
