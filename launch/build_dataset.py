@@ -15,9 +15,9 @@ skipped; every skipped sample is listed in skipped_samples.jsonl beside the data
 Too large for one machine (DataCompDR-1B): --runner=beam runs the same build as an Apache Beam
 pipeline (pip install -e '.[beam]'), e.g. on Dataflow:
 
+  OPTS=runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,setup_file=./setup.py
   python launch/build_dataset.py --runner=beam --name=datacompdr1b --data_dir=gs://B/tfds \
-    --src='gs://B/dr1b/{00..64}/{00000000..00000999}.tar' ... \
-    --beam_pipeline_options='runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,setup_file=./setup.py'
+    --src='gs://B/dr1b/{00..64}/{00000000..00000999}.tar' ... --beam_pipeline_options=$OPTS
 """
 import os
 import sys
