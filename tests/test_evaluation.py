@@ -25,6 +25,7 @@ from PIL import Image
 import pytest
 
 from mobileclip_jax import checkpoint
+from mobileclip_jax import embedding
 from mobileclip_jax import rules
 from mobileclip_jax import convert
 from mobileclip_jax import sharding
@@ -402,7 +403,7 @@ def test_sharded_oracle_embeddings_equal_host_preprocessing(oracle, tmp_path):
   ev = evaluator_lib.build_evaluator('c', dict(type='zeroshot', source=dict(
       kind='wds', path=str(root)), batch_size=5), model.config, sharding.create_mesh(4, 2))
   assert ev.batch_size == 8
-  variables = base.place_variables(variables, ev.mesh)
+  variables = embedding.place_variables(variables, ev.mesh)
   with jax.transfer_guard('disallow'):
     got = ev.encode_images(model, variables, ev._labels, {'labels': (1,)})
   want = np.stack([_color_vector(COLORS[NAMES[c]]) for c in CLASS_LABELS[0::2] +
@@ -529,7 +530,7 @@ def test_sharded_evaluation_equals_single_device(tiny):
     assert [len(base.stream_slots(40, ev.batch_size)) for ev in evs] == [1, 3]
     columns, shapes = (evs[0]._labels, {'labels': (2,)}) if eval_type == 'zeroshot' else (
         evs[0]._collect_captions, {})
-    embeddings = [ev.encode_images(model, base.place_variables(variables, ev.mesh), columns,
+    embeddings = [ev.encode_images(model, embedding.place_variables(variables, ev.mesh), columns,
                                    shapes)['embeddings'] for ev in evs]
     np.testing.assert_allclose(embeddings[0], embeddings[1], atol=2e-5)
     assert len(np.unique(np.round(embeddings[0], 4), axis=0)) == 40  # No ties to break by noise.

@@ -2,6 +2,7 @@
 batch, the optimizer's rules (open_clip's decay set, lr multipliers, freezing), sharding rules."""
 import jax
 import numpy as np
+import optax
 import pytest
 
 from mobileclip_jax import config as config_lib
@@ -251,3 +252,15 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused():
   with pytest.raises(ValueError, match='use a multiple of 16'):
     build(make_config('ViT-B-16', TINY_VIT, batch=24, accum_steps=2),
           sharding_lib.create_mesh(8, 1))
+
+
+def test_optimizer_state_keeps_the_layout_of_earlier_checkpoints():
+  # Checkpoints written with optax.chain(clip, optax.adamw(mask=...)) must restore: same tree.
+  run = build(make_config('ViT-B-16', TINY_VIT))
+  params = run.abstract_state.params
+  schedule = optimizer_lib.lr_schedule(1e-3, 10, 2)
+  before = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      schedule, b1=0.9, b2=0.95, eps=1e-4, weight_decay=0.2,
+      mask=jax.tree.map(lambda _: True, params)))
+  assert (jax.tree.structure(jax.eval_shape(run.tx.init, params)) ==
+          jax.tree.structure(jax.eval_shape(before.init, params)))

@@ -197,7 +197,6 @@ def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
   """Times the open_clip tower with the saved weights; saves its output [batch, embed_dim]."""
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
   timm = torch_compat.import_timm()
   torch.set_num_threads(os.cpu_count())
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -222,15 +221,7 @@ def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
   with torch.inference_mode():
     np.save(_output_path(workdir, 'torch', tower, form, batch), call().float().cpu().numpy())
     result = _time_with_contention(call, repeats)
-  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
-  if device.type == 'cuda':
-    result['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result['device'] = f'cuda:{torch.cuda.get_device_name()}'
-  else:
-    result['device'] = 'cpu'
-  result['threads'] = torch.get_num_threads()
-  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
-                        'timm': timm.__version__}
+  result.update(common.torch_process_fields(device))
   return result
 
 

@@ -111,10 +111,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   # ---------------------------------------------------------------- evaluators
   evaluators = setup.build_evaluators(config, run.model_config, mesh)
 
-  def run_evals(step: int, final: bool = False):
+  def run_evals(step: int):
     for evaluator in evaluators:
-      due = final or step == 0 or (evaluator.every_steps and step % evaluator.every_steps == 0)
-      if due:
+      if evaluator.due(step, steps.total):
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         results = evaluator.run(run.model, variables)
         writer.write(step, results)
@@ -159,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
           run_evals(step)
     else:
       with progress.pause():
-        run_evals(steps.total, final=True)
+        run_evals(steps.total)
   finally:
     checkpointer.wait()
     checkpointer.close()

@@ -79,12 +79,14 @@ def make_optimizer(params: Any, schedule: Callable, *, b1: float, b2: float, eps
   """
   wd = rules_lib.tree_values(wd_rules, params, 1.0, 'optim.wd_rules',
                              lambda path, x, m: weight_decay * float(m), strict=False)
-  adamw = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), _decayed_weights(wd)]
+  # Masked as optax.adamw masks its decay, so that the optimizer state keeps adamw's structure.
+  decay = optax.masked(_decayed_weights(wd), jax.tree.map(lambda rate: rate != 0, wd))
+  adamw = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), decay]
   if lr_rules:
     adamw.append(_scale_by_tree(rules_lib.tree_values(lr_rules, params, 1.0, 'optim.lr_rules',
                                                       lambda path, x, m: float(m))))
   adamw.append(optax.scale_by_learning_rate(schedule))
-  # Nested like optax.chain(clip, optax.adamw(...)): checkpoints keep their optimizer-state paths.
+  # Nested like optax.chain(clip, optax.adamw(...)): the state of older checkpoints restores.
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
   tx = optax.chain(*parts, optax.chain(*adamw))
   if not freeze:
