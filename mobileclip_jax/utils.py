@@ -43,9 +43,26 @@ def atomic_path(path: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'w', **open_kwargs) -> Iterator[IO]:
-  """Yields an open file; `path` appears (whole, replaced) only if the block succeeds."""
-  with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
-    yield f
+  """Yields an open file; `path` appears (whole, replaced) only if the block succeeds.
+
+  A URL (gs://, s3://: a Beam build's staging folder) goes through etils.epath: there the
+  rename is a copy, which still never shows a partial file under the final name.
+  """
+  if '://' not in path:
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
+      yield f
+    return
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f'.{target.name}.{os.getpid()}.tmp'
+  try:
+    with tmp.open(mode, **open_kwargs) as f:
+      yield f
+    tmp.replace(target)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def write_json_atomic(path: str, value: Any) -> None:

@@ -18,8 +18,11 @@ import pytest
 from mobileclip_jax import keys
 from mobileclip_jax import sharding
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
+from mobileclip_jax.data import errors
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import reinforced_tfds
+from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError
@@ -58,12 +61,12 @@ def _image_bytes(rng: np.random.Generator) -> bytes:
   return buffer.getvalue()
 
 
-def _samples(num: int = NUM_SAMPLES) -> list[wds.Sample]:
+def _samples(num: int = NUM_SAMPLES) -> list[sample_codec.Sample]:
   rng = np.random.default_rng(0)
   samples = []
   for i in range(num):
     index = np.concatenate([[j] * n for j, (_, n) in enumerate(SYN)]).astype(np.int32)
-    samples.append(wds.Sample(
+    samples.append(sample_codec.Sample(
         shard='', key=f'{i:06d}', uid=f'uid{i}', image=_image_bytes(rng), image_format='png',
         captions=[f'photo {i}'], syn_keys=tuple(key for key, _ in SYN),
         syn_captions=[f'synthetic {i} {SYN[c][0]} {j}' for j, c in enumerate(index)],
@@ -76,8 +79,8 @@ def _samples(num: int = NUM_SAMPLES) -> list[wds.Sample]:
 def _build(tmp_path, kind: str) -> str:
   with wds.ShardWriter(str(tmp_path / 'src' / '{:05d}.tar'), 10) as writer:
     for sample in _samples():
-      writer.write(sample.key, wds.encode_sample(sample))
-  reinforced_tfds.build_dataset(str(tmp_path / 'src' / '*.tar'), kind, str(tmp_path / 'data'),
+      writer.write(sample.key, sample_codec.encode_sample(sample))
+  dataset_build.build_dataset(str(tmp_path / 'src' / '*.tar'), kind, str(tmp_path / 'data'),
                                 kind=kind, augmentation=AUGMENTATION, teacher_dims=DIMS,
                                 emb_dtype='float32', progress=False)
   return str(tmp_path / 'data')
@@ -319,7 +322,7 @@ def _corrupt_source(data_dir):
   """(records with 3 corrupt ones, metadata, {record index: reason})."""
   source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
   records = [source[i] for i in range(len(source))]
-  bad = {2: wds.BAD_IMAGE, 5: loader.BAD_PAUG, 11: loader.EMB_NONFINITE}
+  bad = {2: errors.BAD_IMAGE, 5: errors.BAD_PAUG, 11: errors.EMB_NONFINITE}
   records[2] = {**records[2], 'image': records[2]['image'][:60]}  # Cut PNG.
   paug = json.loads(records[5]['paug'])
   paug = [[[0, 0, HEIGHT + 1, 10], ops] for _, ops in paug]  # Boxes taller than the image.
@@ -330,11 +333,11 @@ def _corrupt_source(data_dir):
   return records, meta, bad
 
 
-def _iterator(records, meta, **kwargs):
+def _iterator(records, meta, skipped_log=None, **kwargs):
   config = loader.InputConfig(dataset='reinforced', global_batch_size=8, image_size=SIZE,
                               context_length=16, seed=3, **kwargs)
   chunks = loader.ChunkLoader(config, records, meta, 'DS', 0, 1)
-  return loader.TrainIterator(chunks, num_batches=3)  # One epoch.
+  return loader.TrainIterator(chunks, num_batches=3, skipped_log=skipped_log)  # One epoch.
 
 
 def test_corrupt_records_fail_naming_the_record(data_dir):
@@ -369,6 +372,32 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
     list(_iterator(records, meta, error_policy='skip', error_budget='2'))
 
 
+def test_skipped_records_are_listed_exactly_over_a_resume(data_dir, tmp_path):
+  records, meta, bad = _corrupt_source(data_dir)
+  kwargs = dict(error_policy='skip')
+  full = _iterator(records, meta, str(tmp_path / 'full.jsonl'), **kwargs)
+  list(full)
+  rows = list(errors.read_skip_log(str(tmp_path / 'full.jsonl')))
+  assert sorted((r['key'], r['reason']) for r in rows) == sorted(
+      (records[i]['key'].decode(), reason) for i, reason in bad.items())
+  assert all('DS train[' in r['shard'] and r['count'] == 1 for r in rows)
+  assert max(r['batch'] for r in rows) >= 1  # Some are met after the checkpoint below.
+  # A run checkpointed after batch 0 that went on to the end, then resumed from the checkpoint:
+  # the batches it meets again do not list their records twice.
+  log = str(tmp_path / 'resumed.jsonl')
+  first = _iterator(records, meta, log, **kwargs)
+  next(first)
+  state = first.get_state()
+  list(first)
+  first.close()
+  resumed = _iterator(records, meta, log, **kwargs)
+  resumed.set_state(state)
+  list(resumed)
+  resumed.close()
+  assert list(errors.read_skip_log(log)) == rows
+  assert sum(resumed.skip_counter.skipped.values()) == len(rows)
+
+
 def test_benchmark_photos_have_natural_image_statistics():
   """The loader benchmark's source images: amplitude spectrum ~1/f as photographs have, and
   JPEG sizes like ImageNet's (~4-5 bits per pixel at quality 90), not flat synthetic scenes."""
@@ -380,8 +409,8 @@ def test_benchmark_photos_have_natural_image_statistics():
   bands = np.geomspace(0.02, 0.4, 9)
   amplitude = [spectrum[(radius >= lo) & (radius < hi)].mean() for lo, hi in zip(bands, bands[1:])]
   slope = np.polyfit(np.log(np.sqrt(bands[1:] * bands[:-1])), np.log(amplitude), 1)[0]
-  assert -1.3 < slope < -0.7, slope
   bits = 8 * len(data_benchmark._jpeg(pixels)) / (256 * 384)
+  assert -1.3 < slope < -0.7, slope
   assert 3 < bits < 6, bits
 
 

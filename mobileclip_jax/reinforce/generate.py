@@ -43,6 +43,8 @@ import tqdm
 
 from mobileclip_jax import utils
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
+from mobileclip_jax.data import errors
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
@@ -74,21 +76,13 @@ class _Prepared:
   views: Dict[int, np.ndarray]  # size -> uint8 [k, size, size, 3]
 
 
-def _member(raw: wds.RawSample, names: Sequence[str]) -> Tuple[str, bytes]:
-  for name in names:
-    if name in raw.members:
-      return name, raw.members[name]
-  raise CorruptSampleError(raw.shard, raw.key, wds.MISSING_MEMBER,
-                           f'no {" or ".join(names)} member (has {sorted(raw.members)})')
-
-
 def _decode_image(data: bytes, raw: wds.RawSample) -> Image.Image:
   try:
     with Image.open(io.BytesIO(data)) as image:
       return image.convert('RGB')  # Loads the pixels: a truncated file fails here.
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on damaged input.
-    raise CorruptSampleError(raw.shard, raw.key, wds.BAD_IMAGE,
+    raise CorruptSampleError(raw.shard, raw.key, errors.BAD_IMAGE,
                              f'{type(e).__name__}: {e}') from None
 
 
@@ -100,7 +94,7 @@ def _existing_captions(raw: wds.RawSample, syn_key: str) -> Optional[List[str]]:
   if texts is None:
     return None
   if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-    raise CorruptSampleError(raw.shard, raw.key, wds.BAD_JSON,
+    raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON,
                              f'syn.json[{syn_key!r}] is not a list of strings')
   return texts
 
@@ -121,12 +115,12 @@ class _Preparer:
 
   def _prepare(self, raw: wds.RawSample, index: int) -> _Prepared:
     c = self.config
-    _, image_bytes = _member(raw, wds.IMAGE_EXTS)
-    caption = wds.decode_text(_member(raw, ('txt',))[1], raw.shard, raw.key, 'txt')
+    _, image_bytes = raw.member(*wds.IMAGE_EXTS)
+    caption = wds.decode_text(raw.member('txt')[1], raw.shard, raw.key, 'txt')
     labels = (wds.decode_json(raw.members['json'], raw.shard, raw.key, 'json')
               if 'json' in raw.members else {})
     if not isinstance(labels, dict):
-      raise CorruptSampleError(raw.shard, raw.key, wds.BAD_JSON, 'json is not a JSON object')
+      raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON, 'json is not a JSON object')
     image = _decode_image(image_bytes, raw)
     item = captioners.CaptionInput(raw.shard, raw.key, str(labels.get('uid', raw.key)), image,
                                      labels, _existing_captions(raw, c.syn_key))
@@ -304,7 +298,7 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
     os.remove(stale)
   preparer = _Preparer(c, ctx.captioner, ctx.ensemble.image_sizes, shard_seed)
   chunks = _prefetched_chunks(shard.read(handle), preparer, c.chunk_size, ctx.pool)
-  with wds.ShardWriter(staging + '.{:d}', max_samples=2**62) as writer:
+  with wds.ShardWriter(staging + '.{:d}', max_samples=2**62, manifest=False) as writer:
     for chunk_index, chunk in enumerate(chunks):
       good = []
       for result in chunk:
@@ -479,10 +473,10 @@ def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
       k=config.k)
 
 
-def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> reinforced_tfds.BuildReport:
+def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> dataset_build.BuildReport:
   """Builds the TFDS dataset of a complete generation, with the metadata of its config.
 
-  Keyword arguments go to `reinforced_tfds.build_dataset` (workers, overwrite, progress, ...).
+  Keyword arguments go to `dataset_build.build_dataset` (workers, overwrite, progress, ...).
   """
   settings = settings_lib.read_config(out_dir)
   if settings is None:
@@ -495,7 +489,7 @@ def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> reinforced_t
     manifest = [json.loads(line) for line in f if line.strip()]
   shards = [os.path.join(out_dir, entry['shard'] + '.tar') for entry in manifest]
   config = reinforced_tfds.read_reinforce_config(os.path.join(out_dir, settings_lib.CONFIG_FILE))
-  return reinforced_tfds.build_dataset(
+  return dataset_build.build_dataset(
       shards, name, data_dir, kind='reinforced', emb_dtype=config['emb_dtype'],
       teachers=config['teachers'], teacher_dims=config['teacher_dims'], k=config['k'],
       augmentation=config['augmentation'], tokenizer=config['tokenizer'],
