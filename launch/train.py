@@ -1,9 +1,13 @@
-"""Trains a MobileCLIP model: `python launch/train.py --config=configs/s4.py --workdir=DIR`.
+"""Trains a MobileCLIP model.
+
+  python launch/train.py --config=configs/mobileclip2.py:s4 --workdir=DIR
 
 Overrides: `--config.optim.lr=5e-4 --config.loss.teacher_scales=70,60
---config.model.attention=sigmoid`; presets: `--config=configs/s4.py:runlocal` (a CPU smoke run on
-the demo world with the full architecture). Every host of a pod runs the same command; rerunning
-with the same --workdir resumes from its last complete checkpoint.
+--config.model.attention=sigmoid`; presets after the variant:
+`--config=configs/mobileclip2.py:s4,runlocal` (a CPU smoke run on the demo world with the full
+architecture); training-time evaluators: `--config.evals.demo=demo
+--config.evals.demo.every_steps=100`. Every host of a pod runs the same command; rerunning with
+the same --workdir resumes from its last complete checkpoint.
 """
 import logging
 import sys
@@ -21,6 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.',
                                required=True)
+_EVALS = {}  # --config.evals.* overrides, taken out of argv before flag parsing.
 
 
 def main(argv):
@@ -29,10 +34,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain INFO lines drown the progress.
   logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
   compilation_cache.enable()
-  loop.train(_CONFIG.value, _WORKDIR.value)
+  loop.train(config_lib.add_evals(_CONFIG.value, _EVALS), _WORKDIR.value)
 
 
 if __name__ == '__main__':
+  sys.argv, _EVALS = config_lib.pop_eval_overrides(sys.argv)
   config_lib.check_overrides(sys.argv)
   flags.mark_flag_as_required('config')
   app.run(main)

@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from mobileclip_jax import utils
+
 log = logging.getLogger('mobileclip_jax')
 RESULTS_FILE, TABLE_FILE = 'results.json', 'results.md'
 METRICS_PLOT, LOSS_PLOT = 'metrics.png', 'losses.png'
@@ -139,17 +141,13 @@ def parse_grid(specs: Sequence[str]) -> Sweep:
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted keys set; an unknown key fails naming the nearest ones."""
-  # pylint: disable=g-import-not-at-top
-  import difflib
-  from mobileclip_jax import config as config_lib
-  # pylint: enable=g-import-not-at-top
+  from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   valid = config_lib.flat_keys(config)
   for key, value in overrides.items():
     if key not in valid and not key.startswith('evals.'):
-      close = difflib.get_close_matches(key, valid, n=3, cutoff=0.4)
-      hint = f' Nearest valid keys: {", ".join(close)}.' if close else ''
-      raise ValueError(f'Unknown config key {key!r} in a variant.{hint}')
+      raise ValueError(f'Unknown config key {key!r} in a variant.'
+                       f'{utils.did_you_mean(key, valid, cutoff=0.4)}')
     *parents, leaf = key.split('.')
     node = config
     for parent in parents:
@@ -169,12 +167,6 @@ def _read_json(path: str) -> Optional[Any]:
       return json.load(f)
   except FileNotFoundError:
     return None
-
-
-def write_json(path: str, value: Any) -> None:
-  """JSON through a temporary file and a rename."""
-  from mobileclip_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
-  runner.write_json_atomic(path, value)
 
 
 class Clock:
@@ -286,7 +278,7 @@ def run_one(config: ml_collections.ConfigDict, directory: str) -> Dict[str, Any]
     finally:
       record['train'] = _add(record['train'], clock.seconds())
       if jax.process_index() == 0:
-        write_json(path, record)
+        utils.write_json_atomic(path, record)
     if steps not in checkpoint.training_steps(os.path.join(directory, 'checkpoints')):
       raise Interrupted(f'{directory}: training stopped before step {steps} (preempted?); '
                         'rerun the same command to resume it.')
@@ -300,7 +292,7 @@ def run_one(config: ml_collections.ConfigDict, directory: str) -> Dict[str, Any]
     record.update(step=steps, evals=evals, metrics=metrics,
                   eval=_add(record['eval'], clock.seconds()))
     if jax.process_index() == 0:
-      write_json(path, record)
+      utils.write_json_atomic(path, record)
   return {**record, 'trained': trained}
 
 
@@ -396,7 +388,7 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], num_seeds: int, workdi
                    for s, r in by_seed.items()} for v, by_seed in runs.items()},
   }
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, RESULTS_FILE), results)
+    utils.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
     table = format_table(results, metrics)
     with open(os.path.join(workdir, TABLE_FILE), 'w', encoding='utf-8') as f:
       f.write(table + '\n')

@@ -22,8 +22,8 @@ from mobileclip_jax.demo import settings as settings_lib
 from mobileclip_jax.demo import tasks
 from mobileclip_jax.demo import world
 from mobileclip_jax.reinforce import generate
-from mobileclip_jax.train import data as train_data
 from mobileclip_jax.train import loop
+from mobileclip_jax.train import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = settings_lib.quick()
@@ -191,17 +191,16 @@ def test_config_file_names_the_roles_on_a_bad_argument():
     config_lib.load_config_file(os.path.join(ROOT, 'configs', 'demo.py:student'))
 
 
-@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(ROOT, 'configs'))
-                                        if n.endswith('.py') and n != 'demo.py'))
-def test_every_recipe_runlocal_reads_the_reinforced_demo_data(first_run, name):
+@pytest.mark.parametrize('spec', sorted(config_lib.recipe_specs().values()))
+def test_every_recipe_runlocal_reads_the_reinforced_demo_data(first_run, spec):
   """`configs/<name>:runlocal` after the demo: the DR objective on demo_world_reinforced, whatever
   the recipe's own data settings (e.g. DataCompDR's synthetic-caption key names)."""
   workdir, _, _ = first_run
-  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}:runlocal'))
+  config = config_lib.load_config_file(spec + ',runlocal')
   config.data.data_dir = os.path.join(workdir, 'tfds')  # Instead of the default demo workdir.
-  model_config = loop.model_config_from(config)
-  data = train_data.open_input(config, model_config)
-  assert (data.name, data.kind) == (settings_lib.REINFORCED_NAME, 'reinforced')
+  model_config = setup.model_config(config)
+  data = setup.open_input(config, model_config)
+  assert (data.name, data.iterator.kind) == (settings_lib.REINFORCED_NAME, 'reinforced')
   batch = next(data.iterator)
   size = model_config.image_size
   assert batch['image'].shape == (config.batch_size, size, size, 3)

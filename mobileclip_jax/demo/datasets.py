@@ -1,12 +1,13 @@
 """The demo world as training datasets: demo tars -> plain TFDS image-caption datasets.
 
 The students' `demo_world` and the teachers' `demo_world_teachers` go through the same
-DataCompDR-tar -> TFDS path as real data (`reinforced_tfds.build_dataset`); the reinforced
+DataCompDR-tar -> TFDS path as real data (`dataset_build.build_dataset`); the reinforced
 `demo_world_reinforced` needs trained teachers and is made by recipe.py.
 """
 import logging
 import os
 
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.demo import samples
 from mobileclip_jax.demo import settings as settings_lib
@@ -41,8 +42,8 @@ def build_plain(name: str, data_dir: str, num_samples: int, image_size: int, see
              image_size, world.caption_noise, data_dir)
     shards = samples.write_split(os.path.join(data_dir, f'{name}.tars'), 'train', num_samples,
                                  image_size, samples_per_shard, seed, world)
-    reinforced_tfds.build_dataset(shards, name, data_dir, kind='plain', overwrite=True,
-                                  progress=False)
+    dataset_build.build_dataset(shards, name, data_dir, kind='plain', overwrite=True,
+                                progress=False)
 
 
 def build_data(settings: settings_lib.DemoSettings, data_dir: str) -> None:

@@ -67,11 +67,10 @@ def training_batch(config, num: int) -> Dict[str, Any]:
   """
   # pylint: disable=g-import-not-at-top
   from mobileclip_jax.data import tokenizer as tokenizer_lib
-  from mobileclip_jax.train import data as train_data
-  from mobileclip_jax.train import loop
+  from mobileclip_jax.train import setup
   # pylint: enable=g-import-not-at-top
-  model_config = loop.model_config_from(config)
-  data = train_data.open_input(config, model_config, process_index=0, process_count=1)
+  model_config = setup.model_config(config)
+  data = setup.open_input(config, model_config, process_index=0, process_count=1)
   try:
     batch = next(data.iterator)
   finally:
@@ -266,21 +265,17 @@ def dataset_caption_stats(name: str, data_dir: str, tokenizer, context_length: i
 # What a trained model learned.
 
 
-def _embed_images(model, variables, mesh, images: np.ndarray) -> np.ndarray:
-  from mobileclip_jax.evaluation import base  # pylint: disable=g-import-not-at-top
-  batches = [{'inputs': images[i:i + 256], 'index': np.arange(i, i + len(images[i:i + 256]),
-                                                               dtype=np.int32)}
-             for i in range(0, len(images), 256)]
-  c = model.config
-  return base.encode(model, variables, mesh, base.IMAGE, batches, ('index',), c.mean,
-                     c.std)['embeddings']
+def _embed(model, variables, mesh, tower: str, inputs: np.ndarray) -> np.ndarray:
+  """Unit embeddings [N, D] of images (uint8 [N, S, S, 3]) or tokens, by the evaluation engine."""
+  from mobileclip_jax import embedding  # pylint: disable=g-import-not-at-top
+  return embedding.embed_array(model, variables, mesh, tower, inputs, 256).result()
 
 
 def _classifiers(model, variables, mesh, tasks: Sequence[tasks_lib.ZeroShotTask]
                  ) -> List[np.ndarray]:
   # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import embedding
   from mobileclip_jax.data import tokenizer as tokenizer_lib
-  from mobileclip_jax.evaluation import base
   from mobileclip_jax.evaluation import metrics as metrics_lib
   from mobileclip_jax.evaluation import templates as templates_lib
   # pylint: enable=g-import-not-at-top
@@ -289,8 +284,7 @@ def _classifiers(model, variables, mesh, tasks: Sequence[tasks_lib.ZeroShotTask]
   for task in tasks:
     prompts = templates_lib.prompts(task.classnames, task.templates)
     tokens = tokenizer(prompts, model.config.text.context_length)
-    batch = {'inputs': tokens, 'index': np.arange(len(prompts), dtype=np.int32)}
-    text = base.encode(model, variables, mesh, base.TEXT, [batch], ('index',))['embeddings']
+    text = _embed(model, variables, mesh, embedding.TEXT, tokens)
     out.append(metrics_lib.zero_shot_classifier(text, len(task.classnames)))
   return out
 
@@ -310,20 +304,20 @@ def model_stats(checkpoint_dir: str, world: world_lib.DemoWorldConfig, seed: int
   """Per task: zero-shot top-1 and confusion on 'val' renders, the linear probe, and (given the
   model's first training batch, `training_batch`) zero-shot top-1 on its training crops."""
   # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import embedding
   from mobileclip_jax import sharding
-  from mobileclip_jax.evaluation import base
   from mobileclip_jax.evaluation import runner
   # pylint: enable=g-import-not-at-top
   model, variables = runner.load_model(checkpoint_dir=checkpoint_dir)
   mesh = sharding.create_mesh()
-  variables = base.place_variables(variables, mesh)
+  variables = embedding.place_variables(variables, mesh)
   size = model.config.image_size
   tasks = list(tasks_lib.zero_shot_tasks(world).values())
   classifiers = _classifiers(model, variables, mesh, tasks)
 
   def rendered(split, n):
     items = [samples.make_sample(split, i, size, seed, world) for i in range(n)]
-    return (_embed_images(model, variables, mesh, np.stack([np.asarray(s['image'])
+    return (_embed(model, variables, mesh, embedding.IMAGE, np.stack([np.asarray(s['image'])
                                                             for s in items])),
             [s['labels'] for s in items])
 
@@ -331,7 +325,7 @@ def model_stats(checkpoint_dir: str, world: world_lib.DemoWorldConfig, seed: int
   probe_x, probe_labels = rendered('train', num_train)
   crops_x = crop_labels = None
   if train_batch is not None:
-    crops_x = _embed_images(model, variables, mesh, train_batch['images'])
+    crops_x = _embed(model, variables, mesh, embedding.IMAGE, train_batch['images'])
     crop_labels = [_scene_of(uid, world).labels() for uid in train_batch['uids']]
   out = {}
   for task, classifier in zip(tasks, classifiers):

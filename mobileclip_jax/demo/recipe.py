@@ -38,6 +38,7 @@ import os
 from typing import Any, Callable, Dict, Mapping
 
 from mobileclip_jax import experiment
+from mobileclip_jax import utils
 from mobileclip_jax.demo import datasets
 from mobileclip_jax.demo import report
 from mobileclip_jax.demo import settings as settings_lib
@@ -59,17 +60,12 @@ def _read_json(path: str):
     return None
 
 
-def _write_json(path: str, value: Any) -> None:
-  from mobileclip_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
-  runner.write_json_atomic(path, value)
-
-
 def check_settings(workdir: str, settings: DemoSettings) -> None:
   """Records the settings of a new workdir; refuses a workdir made with other settings."""
   path = os.path.join(workdir, SETTINGS_FILE)
   old, new = _read_json(path), settings.to_dict()
   if old is None:
-    _write_json(path, new)
+    utils.write_json_atomic(path, new)
   elif old != new:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise ValueError(f'{workdir} holds a demo run with other settings ({", ".join(changed)} '
@@ -179,6 +175,6 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
              'this_run': this_run,
              'reinforcement': {'captions': reinforcement.get('captions'),
                                'samples': reinforcement.get('samples')}}
-  _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  utils.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
   report.print_summary(results, workdir, print_fn)
   return results

@@ -134,6 +134,9 @@ def _base(settings: DemoSettings, data_dir: str, steps: int, batch: int,
   c.model.image_size = settings.image_size
   c.model.text.context_length = settings.context_length
   c.data.data_dir = data_dir
+  quick_flag = ' --quick' if settings == quick() else ''
+  c.data.build_hint = (f'python launch/demo.py{quick_flag} --workdir={os.path.dirname(data_dir)} '
+                       '(it builds the demo datasets, and the teachers the reinforced one needs).')
   c.batch_size = batch
   c.schedule.total = f'{steps}_steps'
   c.schedule.warmup = f'{settings.warmup_steps}_steps'

@@ -11,6 +11,7 @@ from typing import Any, Dict
 import numpy as np
 
 from mobileclip_jax import checkpoint as checkpoint_lib
+from mobileclip_jax import utils
 from mobileclip_jax.demo import captions
 from mobileclip_jax.demo import samples
 
@@ -39,11 +40,6 @@ def timm_fastvit_kwargs(image: Any) -> Dict[str, Any]:
               pos_embs=tuple(cpe if p else None for p in image.pos_emb), lkc_use_act=True,
               stem_use_scale_branch=image.stem_scale_branch, cls_ratio=image.final_ratio,
               layer_scale_init_value=image.layer_scale_init)
-
-
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def check_open_clip(weights: str, checkpoint_dir: str, num_images: int = 16) -> Dict[str, Any]:
@@ -111,8 +107,8 @@ def check_open_clip(weights: str, checkpoint_dir: str, num_images: int = 16) -> 
   jax_text = np.asarray(jax.jit(lambda v, x: jax_model.apply(
       v, x, method=jax_model.encode_text))(variables, tokens))
   return {'library': f'open_clip {open_clip.__version__} + timm {timm.__version__}',
-          'image_rel_l2': _rel_l2(jax_image, torch_image),
-          'text_rel_l2': _rel_l2(jax_text, torch_text),
+          'image_rel_l2': utils.rel_l2(jax_image, torch_image),
+          'text_rel_l2': utils.rel_l2(jax_text, torch_text),
           'tokens_equal': bool(np.array_equal(tokens, torch_tokens.numpy())),
           'num_images': num_images}
 
@@ -122,7 +118,6 @@ def export(workdir: str, source: str) -> Dict[str, Any]:
   check (cached in export/check.json)."""
   # pylint: disable=g-import-not-at-top
   from mobileclip_jax.convert import files
-  from mobileclip_jax.evaluation import runner
   # pylint: enable=g-import-not-at-top
   directory = os.path.join(workdir, 'export')
   check_path = os.path.join(directory, 'check.json')
@@ -136,5 +131,5 @@ def export(workdir: str, source: str) -> Dict[str, Any]:
     result['check'] = check_open_clip(weights, source)
   except ImportError as e:
     result['check'] = {'skipped': f'PyTorch, open_clip or timm is not installed ({e}).'}
-  runner.write_json_atomic(check_path, result)
+  utils.write_json_atomic(check_path, result)
   return result
