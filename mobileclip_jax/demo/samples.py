@@ -37,14 +37,23 @@ def iter_samples(split: str, num_samples: int, image_size: int, seed: int,
     yield make_sample(split, index, image_size, seed, config)
 
 
+def tar_members(sample: dict[str, Any], image_format: str = 'jpg',
+                jpeg_quality: int = 90) -> dict[str, bytes]:
+  """A sample's DataCompDR-style tar members: `<image_format>` (the image), 'txt' (the noisy
+  ground-truth caption) and 'json' ({"uid": ..., "sha256": <of the image bytes>, **labels})."""
+  image = render.encode_image(sample['image'], image_format, jpeg_quality)
+  meta = {'uid': sample['uid'], 'sha256': hashlib.sha256(image).hexdigest(), **sample['labels']}
+  return {image_format: image, 'txt': sample['caption'].encode('utf-8'),
+          'json': json.dumps(meta, sort_keys=True).encode('utf-8')}
+
+
 def write_split(out_dir: str, split: str, num_samples: int, image_size: int, samples_per_shard: int,
                 seed: int, config: DemoWorldConfig | None = None, image_format: str = 'jpg',
                 jpeg_quality: int = 90, start: int = 0) -> list[str]:
   """Writes samples start .. start + num_samples - 1 of `split` as DataCompDR-style tars.
 
   Shards are `out_dir/<split>/00000000.tar, ...`, each holding `samples_per_shard` samples (the
-  last fewer). Per sample key (`sample_uid`): `<image_format>` (the image), 'txt' (the noisy
-  ground-truth caption) and 'json' ({"uid": ..., "sha256": <of the image bytes>, **labels}).
+  last fewer), under their `sample_uid` keys with their `tar_members`.
 
   Returns:
     The shard paths written, in order.
@@ -56,9 +65,5 @@ def write_split(out_dir: str, split: str, num_samples: int, image_size: int, sam
   pattern = os.path.join(out_dir, split, '{:08d}.tar')
   with wds.ShardWriter(pattern, samples_per_shard) as writer:
     for sample in iter_samples(split, num_samples, image_size, seed, config, start):
-      image = render.encode_image(sample['image'], image_format, jpeg_quality)
-      meta = {'uid': sample['uid'], 'sha256': hashlib.sha256(image).hexdigest(),
-              **sample['labels']}
-      writer.write(sample['uid'], {image_format: image, 'txt': sample['caption'].encode('utf-8'),
-                                   'json': json.dumps(meta, sort_keys=True).encode('utf-8')})
+      writer.write(sample['uid'], tar_members(sample, image_format, jpeg_quality))
   return list(writer.paths)
