@@ -170,7 +170,8 @@ def _read_json(path: str) -> Optional[Any]:
 
 
 class Clock:
-  """Wall and CPU seconds (user + system, all threads of this process) since construction."""
+  """Wall and CPU seconds since construction; CPU is user + system of every thread of this
+  process and of its finished child processes (e.g. data or generation workers)."""
 
   def __init__(self):
     self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
@@ -182,7 +183,7 @@ class Clock:
 
 def _cpu_seconds() -> float:
   times = os.times()
-  return times.user + times.system
+  return times.user + times.system + times.children_user + times.children_system
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:

@@ -4,7 +4,8 @@ Ground-truth captions imitate web alt-text. With effective rates r = min(1, rate
 (`DemoWorldConfig.caption_rates`):
   - uninformative (r_uninformative): the caption is junk with no content ('IMG_4821.jpg').
   - otherwise the main shape is always named, and each of colour, size, style, position, the
-    other objects and the background is omitted independently with probability r_omit;
+    other objects and the background is omitted independently with probability r_omit; the
+    number of objects ('two shapes: ...') is stated with probability (1 - r_omit) / 2;
   - wrong (r_wrong): the main shape or (if mentioned) colour is replaced by a value that no
     object in the scene has;
   - filler (r_filler): an irrelevant phrase ('check out my new wallpaper') is added.
@@ -113,6 +114,7 @@ def gt_caption(labels: Labels, config: DemoWorldConfig, rng: np.random.Generator
     return ''.join(str(int(rng.random() * 10)) if ch == '#' else ch for ch in say(JUNK_CAPTIONS))
   keep = {part: rng.random() >= rates['omit']
           for part in ('color', 'size', 'style', 'position', 'others', 'background')}
+  keep['count'] = rng.random() < (1 - rates['omit']) / 2
   main = dict(labels['objects'][0])
   if rng.random() < rates['wrong']:
     field = 'color' if keep['color'] and rng.random() < 0.5 else 'shape'
@@ -127,6 +129,8 @@ def gt_caption(labels: Labels, config: DemoWorldConfig, rng: np.random.Generator
   text = _join(phrases)
   if keep['background']:
     text += ' on ' + _with_article(_background_phrase(labels, say))
+  if keep['count']:
+    text = f"{count_phrase(labels['count'])}: {text}"
   text = say(_GT_FRAMES).format(text)
   if rng.random() < rates['filler']:
     filler, separator = say(FILLER_PHRASES), say(_FILLER_SEPARATORS)

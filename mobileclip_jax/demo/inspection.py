@@ -403,6 +403,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
     if datasets.exists(name, data_dir):
       data[name] = {
           'augmentation': augmentation_stats(name, data_dir, settings.image_size, world,
+                                             settings_lib.augmentation(settings),
                                              seed=settings.seed),
           'captions': dataset_caption_stats(name, data_dir, tokenizer, settings.context_length,
                                             world)}

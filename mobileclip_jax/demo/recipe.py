@@ -103,7 +103,6 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from mobileclip_jax.data import augment
   from mobileclip_jax.data import reinforced_tfds
   from mobileclip_jax.reinforce import captioners
   from mobileclip_jax.reinforce import generate
@@ -123,7 +122,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
         images_per_device=per_device, texts_per_device=per_device)
     generation = reinforce_settings.GenerationConfig(
         k=settings.k, num_syn=settings.num_syn,
-        augmentation=augment.AugmentConfig(image_size=settings.image_size), seed=settings.seed,
+        augmentation=settings_lib.augmentation(settings), seed=settings.seed,
         chunk_size=128)
     captioner = captioners.make_captioner(f'demo:temperature={settings.captioner_temperature}')
     summary = generate.reinforce(shards, out, ensemble, captioner, generation, progress=False)

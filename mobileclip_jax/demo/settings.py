@@ -12,6 +12,7 @@ from typing import Any, Dict, Tuple
 import ml_collections
 
 from mobileclip_jax import config as config_lib
+from mobileclip_jax.data import augment
 
 DEFAULT_WORKDIR = os.path.join('~', '.cache', 'mobileclip_jax', 'demo')
 QUICK_WORKDIR = DEFAULT_WORKDIR + '_quick'
@@ -26,15 +27,17 @@ LABELS = {'teacher_a': 'teacher A', 'teacher_b': 'teacher B',
 
 
 @dataclasses.dataclass(frozen=True)
-class TeacherArch:
-  """A teacher: the ViT-B-16 layout (open_clip VisionTransformer, causal text) at reduced sizes."""
-  width: int
-  depth: int
-  heads: int
-  patch_size: int
-  text_width: int
-  text_layers: int
-  seed: int
+class Arch:
+  """A demo model: MobileCLIP2-S0's layout (MCi image tower: RepMixer stages, then attention with
+  a conditional positional encoding; a text transformer) at reduced sizes."""
+  depths: Tuple[int, ...] = (1, 1)
+  widths: Tuple[int, ...] = (32, 64)
+  token_mixers: Tuple[str, ...] = ('repmixer', 'attention')
+  pos_emb: Tuple[bool, ...] = (False, True)
+  se_downsample: Tuple[bool, ...] = (False, True)
+  text_width: int = 64
+  text_heads: int = 1
+  text_layers: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +54,20 @@ class DemoSettings:
     image_size: the side every model sees (training crops and evaluation renders).
     embed_dim: joint embedding width of every model.
     context_length: text tokens of every model.
-    teachers: the two teacher architectures.
+    teacher: the teachers' architecture (both teachers: like MobileCLIP2's two DFN CLIPs, one
+      architecture trained twice).
+    teacher_seeds: the teachers' seeds (initialization and data order).
     teacher_steps, teacher_batch, teacher_lr: teacher training.
-    student_depths, student_widths, student_token_mixers, student_pos_emb, student_se: the
-      students' MCi image tower (MobileCLIP2-S0's blocks: RepMixer stages, then attention with
-      a conditional positional encoding).
-    student_text_width, student_text_heads, student_text_layers: the students' text tower.
+    student: the students' architecture (both students).
     student_steps, student_batch, student_lr: student training, the same for both students.
     student_seeds: runs of each student (seeds seed, seed + 1, ...); teachers run once.
     warmup_steps: linear warmup of every run (then cosine decay).
     weight_decay: AdamW weight decay of every run.
+    crop_scale, rand_augment_p: the image augmentation of every model (RandomResizedCrop's area
+      range; the probability of RandAugment's 2 ops at magnitude 9): open_clip's default
+      (0.9-1, none) keeps the small objects of a 32 px scene in the crop and their colours
+      intact (DataCompDR's 0.08-1 and RandAugment lose them: see inspection.py). Training on
+      the plain sets samples it (config data.augmentation); the reinforcement stores k draws.
     k: stored augmentations per image.
     num_syn: synthetic captions per image.
     captioner_temperature: diversity of the demo captioner.
@@ -77,28 +84,20 @@ class DemoSettings:
   image_size: int = 32
   embed_dim: int = 128
   context_length: int = 32
-  teachers: Tuple[TeacherArch, TeacherArch] = (
-      TeacherArch(width=128, depth=4, heads=2, patch_size=8, text_width=128, text_layers=2,
-                  seed=1),
-      TeacherArch(width=192, depth=3, heads=3, patch_size=8, text_width=128, text_layers=3,
-                  seed=2))
-  teacher_steps: int = 600
+  teacher: Arch = Arch(depths=(2, 2), widths=(48, 96))
+  teacher_seeds: Tuple[int, int] = (1, 2)
+  teacher_steps: int = 400
   teacher_batch: int = 128
   teacher_lr: float = 2e-3
-  student_depths: Tuple[int, ...] = (1, 1)
-  student_widths: Tuple[int, ...] = (32, 64)
-  student_token_mixers: Tuple[str, ...] = ('repmixer', 'attention')
-  student_pos_emb: Tuple[bool, ...] = (False, True)
-  student_se: Tuple[bool, ...] = (False, True)
-  student_text_width: int = 64
-  student_text_heads: int = 1
-  student_text_layers: int = 2
+  student: Arch = Arch()
   student_steps: int = 200
   student_batch: int = 128
   student_lr: float = 2e-3
   student_seeds: int = 3
   warmup_steps: int = 20
   weight_decay: float = 0.1
+  crop_scale: Tuple[float, float] = (0.9, 1.0)
+  rand_augment_p: float = 0.0
   k: int = 4
   num_syn: int = 4
   captioner_temperature: float = 0.7
@@ -114,13 +113,11 @@ class DemoSettings:
 
 def quick() -> DemoSettings:
   """Toy sizes: every stage runs, in about a minute once compiled; numbers are noise."""
-  tiny = TeacherArch(width=64, depth=1, heads=1, patch_size=8, text_width=64, text_layers=1,
-                     seed=1)
+  tiny = Arch(widths=(16, 32), text_width=32, text_layers=1)
   return DemoSettings(
-      num_samples=128, render_size=32, samples_per_shard=64, teacher_samples=128,
-      teachers=(tiny, dataclasses.replace(tiny, depth=2, seed=2)), teacher_steps=4,
-      teacher_batch=16, student_widths=(32, 32), student_text_width=64, student_text_layers=1,
-      student_steps=4, student_batch=16, warmup_steps=1, k=2, num_syn=2, eval_samples=32)
+      num_samples=128, render_size=32, samples_per_shard=64, teacher_samples=128, teacher=tiny,
+      teacher_steps=4, teacher_batch=16, student=tiny, student_steps=4, student_batch=16,
+      warmup_steps=1, k=2, num_syn=2, eval_samples=32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,11 +139,19 @@ def _base(settings: DemoSettings, data_dir: str, steps: int, batch: int,
   c.schedule.warmup = f'{settings.warmup_steps}_steps'
   c.optim.lr = lr
   c.optim.weight_decay = settings.weight_decay
+  aug = augmentation(settings)
+  c.data.augmentation = ml_collections.ConfigDict(dict(scale=aug.scale, p=aug.p))
   c.checkpoint.every = f'{max(1, steps // 2)}_steps'
   c.checkpoint.keep_last = 1
   c.log_every = max(1, min(10, steps // 4))
   c.evals = ml_collections.ConfigDict(eval_entries(settings))
   return c
+
+
+def augmentation(settings: DemoSettings) -> augment.AugmentConfig:
+  """The demo's image augmentation at the models' resolution (see `DemoSettings`)."""
+  return augment.AugmentConfig(image_size=settings.image_size, scale=settings.crop_scale,
+                               p=settings.rand_augment_p)
 
 
 def eval_entries(settings: DemoSettings) -> Dict[str, Dict[str, Any]]:
@@ -165,39 +170,32 @@ def eval_entries(settings: DemoSettings) -> Dict[str, Dict[str, Any]]:
 
 
 def role_seed(role: str, settings: DemoSettings) -> int:
-  """The (first) seed of a role's runs: its architecture's for a teacher, `seed` for students."""
+  """The (first) seed of a role's runs: its own for a teacher, `seed` for the students."""
   if role in TEACHERS:
-    return settings.teachers[TEACHERS.index(role)].seed
+    return settings.teacher_seeds[TEACHERS.index(role)]
   return settings.seed
 
 
 def train_config(role: str, settings: DemoSettings, data_dir: str) -> ml_collections.ConfigDict:
   """The training config of one demo model (`ROLES`), reading datasets from `data_dir`."""
-  if role in TEACHERS:
-    arch = settings.teachers[TEACHERS.index(role)]
-    c = _base(settings, data_dir, settings.teacher_steps, settings.teacher_batch,
-              settings.teacher_lr)
-    c.seed = role_seed(role, settings)
-    c.model.name = 'ViT-B-16'
-    c.model.image.width, c.model.image.depth = arch.width, arch.depth
-    c.model.image.heads, c.model.image.patch_size = arch.heads, arch.patch_size
-    c.model.text.width, c.model.text.layers = arch.text_width, arch.text_layers
-    c.model.text.heads = max(1, arch.text_width // 64)
-    c.data.name = TEACHERS_NAME
-    c.loss.objective = 'clip'
-    return c
-  if role not in STUDENTS:
+  if role not in ROLES:
     raise ValueError(f'Unknown demo role {role!r}; roles: {", ".join(ROLES)}.')
-  c = _base(settings, data_dir, settings.student_steps, settings.student_batch,
-            settings.student_lr)
+  teacher = role in TEACHERS
+  arch = settings.teacher if teacher else settings.student
+  c = _base(settings, data_dir, *((settings.teacher_steps, settings.teacher_batch,
+                                   settings.teacher_lr) if teacher else
+                                  (settings.student_steps, settings.student_batch,
+                                   settings.student_lr)))
   c.seed = role_seed(role, settings)
   c.model.name = 'MobileCLIP2-S0'
   image = c.model.image
-  image.depths, image.widths = settings.student_depths, settings.student_widths
-  image.token_mixers, image.pos_emb = settings.student_token_mixers, settings.student_pos_emb
-  image.se_downsample = settings.student_se
-  c.model.text.width, c.model.text.heads = settings.student_text_width, settings.student_text_heads
-  c.model.text.layers = settings.student_text_layers
+  image.depths, image.widths, image.token_mixers = arch.depths, arch.widths, arch.token_mixers
+  image.pos_emb, image.se_downsample = arch.pos_emb, arch.se_downsample
+  text = c.model.text
+  text.width, text.heads, text.layers = arch.text_width, arch.text_heads, arch.text_layers
+  if teacher:
+    c.data.name, c.loss.objective = TEACHERS_NAME, 'clip'
+    return c
   # The students differ in their data and objective only (the CLIP objective ignores the rest).
   c.data.name, c.loss.objective = ((PLAIN_NAME, 'clip') if role == 'student_clip'
                                    else (REINFORCED_NAME, 'dr'))

@@ -53,8 +53,10 @@ TEXTURES = ('flat', 'gradient', 'stripes', 'dots', 'noise')
 PLAIN_BACKGROUND = 'gray'
 STYLES = ('filled', 'outline')
 # Radius ranges (fraction of the image side) per size class; labels come from the radius.
+# Sizes and textures are made to be seen at the demo's 32 px: a small object is 8 px wide, a stripe
+# 2.5 px or more, a dot 3 px.
 SIZE_RADII: Mapping[str, tuple[float, float]] = {
-    'small': (0.09, 0.11), 'medium': (0.13, 0.155), 'large': (0.18, 0.21)}
+    'small': (0.12, 0.145), 'medium': (0.17, 0.2), 'large': (0.23, 0.27)}
 POSITION_ANCHORS: Mapping[str, tuple[float, float]] = {
     'left': (0.2, 0.5), 'right': (0.8, 0.5), 'top': (0.5, 0.2), 'bottom': (0.5, 0.8),
     'centre': (0.5, 0.5)}
@@ -267,13 +269,13 @@ def _sample_background(config: DemoWorldConfig, rng: np.random.Generator) -> Bac
     params = {'angle': rng.random() * 2 * np.pi}
   elif texture == 'stripes':
     params = {'angle': pick(rng, (0.0, 0.25, 0.5, 0.75)) * np.pi,
-              'period': 0.08 + 0.08 * rng.random(), 'phase': rng.random()}
+              'period': 0.16 + 0.1 * rng.random(), 'phase': rng.random()}
   elif texture == 'dots':
-    spacing = 0.1 + 0.08 * rng.random()
-    params = {'spacing': spacing, 'radius': spacing * (0.2 + 0.1 * rng.random()),
+    spacing = 0.2 + 0.1 * rng.random()
+    params = {'spacing': spacing, 'radius': spacing * (0.22 + 0.08 * rng.random()),
               'offset': (rng.random(), rng.random())}
   elif texture == 'noise':
-    params = {'grid': rng.random((16, 16)).astype(np.float32)}
+    params = {'grid': rng.random((8, 8)).astype(np.float32)}
   return Background(texture, color, rgb, rgb2, params)
 
 
