@@ -1,7 +1,7 @@
 """An export directory: the two towers, the tokenizer's vocabulary and `export.json`.
 
-  OUT/image.onnx|.tflite   image tower: normalized pixels -> embedding [batch, embed_dim]
-  OUT/text.onnx|.tflite    text tower: int32 tokens -> embedding [batch, embed_dim]
+  OUT/image.onnx|.tflite|.mlpackage   image tower: normalized pixels -> embedding [batch, D]
+  OUT/text.onnx|.tflite|.mlpackage    text tower: int32 tokens -> embedding [batch, D]
   OUT/<vocabulary>         bpe_simple_vocab_16e6.txt.gz (CLIP BPE) or tokenizer.model (SentencePiece)
   OUT/export.json          everything an app needs to feed the towers and read their outputs
 
@@ -31,12 +31,13 @@ import mobileclip_jax
 from mobileclip_jax import checkpoint as checkpoint_lib
 from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.data import tokenizer as tokenizer_lib
+from mobileclip_jax.export import coreml
 from mobileclip_jax.export import onnx_format
 from mobileclip_jax.export import tflite_format
 from mobileclip_jax.export import towers as towers_lib
 from mobileclip_jax.models import clip as clip_lib
 
-FORMATS = {'onnx': onnx_format, 'tflite': tflite_format}
+FORMATS = {'onnx': onnx_format, 'tflite': tflite_format, 'coreml': coreml}
 METADATA = 'export.json'
 NAMES = {'image': ('image', 'embedding'), 'text': ('tokens', 'embedding')}
 FP32_TOLERANCE = 1e-4   # Relative L2 of fp32 embeddings against JAX, enforced.
@@ -116,23 +117,21 @@ def _write_towers(directory: str, fmt: str, precision: str, variables, config,
   entries = {}
   for tower in towers_lib.TOWERS:
     path = os.path.join(directory, tower + module.SUFFIX)
-    fn = towers_lib.tower_function(config, tower)
-    tower_vars = towers_lib.tower_variables(variables, tower)
-    spec = towers_lib.input_spec(config, shapes, tower)
-    if fmt == 'onnx':
-      io = module.write(lambda x, v=tower_vars, fn=fn: fn(v, x), spec, tower, path, precision,
-                        NAMES[tower])
-    else:
-      io = module.write(fn, tower_vars, spec, tower, path, precision, NAMES[tower])
+    io = module.write(config, variables, tower, towers_lib.input_spec(config, shapes, tower),
+                      path, precision, NAMES[tower])
+    run, checked_in = module.load(path), module.RUNTIME
+    if run is None:  # A format this OS cannot run (Core ML on Linux): check what was converted.
+      run, checked_in = module.source_runner(config, variables, tower), module.SOURCE_RUNTIME
     want = towers_lib.jax_embeddings(reference[1], reference[0], tower, inputs[tower])
-    got = module.load(path)(_to_layout(inputs[tower], tower, module))
+    got = run(_to_layout(inputs[tower], tower, module))
     rel_l2 = _rel_l2_per_row(got, want)
     if precision == 'fp32' and not rel_l2 <= FP32_TOLERANCE:
       raise ValueError(f'The exported {tower} tower differs from JAX: relative L2 {rel_l2:.3g} > '
                        f'{FP32_TOLERANCE} in fp32; nothing was written. Please report this.')
     if tower == 'image':
       io['input']['layout'] = module.IMAGE_LAYOUT
-    entries[tower] = {'file': os.path.basename(path), **io, 'rel_l2_vs_jax': rel_l2}
+    entries[tower] = {'file': os.path.basename(path), **io, 'rel_l2_vs_jax': rel_l2,
+                      'checked_in': checked_in}
   return entries
 
 

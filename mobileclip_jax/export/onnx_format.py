@@ -30,10 +30,14 @@ from typing import Any, Callable, Dict
 import jax
 import numpy as np
 
+from mobileclip_jax.export import towers as towers_lib
+from mobileclip_jax.models import clip as clip_lib
+
 PRECISIONS = ('fp32', 'fp16', 'int8')
 SUFFIX = '.onnx'
 OPSET = 21
 IMAGE_LAYOUT = 'NCHW'
+RUNTIME = 'onnxruntime'
 _DTYPES = {'tensor(float)': 'float32', 'tensor(int32)': 'int32'}
 
 
@@ -79,14 +83,16 @@ def _to_proto(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct, tower: str, 
   return model
 
 
-def write(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct, tower: str, path: str,
-          precision: str, names) -> Dict[str, Any]:
-  """Writes the ONNX model of `fn(x)` (x like `spec`, NHWC for images) to `path`.
+def write(config: clip_lib.ModelConfig, variables: Dict[str, Any], tower: str,
+          spec: jax.ShapeDtypeStruct, path: str, precision: str, names) -> Dict[str, Any]:
+  """Writes the ONNX model of one tower (inference-form `variables`; x like `spec`) to `path`.
 
   Returns the model's input and output description for the export's JSON.
   """
   onnx = _import('onnx')
-  model = _to_proto(fn, spec, tower, names)
+  fn = towers_lib.tower_function(config, tower)
+  weights = towers_lib.tower_variables(variables, tower)
+  model = _to_proto(lambda x: fn(weights, x), spec, tower, names)
   if precision == 'fp16':
     float16 = _import('onnxruntime.transformers.float16')
     model = float16.convert_float_to_float16(model, keep_io_types=True)

@@ -21,9 +21,13 @@ from typing import Any, Callable, Dict
 import jax
 import numpy as np
 
+from mobileclip_jax.export import towers as towers_lib
+from mobileclip_jax.models import clip as clip_lib
+
 PRECISIONS = ('fp32', 'fp16', 'int8')
 SUFFIX = '.tflite'
 IMAGE_LAYOUT = 'NHWC'
+RUNTIME = 'ai-edge-litert'
 
 
 def _import(name: str):
@@ -39,18 +43,19 @@ def versions() -> Dict[str, str]:
           'ai_edge_litert': importlib.metadata.version('ai-edge-litert')}
 
 
-def write(fn: Callable[[Any, Any], Any], variables: Any, spec: jax.ShapeDtypeStruct, tower: str,
-          path: str, precision: str, names) -> Dict[str, Any]:
-  """Writes the TFLite model of `fn(variables, x)` (x like `spec`) to `path`.
+def write(config: clip_lib.ModelConfig, variables: Dict[str, Any], tower: str,
+          spec: jax.ShapeDtypeStruct, path: str, precision: str, names) -> Dict[str, Any]:
+  """Writes the TFLite model of one tower (inference-form `variables`; x like `spec`) to `path`.
 
   Returns the model's input and output description for the export's JSON.
   """
   tf = _import('tensorflow')
   jax2tf = importlib.import_module('jax.experimental.jax2tf')
-  converted = jax2tf.convert(fn, native_serialization_platforms=('cpu',), with_gradient=False)
+  converted = jax2tf.convert(towers_lib.tower_function(config, tower),
+                             native_serialization_platforms=('cpu',), with_gradient=False)
   module = tf.Module()
   module.variables_ = jax.tree.map(lambda a: tf.Variable(np.asarray(a), trainable=False),
-                                   variables)
+                                   towers_lib.tower_variables(variables, tower))
 
   @tf.function(input_signature=[tf.TensorSpec(spec.shape, spec.dtype, name=names[0])],
                autograph=False)
