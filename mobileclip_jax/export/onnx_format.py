@@ -13,7 +13,7 @@ reduced or modified students such as the demo's).
 Images enter as NCHW (jax2onnx transposes to the model's NHWC inside the graph), the layout
 ONNX image models conventionally take. Einsums of a dense layer ('abc,cd->abd', what jax2onnx
 emits for `nn.Dense` on [B, N, C]) become MatMul, which onnxruntime's quantizer and its fused
-kernels know.
+kernels know, and onnxruntime's basic (portable) optimizations fold constants before saving.
 
 Precisions: fp32; fp16 (`onnxruntime.transformers.float16`: weights and compute in float16,
 float32 inputs and outputs, numerically sensitive ops kept float32 by its default block list);
@@ -83,6 +83,19 @@ def _to_proto(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct, tower: str, 
   return model
 
 
+def _fold_constants(path: str, out: str) -> None:
+  """onnxruntime's basic (portable, standard-op) graph optimizations, saved: jax2onnx feeds
+  each Conv its kernel through a Transpose (HWIO -> OIHW); folded, the kernels are initializers
+  again, which the int8 quantizer needs (it quantizes initializer weights offline, anything
+  else per call) and which spare every runtime the work."""
+  ort = _import('onnxruntime')
+  options = ort.SessionOptions()
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+  options.optimized_model_filepath = out
+  options.log_severity_level = 3
+  ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
 def write(config: clip_lib.ModelConfig, variables: Dict[str, Any], tower: str,
           spec: jax.ShapeDtypeStruct, path: str, precision: str, names) -> Dict[str, Any]:
   """Writes the ONNX model of one tower (inference-form `variables`; x like `spec`) to `path`.
@@ -93,19 +106,18 @@ def write(config: clip_lib.ModelConfig, variables: Dict[str, Any], tower: str,
   fn = towers_lib.tower_function(config, tower)
   weights = towers_lib.tower_variables(variables, tower)
   model = _to_proto(lambda x: fn(weights, x), spec, tower, names)
+  traced = path + '.traced'
+  try:
+    onnx.save(model, traced)
+    _fold_constants(traced, path)
+  finally:
+    os.remove(traced)
   if precision == 'fp16':
     float16 = _import('onnxruntime.transformers.float16')
-    model = float16.convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(float16.convert_float_to_float16(onnx.load(path), keep_io_types=True), path)
   if precision == 'int8':
     quantization = _import('onnxruntime.quantization')
-    fp32_path = path + '.fp32'
-    onnx.save(model, fp32_path)
-    try:
-      quantization.quantize_dynamic(fp32_path, path, weight_type=quantization.QuantType.QInt8)
-    finally:
-      os.remove(fp32_path)
-  else:
-    onnx.save(model, path)
+    quantization.quantize_dynamic(path, path, weight_type=quantization.QuantType.QInt8)
   return describe(path)
 
 
