@@ -324,3 +324,29 @@ def test_full_size_s0_converts_to_coreml(tmp_path):
                                      'coreml', 'fp32')
   assert metadata['image']['input']['shape'] == [1, 3, 256, 256]
   assert metadata['image']['rel_l2_vs_jax'] < 1e-4 and metadata['text']['rel_l2_vs_jax'] < 1e-4
+
+
+# ---------------------------------------------------------------- zero-shot on the demo world
+
+
+def test_exported_pair_scores_what_the_jax_evaluator_scores_on_the_demo_world(tmp_path):
+  """fp32 ONNX towers, run from the export directory alone (its vocabulary, its JSON), give the
+  zero-shot evaluator's numbers; the demo world's class names make tasks the tiny model can
+  partly solve only by chance, so equality is what is tested, not accuracy."""
+  _needs('onnx')
+  from mobileclip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.export import zeroshot  # pylint: disable=g-import-not-at-top
+  config = clip_lib.get_config('MobileCLIP2-S0', **dict(TINY, image_size=64))
+  variables = towers.random_variables(config, seed=8)
+  out = str(tmp_path / 'onnx')
+  bundle.export_variables(variables, config, out, 'onnx', 'fp32', towers.Shapes(batch=8))
+  source = dict(kind='demo', split='val', num_samples=60)
+  got = zeroshot.evaluate(out, source)
+  evaluator = evaluator_lib.build_evaluator('demo', dict(type='zeroshot', source=source),
+                                            config, sharding.create_mesh(), batch_size=16)
+  want = evaluator.run(clip_lib.CLIP(config), variables)
+  assert set(got) == set(want) and len(got) >= 4
+  for key, value in want.items():
+    assert abs(got[key] - value) <= 1 / 60 + 1e-9, key  # At most one near-tie may flip.
+  assert sum(abs(got[k] - want[k]) for k in want) <= 2 / 60

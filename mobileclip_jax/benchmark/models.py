@@ -336,14 +336,14 @@ def _forms(variant: str, tower: str, forms: Sequence[str], overrides: Dict[str, 
 
 
 def _measure(function: str, kwargs: Dict[str, Any], max_others_cpu: float,
-             attempts: int) -> Dict[str, Any]:
-  """Runs a measurement in fresh processes until one was quiet enough; the quietest result.
+             attempts: int, module: str = __name__) -> Dict[str, Any]:
+  """Runs `module.function` in fresh processes until one was quiet enough; the quietest result.
 
   Its `attempts` is the number of processes run.
   """
   best = None
   for attempt in range(1, attempts + 1):
-    result = common.isolated(__name__, function, kwargs)
+    result = common.isolated(module, function, kwargs)
     others = result['others_cpu_frac']
     if best is None or (others is not None and others < best['others_cpu_frac']):
       best = result
