@@ -39,7 +39,8 @@ class Shapes:
 def image_stride(config: clip_lib.ModelConfig) -> int:
   """What the resolution must be a multiple of: the image tower's total downsampling."""
   if isinstance(config.image, mci.MCiConfig):
-    return 4 * 2 ** (len(config.image.depths) - 1)  # Stride-4 stem, then one 2x per later stage.
+    widths = config.image.widths  # Stride-4 stem; a stage downsamples 2x when the width changes.
+    return 4 * 2 ** sum(a != b for a, b in zip(widths, widths[1:]))
   return config.image.patch_size
 
 
