@@ -343,8 +343,8 @@ def test_exported_pair_scores_what_the_jax_evaluator_scores_on_the_demo_world(tm
   bundle.export_variables(variables, config, out, 'onnx', 'fp32', towers.Shapes(batch=8))
   source = dict(kind='demo', split='val', num_samples=60)
   got = zeroshot.evaluate(out, source)
-  evaluator = evaluator_lib.build_evaluator('demo', dict(type='zeroshot', source=source),
-                                            config, sharding.create_mesh(), batch_size=16)
+  evaluator = evaluator_lib.build_evaluator(
+      'demo', dict(type='zeroshot', source=source, batch_size=16), config, sharding.create_mesh())
   want = evaluator.run(clip_lib.CLIP(config), variables)
   assert set(got) == set(want) and len(got) >= 4
   for key, value in want.items():

@@ -8,6 +8,10 @@ Options (all optional):
   formats=onnx,tflite
   precisions=fp32                  also fp16,int8 (their rows reuse the fp32 JAX / torch runs)
   repeats=5                        timed calls after 2 warm-up calls (more for short calls)
+  threads=0                        0: every framework and runtime with its default threads (all
+                                   cores); 1: all single-threaded, the usual phone-benchmark
+                                   setting, and on a shared machine the one whose `*_cpu_ms`
+                                   (CPU time per call) is the latency on an idle core
   quick=1                          defaults become MobileCLIP2-S0, fp32
   overrides={"image_size": 224}    as in the models benchmark (both sides)
   max_others_cpu=0.1, attempts=3   re-measure while other processes used more than this CPU share
@@ -36,8 +40,10 @@ DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S2', 'MobileCLIP2-B')
 FORMATS = ('onnx', 'tflite')
 RUNTIME_NAMES = {'onnx': 'onnxruntime', 'tflite': 'litert'}
 PRECISIONS = ('fp32', 'fp16', 'int8')
-_OPTIONS = ('variants', 'towers', 'formats', 'precisions', 'repeats', 'quick', 'overrides',
-            'max_others_cpu', 'attempts', 'seed')
+_OPTIONS = ('variants', 'towers', 'formats', 'precisions', 'repeats', 'threads', 'quick',
+            'overrides', 'max_others_cpu', 'attempts', 'seed')
+# XLA:CPU on one thread (its Eigen pool and its intra-op parallelism).
+_JAX_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 _CONVERT_TOWER = {'image': 'visual', 'text': 'text'}
 
 
@@ -66,13 +72,13 @@ def export_towers(variant: str, fmt: str, precision: str, overrides: Dict[str, A
                                  fmt, precision)
 
 
-def measure_runtime(fmt: str, path: str, tower: str, layout: str, repeats: int,
+def measure_runtime(fmt: str, path: str, tower: str, layout: str, repeats: int, threads: int,
                     workdir: str, output: str) -> Dict[str, Any]:
   """Times one exported tower in its runtime on the reference input (batch 1); saves its output."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.export import bundle  # pylint: disable=g-import-not-at-top
   module = bundle.FORMATS[fmt]
-  run = module.load(path)
+  run = module.load(path, threads)
   with np.load(os.path.join(workdir, 'inputs.npz')) as inputs:
     x = inputs['images'][:1] if tower == 'image' else inputs['tokens'][:1]
   if tower == 'image' and layout == 'NHWC':
@@ -98,6 +104,7 @@ def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
       'formats': common.option_list(options, 'formats', FORMATS),
       'precisions': common.option_list(options, 'precisions', ('fp32',)),
       'repeats': common.option_scalar(options, 'repeats', 5, int),
+      'threads': common.option_scalar(options, 'threads', 0, int),
       'overrides': overrides,
       'max_others_cpu': common.option_scalar(options, 'max_others_cpu', 0.1, float),
       'attempts': common.option_scalar(options, 'attempts', 3, int),
@@ -111,12 +118,16 @@ def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
   for key in ('repeats', 'attempts'):
     if parsed[key] < 1:
       raise ValueError(f'{key} must be at least 1, got {parsed[key]}.')
+  if parsed['threads'] not in (0, 1):
+    raise ValueError(f'threads must be 0 (each framework\'s default) or 1, got '
+                     f'{parsed["threads"]}.')
   return parsed
 
 
 def _timing(prefix: str, r: Dict[str, Any]) -> Dict[str, Any]:
   sig = models_bench._significant  # pylint: disable=protected-access
   return {f'{prefix}_median_s': sig(r['median_s']), f'{prefix}_min_s': sig(r['min_s']),
+          f'{prefix}_cpu_ms': sig(1000 * r['cpu_s_per_call']),
           f'{prefix}_peak_rss_mb': r['peak_rss_mb'], f'{prefix}_others_cpu_frac': r['others_cpu_frac']}
 
 
@@ -139,9 +150,14 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
             'train-time']
         kwargs = dict(variant=variant, tower=tower, form=form, batch=1, repeats=o['repeats'],
                       overrides=o['overrides'], workdir=workdir)
-        measured = {name: models_bench._measure(  # pylint: disable=protected-access
-            f'measure_{name}', kwargs, o['max_others_cpu'], o['attempts'])
-                    for name in ('torch', 'jax')}
+        jax_env = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {_JAX_ONE_THREAD}'.strip()
+                   } if o['threads'] == 1 else None
+        measured = {
+            'torch': models_bench._measure(  # pylint: disable=protected-access
+                'measure_torch', dict(kwargs, threads=o['threads']), o['max_others_cpu'],
+                o['attempts']),
+            'jax': models_bench._measure(  # pylint: disable=protected-access
+                'measure_jax', kwargs, o['max_others_cpu'], o['attempts'], env=jax_env)}
         jax_out = np.load(models_bench._output_path(workdir, 'jax', tower, form, 1))  # pylint: disable=protected-access
         torch_out = np.load(models_bench._output_path(workdir, 'torch', tower, form, 1))  # pylint: disable=protected-access
         for precision in o['precisions']:
@@ -153,7 +169,8 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
             name, metadata = RUNTIME_NAMES[fmt], exports[(fmt, precision)]
             output = os.path.join(workdir, f'{fmt}_{precision}_{tower}.npy')
             result = models_bench._measure('measure_runtime', dict(  # pylint: disable=protected-access
-                fmt=fmt, tower=tower, repeats=o['repeats'], workdir=workdir, output=output,
+                fmt=fmt, tower=tower, repeats=o['repeats'], threads=o['threads'],
+                workdir=workdir, output=output,
                 path=os.path.join(workdir, f'{fmt}_{precision}', metadata[tower]['file']),
                 layout=metadata[tower]['input'].get('layout', '')),
                 o['max_others_cpu'], o['attempts'], module=__name__)
@@ -162,6 +179,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
             row[f'{name}_vs_torch'] = sig(result['median_s'] / measured['torch']['median_s'])
             row[f'{name}_version'] = result['version']
           row['jax_vs_torch'] = sig(measured['jax']['median_s'] / measured['torch']['median_s'])
+          row['threads'] = o['threads'] or 'default'
           row['load_avg_1m'] = common.machine().get('load_avg_1m')
           row['cpu_count'] = os.cpu_count()
           yield row
