@@ -329,6 +329,7 @@ def test_full_size_s0_converts_to_coreml(tmp_path):
 # ---------------------------------------------------------------- zero-shot on the demo world
 
 
+@pytest.mark.slow  # 3 min on a loaded 2-core machine: an export, demo renders, an 8-device eval.
 def test_exported_pair_scores_what_the_jax_evaluator_scores_on_the_demo_world(tmp_path):
   """fp32 ONNX towers, run from the export directory alone (its vocabulary, its JSON), give the
   zero-shot evaluator's numbers; the demo world's class names make tasks the tiny model can
