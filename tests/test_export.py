@@ -335,9 +335,11 @@ def test_exported_pair_scores_what_the_jax_evaluator_scores_on_the_demo_world(tm
   zero-shot evaluator's numbers; the demo world's class names make tasks the tiny model can
   partly solve only by chance, so equality is what is tested, not accuracy."""
   _needs('onnx')
-  from mobileclip_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.export import zeroshot  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import sharding
+  from mobileclip_jax.evaluation import evaluator as evaluator_lib
+  from mobileclip_jax.export import zeroshot
+  # pylint: enable=g-import-not-at-top
   config = clip_lib.get_config('MobileCLIP2-S0', **dict(TINY, image_size=64))
   variables = towers.random_variables(config, seed=8)
   out = str(tmp_path / 'onnx')

@@ -27,6 +27,8 @@ process: onnxruntime's CPU provider (its default threads) and LiteRT's interpret
 `os.cpu_count()` threads). Every output is compared with JAX's (`*_rel_l2`), so a fast but wrong
 number shows. Each timed section records the CPU share other processes used.
 """
+# This benchmark reuses the models benchmark's reference, workers and timing helpers.
+# pylint: disable=protected-access
 import os
 import tempfile
 from typing import Any, Dict, Iterator
@@ -53,10 +55,10 @@ _CONVERT_TOWER = {'image': 'visual', 'text': 'text'}
 def _flax_variables(variant: str, overrides: Dict[str, Any], workdir: str):
   """Both towers' reference weights (benchmark/models.py's npz files) as Flax variables."""
   from mobileclip_jax import convert  # pylint: disable=g-import-not-at-top
-  config = models_bench._model_config(variant, overrides)  # pylint: disable=protected-access
+  config = models_bench._model_config(variant, overrides)
   variables = {'params': {'logit_scale': np.float32(config.init_logit_scale)}, 'batch_stats': {}}
   for tower, name in _CONVERT_TOWER.items():
-    with np.load(models_bench._weights_path(workdir, tower)) as weights:  # pylint: disable=protected-access
+    with np.load(models_bench._weights_path(workdir, tower)) as weights:
       part = convert.from_open_clip(weights, config, tower=name)
     for collection, tree in part.items():
       variables[collection].update(tree)
@@ -85,7 +87,7 @@ def measure_runtime(fmt: str, path: str, tower: str, layout: str, repeats: int, 
     x = x.transpose(0, 2, 3, 1)  # The reference images are NCHW (torch).
   x = np.ascontiguousarray(x)
   np.save(output, np.asarray(run(x)))
-  result = models_bench._time_with_contention(lambda: run(x), repeats)  # pylint: disable=protected-access
+  result = models_bench._time_with_contention(lambda: run(x), repeats)
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   result['version'] = importlib.metadata.version(module.RUNTIME)
   return result
@@ -96,7 +98,7 @@ def measure_runtime(fmt: str, path: str, tower: str, layout: str, repeats: int, 
 
 def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
   quick, overrides = common.common_options(options, _OPTIONS, 'export', '{"image_size": 224}')
-  models_bench._check_overrides(overrides)  # pylint: disable=protected-access
+  models_bench._check_overrides(overrides)
   parsed = {
       'variants': common.option_list(options, 'variants',
                                      DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
@@ -125,18 +127,19 @@ def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _timing(prefix: str, r: Dict[str, Any]) -> Dict[str, Any]:
-  sig = models_bench._significant  # pylint: disable=protected-access
+  sig = models_bench._significant
   return {f'{prefix}_median_s': sig(r['median_s']), f'{prefix}_min_s': sig(r['min_s']),
           f'{prefix}_cpu_ms': sig(1000 * r['cpu_s_per_call']),
-          f'{prefix}_peak_rss_mb': r['peak_rss_mb'], f'{prefix}_others_cpu_frac': r['others_cpu_frac']}
+          f'{prefix}_peak_rss_mb': r['peak_rss_mb'],
+          f'{prefix}_others_cpu_frac': r['others_cpu_frac']}
 
 
 def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   """Yields one row per (variant, tower, precision): JAX, torch, onnxruntime and LiteRT seconds
   (median / min), ratios to torch, each runtime's relative L2 from JAX, CPU contention, load."""
   o = _parse(options)
-  rel_l2 = models_bench._rel_l2  # pylint: disable=protected-access
-  sig = models_bench._significant  # pylint: disable=protected-access
+  rel_l2 = models_bench._rel_l2
+  sig = models_bench._significant
   for variant in o['variants']:
     with tempfile.TemporaryDirectory(prefix='mobileclip_bench_export_') as workdir:
       common.isolated(models_bench.__name__, 'make_reference', dict(
@@ -146,20 +149,20 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
           variant=variant, fmt=fmt, precision=precision, overrides=o['overrides'],
           workdir=workdir)) for fmt in o['formats'] for precision in o['precisions']}
       for tower in o['towers']:
-        (form,) = models_bench._forms(variant, tower, ['reparameterized'], o['overrides']) or [  # pylint: disable=protected-access
-            'train-time']
+        forms = models_bench._forms(variant, tower, ['reparameterized'], o['overrides'])
+        form = forms[0] if forms else 'train-time'
         kwargs = dict(variant=variant, tower=tower, form=form, batch=1, repeats=o['repeats'],
                       overrides=o['overrides'], workdir=workdir)
         jax_env = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {_JAX_ONE_THREAD}'.strip()
                    } if o['threads'] == 1 else None
         measured = {
-            'torch': models_bench._measure(  # pylint: disable=protected-access
+            'torch': models_bench._measure(
                 'measure_torch', dict(kwargs, threads=o['threads']), o['max_others_cpu'],
                 o['attempts']),
-            'jax': models_bench._measure(  # pylint: disable=protected-access
+            'jax': models_bench._measure(
                 'measure_jax', kwargs, o['max_others_cpu'], o['attempts'], env=jax_env)}
-        jax_out = np.load(models_bench._output_path(workdir, 'jax', tower, form, 1))  # pylint: disable=protected-access
-        torch_out = np.load(models_bench._output_path(workdir, 'torch', tower, form, 1))  # pylint: disable=protected-access
+        jax_out = np.load(models_bench._output_path(workdir, 'jax', tower, form, 1))
+        torch_out = np.load(models_bench._output_path(workdir, 'torch', tower, form, 1))
         for precision in o['precisions']:
           row = {'variant': variant, 'tower': tower, 'precision': precision, 'batch': 1,
                  'jax_form': form, **_timing('jax', measured['jax']),
@@ -168,7 +171,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
           for fmt in o['formats']:
             name, metadata = RUNTIME_NAMES[fmt], exports[(fmt, precision)]
             output = os.path.join(workdir, f'{fmt}_{precision}_{tower}.npy')
-            result = models_bench._measure('measure_runtime', dict(  # pylint: disable=protected-access
+            result = models_bench._measure('measure_runtime', dict(
                 fmt=fmt, tower=tower, repeats=o['repeats'], threads=o['threads'],
                 workdir=workdir, output=output,
                 path=os.path.join(workdir, f'{fmt}_{precision}', metadata[tower]['file']),

@@ -2,7 +2,7 @@
 
   OUT/image.onnx|.tflite|.mlpackage   image tower: normalized pixels -> embedding [batch, D]
   OUT/text.onnx|.tflite|.mlpackage    text tower: int32 tokens -> embedding [batch, D]
-  OUT/<vocabulary>         bpe_simple_vocab_16e6.txt.gz (CLIP BPE) or tokenizer.model (SentencePiece)
+  OUT/<vocabulary>         bpe_simple_vocab_16e6.txt.gz (CLIP BPE) or tokenizer.model
   OUT/export.json          everything an app needs to feed the towers and read their outputs
 
 `export.json`: format, precision; `source` (checkpoint path, step, variant name and the full

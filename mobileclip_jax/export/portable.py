@@ -55,7 +55,7 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> List[Any]:
 
 
 def resolve_platform(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`fn` (pytrees in, pytrees out) with every `lax.platform_dependent` taking its default branch."""
+  """`fn` (pytrees in and out) with every `lax.platform_dependent` taking its default branch."""
   def resolved(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     outputs = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
