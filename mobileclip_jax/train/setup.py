@@ -108,11 +108,12 @@ class TrainInput:
 
 
 def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelConfig,
-               process_index: Optional[int] = None,
-               process_count: Optional[int] = None) -> TrainInput:
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               skipped_log: Optional[str] = None) -> TrainInput:
   """This process's training iterator for `config.data` at the model's resolution.
 
   A dataset that is not built is an error naming the command that builds it (never built here).
+  Every skipped (corrupt) record is listed in `skipped_log` (a local JSONL file) when given.
   """
   d = config.data
   input_config = loader.InputConfig(
@@ -122,7 +123,8 @@ def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelC
       seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
       error_policy=d.error_policy, error_budget=d.max_corrupt)
   try:
-    iterator = loader.make_train_iterator(input_config, process_index, process_count)
+    iterator = loader.make_train_iterator(input_config, process_index, process_count,
+                                          skipped_log=skipped_log)
   except FileNotFoundError as e:
     hint = f'\nFor this config: {d.build_hint}' if d.build_hint else ''
     raise FileNotFoundError(f'{e}{hint}') from None
@@ -291,21 +293,22 @@ class Run:
 
 
 def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] = None,
-          process_index: Optional[int] = None, process_count: Optional[int] = None) -> Run:
+          process_index: Optional[int] = None, process_count: Optional[int] = None,
+          skipped_log: Optional[str] = None) -> Run:
   """Assembles the run of `config` on `mesh` (see the module docstring).
 
   Args:
     config: a training config (mobileclip_jax/config.py).
     mesh: the device mesh (sharding.create_mesh).
     spec: the input's layout when no dataset should be opened; None opens `config.data` for this
-      process (process_index/count default to JAX's).
+      process (process_index/count default to JAX's), listing skipped records in `skipped_log`.
   """
   check_batch(config, mesh)
   model_config_ = model_config(config)
   model = clip_lib.CLIP(model_config_)
   data = None
   if spec is None:
-    data = open_input(config, model_config_, process_index, process_count)
+    data = open_input(config, model_config_, process_index, process_count, skipped_log)
     spec = data.spec
   objective = select_objective(spec.element_spec, config.loss.objective)
   steps = durations(config, spec.num_examples)
