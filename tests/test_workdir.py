@@ -95,6 +95,11 @@ def test_rerun_with_another_model_is_refused_before_anything_is_written(tmp_path
     loop.train(config, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  # A config.json from before a key existed (here the rule keys) reads as that key's default.
+  old = json.load(open(os.path.join(workdir, 'config.json')))
+  del old['optim']['wd_rules'], old['sharding']['rules']
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(old, f)
   # Longer, with other cadences: safe; it resumes and the config records the new length.
   config = tl._config(tmp_path, data_dir, total=8, every=3)  # pylint: disable=protected-access
   config.log_every = 2

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import ml_collections
 
+from mobileclip_jax import config as config_lib
 from mobileclip_jax import utils
 
 log = logging.getLogger('mobileclip_jax')
@@ -150,9 +151,11 @@ def changed_keys(workdir: str, config: ml_collections.ConfigDict) -> Optional[Li
     return None
   with open(path, encoding='utf-8') as f:
     old = _flat(json.load(f))
+  # A key the older run's config did not have yet had its default's effect; a key this config
+  # no longer has no longer matters.
+  old = {**_flat(_plain(config_lib.base_config())), **old}
   new = _flat(_plain(config))
-  return sorted(k for k in old.keys() | new.keys() if old.get(k, '<absent>') != new.get(
-      k, '<absent>'))
+  return sorted(k for k in new if old.get(k, '<absent>') != new[k])
 
 
 def check_and_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
