@@ -36,6 +36,11 @@ TORCH_REFERENCE = [
     'timm==1.0.31',
 ]
 
+# Apache Beam, for `launch/build_dataset.py --runner=beam` (datasets too large for one machine).
+# 2.77.0 installs beside the pins above (it takes pillow 12.x, protobuf 6.x, pyarrow 25.x, all in
+# range). Dataflow also needs its GCP extras: pip install 'apache-beam[gcp]==2.77.0' gcsfs.
+BEAM = ['apache-beam==2.77.0']
+
 # Mobile export (mobileclip_jax/export): ONNX, TFLite (LiteRT) and Core ML towers and the
 # runtimes that check them. jax2onnx (ONNX from the tower's jaxpr) is installed on its own with
 # `pip install --no-deps jax2onnx==0.17.1`: its metadata pins orbax-checkpoint<0.11.37 against
@@ -62,6 +67,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH_REFERENCE,
+        'beam': BEAM,
         'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0', 'portpicker'],
         'export': EXPORT,
     },
