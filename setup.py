@@ -41,6 +41,20 @@ TORCH_REFERENCE = [
 # range). Dataflow also needs its GCP extras: pip install 'apache-beam[gcp]==2.77.0' gcsfs.
 BEAM = ['apache-beam==2.77.0']
 
+# Mobile export (mobileclip_jax/export): ONNX, TFLite (LiteRT) and Core ML towers and the
+# runtimes that check them. jax2onnx (ONNX from the tower's jaxpr) is installed on its own with
+# `pip install --no-deps jax2onnx==0.17.1`: its metadata pins orbax-checkpoint<0.11.37 against
+# the pin above, and its conversion path imports no orbax (see export/onnx_format.py).
+EXPORT = [
+    'onnx==1.23.2',
+    'onnx-ir==1.1.0',
+    'onnxruntime==1.32.0',
+    'tensorflow-cpu==2.21.0; sys_platform == "linux"',
+    'tensorflow==2.21.0; sys_platform != "linux"',
+    'ai-edge-litert==2.3.0',
+    'coremltools==9.0',
+]
+
 setuptools.setup(
     name='mobileclip_jax',
     version='0.1.0',
@@ -55,5 +69,6 @@ setuptools.setup(
         'torch': TORCH_REFERENCE,
         'beam': BEAM,
         'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0', 'portpicker'],
+        'export': EXPORT,
     },
 )
