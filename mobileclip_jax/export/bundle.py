@@ -29,6 +29,7 @@ import numpy as np
 
 import mobileclip_jax
 from mobileclip_jax import checkpoint as checkpoint_lib
+from mobileclip_jax import utils
 from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.export import coreml
@@ -56,14 +57,9 @@ def check_request(fmt: str, precision: str) -> None:
                      'no calibration data).')
 
 
-def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def _rel_l2_per_row(got: np.ndarray, want: np.ndarray) -> float:
   """The worst row: one bad example in a batch must not hide behind good ones."""
-  return max(_rel_l2(g, w) for g, w in zip(got, want))
+  return max(utils.rel_l2(g, w) for g, w in zip(got, want))
 
 
 def _tokenizer_entry(tokenizer: tokenizer_lib.Tokenizer, context: int) -> Dict[str, Any]:
