@@ -2,10 +2,10 @@
 import setuptools
 
 # Compatible ranges: from the versions CI tests (exact pins in constraints.txt, Python 3.11) up to
-# the newest releases checked on Python 3.12 (jax 0.11 / 0.12 need it), so that `pip install` next
-# to an accelerator's jax does not downgrade it. Widen an upper bound only after running the suite
-# on that release.
-JAX_RANGE = '>=0.10.2,<0.13'
+# the newest release checked on Python 3.12 (jax 0.11.2; jax >= 0.11 needs 3.12), so that
+# `pip install` next to an accelerator's jax does not downgrade it. Widen an upper bound only
+# after running the suite on that release.
+JAX_RANGE = '>=0.10.2,<0.12'
 INSTALL_REQUIRES = [
     'jax' + JAX_RANGE,
     'flax>=0.12.8,<0.13',
