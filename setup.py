@@ -38,6 +38,11 @@ TORCH_REFERENCE = [
     'timm==1.0.31',
 ]
 
+# Apache Beam, for `launch/build_dataset.py --runner=beam` (datasets too large for one machine).
+# 2.77.0 installs beside the pins above (it takes pillow 12.x, protobuf 6.x, pyarrow 25.x, all in
+# range). Dataflow also needs its GCP extras: pip install 'apache-beam[gcp]==2.77.0' gcsfs.
+BEAM = ['apache-beam==2.77.0']
+
 setuptools.setup(
     name='mobileclip_jax',
     version='0.1.0',
@@ -54,6 +59,7 @@ setuptools.setup(
         'cuda12': ['jax[cuda12]' + JAX_RANGE],
         'tpu': ['jax[tpu]' + JAX_RANGE],
         'torch': TORCH_REFERENCE,
+        'beam': BEAM,
         'test': TORCH_REFERENCE + ['pytest>=9.2,<10', 'scikit-image>=0.26,<0.27', 'portpicker'],
     },
 )

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from mobileclip_jax import config as config_lib
+from mobileclip_jax import keys
 from mobileclip_jax import losses
 
-_STUDENT_KEYS = (losses.IMAGE, losses.TEXT, losses.SYN_TEXT, losses.LOGIT_SCALE, losses.LOGIT_BIAS)
+_STUDENT_KEYS = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB, keys.LOGIT_SCALE, keys.LOGIT_BIAS)
 
 
 def _embeddings(seed, batch, dtype, teacher_dims=(16, 8), width=12, syn=True, teachers=True,
@@ -27,18 +28,18 @@ def _embeddings(seed, batch, dtype, teacher_dims=(16, 8), width=12, syn=True, te
   """Random embeddings; texts correlate with images so that losses and agreements are informative."""
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(batch, width))
-  out = {losses.IMAGE: image, losses.TEXT: image + rng.normal(size=(batch, width)),
-         losses.LOGIT_SCALE: np.log(20.0)}
+  out = {keys.IMAGE_EMB: image, keys.TEXT_EMB: image + rng.normal(size=(batch, width)),
+         keys.LOGIT_SCALE: np.log(20.0)}
   if syn:
-    out[losses.SYN_TEXT] = image + 1.5 * rng.normal(size=(batch, width))
+    out[keys.SYN_TEXT_EMB] = image + 1.5 * rng.normal(size=(batch, width))
   if teachers:
     teacher_image = rng.normal(size=(batch, sum(teacher_dims)))
-    out[losses.TEACHER_IMAGE] = teacher_image
-    out[losses.TEACHER_TEXT] = teacher_image + rng.normal(size=teacher_image.shape)
+    out[keys.TEACHER_IMAGE] = teacher_image
+    out[keys.TEACHER_TEXT] = teacher_image + rng.normal(size=teacher_image.shape)
     if syn:
-      out[losses.TEACHER_SYN_TEXT] = teacher_image + 1.5 * rng.normal(size=teacher_image.shape)
+      out[keys.TEACHER_SYN_TEXT] = teacher_image + 1.5 * rng.normal(size=teacher_image.shape)
   if sigmoid:
-    out[losses.LOGIT_BIAS] = -3.0
+    out[keys.LOGIT_BIAS] = -3.0
   return {k: np.asarray(v, dtype) for k, v in out.items()}
 
 

@@ -53,6 +53,7 @@ def measure(batch: int, devices: int, block_size: int, embed_dim: int, teacher_d
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import keys  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import losses  # pylint: disable=g-import-not-at-top
 
   jax.config.update('jax_enable_compilation_cache', False)
@@ -63,11 +64,11 @@ def measure(batch: int, devices: int, block_size: int, embed_dim: int, teacher_d
   scalar = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   config = losses.LossConfig(clip_weight=0.25, distill_weight=0.75, teacher_scales=(70.0, 60.0),
                              teacher_dims=tuple(teacher_dims), block_size=block_size)
-  student_keys = (losses.IMAGE, losses.TEXT, losses.SYN_TEXT)
-  teacher_keys = (losses.TEACHER_IMAGE, losses.TEACHER_TEXT, losses.TEACHER_SYN_TEXT)
+  student_keys = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB)
+  teacher_keys = (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT)
   shapes = {k: jax.ShapeDtypeStruct((batch, embed_dim), jnp.float32, sharding=rows)
             for k in student_keys}
-  shapes[losses.LOGIT_SCALE] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
+  shapes[keys.LOGIT_SCALE] = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
   teacher_shapes = {k: jax.ShapeDtypeStruct((batch, sum(teacher_dims)), teacher_dtype,
                                             sharding=rows) for k in teacher_keys}
 
@@ -88,7 +89,7 @@ def measure(batch: int, devices: int, block_size: int, embed_dim: int, teacher_d
     return jax.device_put(value.astype(shape.dtype), shape.sharding)
 
   student = {k: make(i, s) for i, (k, s) in enumerate(shapes.items())}
-  student[losses.LOGIT_SCALE] = jax.device_put(jnp.log(jnp.float32(20.0)), scalar)
+  student[keys.LOGIT_SCALE] = jax.device_put(jnp.log(jnp.float32(20.0)), scalar)
   teachers = {k: make(10 + i, s) for i, (k, s) in enumerate(teacher_shapes.items())}
   (total, _), _ = jax.block_until_ready(compiled(student, teachers))
   timing = common.time_calls(lambda: jax.block_until_ready(compiled(student, teachers)),
