@@ -4,6 +4,7 @@
   python launch/benchmark.py data
   python launch/benchmark.py train
   python launch/benchmark.py compile
+  python launch/benchmark.py loss
   python launch/benchmark.py export   (the exported ONNX / TFLite towers; needs the export extra)
 
 Prints one JSON line per result (and appends them to --out when given). Numbers are only

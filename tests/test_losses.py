@@ -487,9 +487,10 @@ def test_sharded_sigmoid_dr_loss_equals_single_device():
 
 
 def test_sharded_loss_never_builds_the_global_logit_matrix():
+  # The unstreamed form; test_streamed_loss.py checks that the streamed one holds only tiles.
   global_batch, local_batch = 64, 8
   config = losses.LossConfig(clip_weight=0.5, distill_weight=0.5, teacher_scales=(70.0, 60.0),
-                             teacher_dims=(16, 8))
+                             teacher_dims=(16, 8), block_size=0)
   mesh = _mesh((4, 2))
   e = _sharded(_embeddings(18, global_batch, 12, config.teacher_dims), mesh)
   student = {k: v for k, v in e.items() if k in _STUDENT_KEYS}

@@ -188,7 +188,7 @@ def loss_config(config: ml_collections.ConfigDict, teacher_dims) -> losses.LossC
   loss = config.loss
   kwargs = dict(kind=loss.kind, clip_weight=loss.clip_weight, distill_weight=loss.distill_weight,
                 gt_weight=loss.gt_weight, syn_weight=loss.syn_weight, average=loss.average,
-                student_scale=loss.student_scale)
+                student_scale=loss.student_scale, block_size=loss.block_size)
   if teacher_dims:
     scales = config_lib.as_tuple(loss.teacher_scales)
     if len(scales) != len(teacher_dims):
