@@ -25,6 +25,7 @@ import sys
 from absl import app
 from absl import flags
 
+from mobileclip_jax import cli
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import sample_codec
@@ -122,4 +123,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -14,13 +14,12 @@ interrupted run: finished stages and runs are skipped. `--config=configs/demo.py
 (or teacher_a, teacher_b, student_clip) reruns one model with launch/train.py, and
 launch/experiment.py sweeps it. See mobileclip_jax/demo/recipe.py.
 """
-import logging
 import os
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax.demo import settings as settings_lib
 
@@ -37,8 +36,6 @@ _INSPECT = flags.DEFINE_bool('inspect', False, 'Instead of running the demo, wri
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain/TFDS INFO lines drown the log.
-  logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
   compilation_cache.enable()
   settings = settings_lib.quick() if _QUICK.value else settings_lib.DemoSettings()
   workdir = os.path.expanduser(_WORKDIR.value or (
@@ -52,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

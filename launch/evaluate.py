@@ -29,6 +29,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import distributed
 from mobileclip_jax import sharding
@@ -94,4 +95,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.argv, _ = cli.config_argv(sys.argv)
+  cli.run(main)

@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 import jax
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import distributed
 from mobileclip_jax.data import augment
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

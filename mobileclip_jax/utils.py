@@ -21,6 +21,7 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # What open(path, 'w') creates.
+DIR_MODE = 0o777 & ~_umask()   # What os.mkdir creates.
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The trainer: one function, in sections, from a config to checkpoints and metrics.
 
-  distributed init -> mesh -> the run (train/setup.py: input, model, optimizer, shardings)
-  -> restore or init -> compiled step -> evaluators -> loop (log, evals, checkpoints,
+  distributed init -> workdir lock and config check -> mesh -> the run (train/setup.py: input,
+  model, optimizer, shardings) -> restore (falling back past damaged steps) or init -> compiled step -> evaluators -> loop (log, evals, checkpoints,
   preemption, NaN guard) -> final save and evals.
 
 Every host runs the same program on its own slice of the data; metrics and config files are
@@ -11,11 +11,12 @@ import logging
 import os
 import signal
 import threading
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from mobileclip_jax import checkpoint as ckpt_lib
 from mobileclip_jax import distributed
@@ -23,6 +24,7 @@ from mobileclip_jax import sharding as sharding_lib
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import reporting
 from mobileclip_jax.train import setup
+from mobileclip_jax.train import workdir as workdir_lib
 
 log = logging.getLogger('mobileclip_jax')
 
@@ -63,19 +65,50 @@ def _to_host(tree) -> Dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Trains per `config`, resuming from `workdir` if it holds checkpoints. Returns last metrics."""
-  # ---------------------------------------------------------------- setup
+def train(config: ml_collections.ConfigDict, workdir: str,
+          take_over_lock: bool = False) -> Dict[str, float]:
+  """Trains per `config`, resuming from `workdir` if it holds checkpoints. Returns last metrics.
+
+  The workdir belongs to one run at a time (train/workdir.py): it is locked, and a rerun whose
+  config differs in keys that are unsafe on resume is refused before anything is written.
+  """
   distributed.initialize(distributed.Settings.from_config(config.distributed))
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+  lock = _claim(workdir, config, take_over_lock)
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _claim(workdir: str, config: ml_collections.ConfigDict,
+           take_over: bool) -> Optional[workdir_lib.Lock]:
+  """Process 0 locks the workdir and checks/writes config.json; every process learns the outcome."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lib.Lock(workdir, take_over)
+      workdir_lib.check_and_write_config(workdir, config)
+    except workdir_lib.WorkdirError as e:
+      error = e
+      if lock is not None:
+        lock.release()
+  refused = error is not None
+  if jax.process_count() > 1:
+    refused = bool(multihost_utils.broadcast_one_to_all(np.asarray(refused)))
+  if refused:
+    raise error or workdir_lib.WorkdirError(
+        f'Process 0 refused {workdir} (its log says why).')
+  return lock
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  # ---------------------------------------------------------------- setup
   mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
   log.info('Processes: %d, devices: %d (%s), mesh %s', jax.process_count(), jax.device_count(),
            jax.devices()[0].device_kind, dict(mesh.shape))
-  run = setup.build(config, mesh)
+  run = setup.build(config, mesh, skipped_log=os.path.join(
+      workdir, f'skipped_records.p{jax.process_index()}.jsonl'))
   data, steps = run.data, run.durations
   log.info('Dataset %s (%s, %d examples): objective %s.', data.name, data.iterator.kind,
            data.spec.num_examples, run.objective.description)
@@ -89,24 +122,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
       os.path.join(workdir, 'checkpoints'), every_steps=steps.checkpoint_every,
       keep_last=config.checkpoint.keep_last, keep_every=steps.keep_every,
       async_save=config.checkpoint.async_save)
-  start_step = checkpointer.latest_step()
-  if start_step is not None and start_step >= steps.total:
+  latest = checkpointer.latest_step()
+  if latest is not None and latest >= steps.total:
     # Before restoring or compiling: rerunning a finished run (e.g. a pod job restarted after
     # its last save) costs seconds, not a compile.
     checkpointer.close()
     log.info('Nothing to do: %s holds the final step %d of %d.', checkpointer.directory,
-             start_step, steps.total)
+             latest, steps.total)
     return {}
-  if start_step is not None:
-    state, _ = checkpointer.restore(start_step, run.abstract_state, data.iterator)
+  state, start_step = checkpointer.restore_newest(run.abstract_state, data.iterator)
+  if state is not None:
     log.info('Resumed from %s at step %d.', checkpointer.directory, start_step)
+    if jax.process_index() == 0:
+      dropped = workdir_lib.truncate_metrics(workdir, start_step)
+      if dropped:
+        log.info('Dropped %d metrics rows logged after step %d by the previous run.', dropped,
+                 start_step)
   else:
     start_step = 0
     state = run.init_state()
 
   # ---------------------------------------------------------------- compiled step
   step_fn = run.step
-  log.info('Compiled the train step in %.1f s; memory %s.', run.compile_seconds, run.memory())
+  log.info('Train step: traced and lowered in %.1f s, compiled (or read from the compilation '
+           'cache) in %.1f s; memory %s.', run.lower_seconds, run.compile_seconds, run.memory())
 
   # ---------------------------------------------------------------- evaluators
   evaluators = setup.build_evaluators(config, run.model_config, mesh)
@@ -121,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                  ', '.join(f'{k}={v:.4f}' for k, v in results.items()))
 
   # ---------------------------------------------------------------- loop
-  writer = reporting.MetricWriter(workdir)
+  writer = reporting.MetricWriter(workdir, purge_step=start_step + 1 if start_step else None)
   progress = reporting.Progress(steps.total, config.batch_size, start_step)
   preemption = _Preemption()
   meta = {'model_config': clip_lib.config_to_dict(run.model_config), 'dataset': data.name,

@@ -108,11 +108,12 @@ class TrainInput:
 
 
 def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelConfig,
-               process_index: Optional[int] = None,
-               process_count: Optional[int] = None) -> TrainInput:
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               skipped_log: Optional[str] = None) -> TrainInput:
   """This process's training iterator for `config.data` at the model's resolution.
 
   A dataset that is not built is an error naming the command that builds it (never built here).
+  Every skipped (corrupt) record is listed in `skipped_log` (a local JSONL file) when given.
   """
   d = config.data
   input_config = loader.InputConfig(
@@ -122,7 +123,8 @@ def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelC
       seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
       error_policy=d.error_policy, error_budget=d.max_corrupt)
   try:
-    iterator = loader.make_train_iterator(input_config, process_index, process_count)
+    iterator = loader.make_train_iterator(input_config, process_index, process_count,
+                                          skipped_log=skipped_log)
   except FileNotFoundError as e:
     hint = f'\nFor this config: {d.build_hint}' if d.build_hint else ''
     raise FileNotFoundError(f'{e}{hint}') from None
@@ -186,7 +188,7 @@ def loss_config(config: ml_collections.ConfigDict, teacher_dims) -> losses.LossC
   loss = config.loss
   kwargs = dict(kind=loss.kind, clip_weight=loss.clip_weight, distill_weight=loss.distill_weight,
                 gt_weight=loss.gt_weight, syn_weight=loss.syn_weight, average=loss.average,
-                student_scale=loss.student_scale)
+                student_scale=loss.student_scale, block_size=loss.block_size)
   if teacher_dims:
     scales = config_lib.as_tuple(loss.teacher_scales)
     if len(scales) != len(teacher_dims):
@@ -235,7 +237,8 @@ class Run:
   state_shardings: step_lib.TrainState
   abstract_state: step_lib.TrainState     # ShapeDtypeStructs carrying the state's shardings.
   batch_sharding: Any
-  compile_seconds: Optional[float] = None
+  lower_seconds: Optional[float] = None     # Tracing and lowering of `step`.
+  compile_seconds: Optional[float] = None   # Compiling it, or loading it from the cache.
 
   @property
   def abstract_batch(self) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -273,11 +276,12 @@ class Run:
         accum_steps=self.config.accum_steps, use_syn=self.objective.use_syn,
         use_teachers=self.objective.use_teachers, seed=self.config.seed)
     start = time.perf_counter()
-    compiled = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
-                       donate_argnums=(0,)).lower(self.abstract_state,
-                                                  self.abstract_batch).compile()
-    self.compile_seconds = time.perf_counter() - start
+    lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                      out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
+                      donate_argnums=(0,)).lower(self.abstract_state, self.abstract_batch)
+    self.lower_seconds = time.perf_counter() - start
+    compiled = lowered.compile()  # Or loaded from the persistent compilation cache.
+    self.compile_seconds = time.perf_counter() - start - self.lower_seconds
     return compiled
 
   def memory(self) -> Optional[str]:
@@ -291,21 +295,22 @@ class Run:
 
 
 def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] = None,
-          process_index: Optional[int] = None, process_count: Optional[int] = None) -> Run:
+          process_index: Optional[int] = None, process_count: Optional[int] = None,
+          skipped_log: Optional[str] = None) -> Run:
   """Assembles the run of `config` on `mesh` (see the module docstring).
 
   Args:
     config: a training config (mobileclip_jax/config.py).
     mesh: the device mesh (sharding.create_mesh).
     spec: the input's layout when no dataset should be opened; None opens `config.data` for this
-      process (process_index/count default to JAX's).
+      process (process_index/count default to JAX's), listing skipped records in `skipped_log`.
   """
   check_batch(config, mesh)
   model_config_ = model_config(config)
   model = clip_lib.CLIP(model_config_)
   data = None
   if spec is None:
-    data = open_input(config, model_config_, process_index, process_count)
+    data = open_input(config, model_config_, process_index, process_count, skipped_log)
     spec = data.spec
   objective = select_objective(spec.element_spec, config.loss.objective)
   steps = durations(config, spec.num_examples)
