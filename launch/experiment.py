@@ -9,12 +9,10 @@ r"""Variants x seeds of a config through the trainer and evaluator: a table with
 Rerunning the same command skips finished runs and resumes interrupted ones. Writes
 <workdir>/results.json, results.md, metrics.png and losses.png (see mobileclip_jax/experiment.py).
 """
-import logging
-
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import experiment
 
@@ -31,8 +29,6 @@ _LIST = flags.DEFINE_bool('list_sweeps', False, "List the config file's sweeps a
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain/TFDS INFO lines drown the log.
-  logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
   path, _, arg = _CONFIG.value.partition(':')
   module = experiment.load_config_module(path)
   sweeps = module.get_sweeps(arg or None) if hasattr(module, 'get_sweeps') else {}
@@ -52,21 +48,15 @@ def main(argv):
   if _SEEDS.value < 1:
     raise app.UsageError(f'--seeds must be >= 1, got {_SEEDS.value}.')
   base = module.get_config(arg or None)
-  try:
-    if not _SWEEP.value:
-      sweep = experiment.parse_grid(_GRID.value)
-    configs = {name: experiment.apply_overrides(base, overrides)
-               for name, overrides in sweep.variants.items()}
-  except ValueError as e:
-    raise SystemExit(f'launch/experiment.py: {e}') from None
+  if not _SWEEP.value:
+    sweep = experiment.parse_grid(_GRID.value)
+  configs = {name: experiment.apply_overrides(base, overrides)
+             for name, overrides in sweep.variants.items()}
   compilation_cache.enable()
-  try:
-    experiment.run(configs, _SEEDS.value, _WORKDIR.value,
-                   metrics=getattr(module, 'METRICS', None), overrides=sweep.variants,
-                   description=sweep.description or _SWEEP.value)
-  except experiment.Interrupted as e:
-    raise SystemExit(str(e)) from None
+  experiment.run(configs, _SEEDS.value, _WORKDIR.value,
+                 metrics=getattr(module, 'METRICS', None), overrides=sweep.variants,
+                 description=sweep.description or _SWEEP.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -51,8 +51,9 @@ RUN_FILE = 'experiment_run.json'  # Per run: seconds spent and the final evaluat
 LOSS_KEY = 'train/loss'
 
 
-class Interrupted(RuntimeError):
-  """A run's training stopped before its last step (preempted): rerun to resume it."""
+class Interrupted(ValueError):
+  """A run's training stopped before its last step (preempted): rerun to resume it (a user
+  error for cli.run: one line, not a traceback)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,16 +188,18 @@ def _cpu_seconds() -> float:
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
-  """The run's step count (opens the dataset only for a duration in epochs)."""
-  from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  total = config.schedule.total
+  """The run's step count, as the trainer resolves it (the dataset is opened only for a
+  duration in epochs)."""
+  from mobileclip_jax.train import setup  # pylint: disable=g-import-not-at-top
   size = None
-  if isinstance(total, str) and total.strip().endswith('_epochs'):
+  durations = (config.schedule.total, config.schedule.warmup, config.schedule.constant,
+               config.checkpoint.every, config.checkpoint.keep_every)
+  if any('_epochs' in str(d) for d in durations):
     from mobileclip_jax.data import reinforced_tfds  # pylint: disable=g-import-not-at-top
     source, _ = reinforced_tfds.open_reinforced(config.data.name, config.data.data_dir,
                                                 config.data.split)
     size = len(source)
-  return config_lib.parse_duration(total, config.batch_size, size, 'schedule.total')
+  return setup.durations(config, size).total
 
 
 def _evals_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
