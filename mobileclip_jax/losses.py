@@ -265,7 +265,7 @@ def _mean_over_rows(batch: dict[str, Array], params: dict[str, Array], config: L
   def local(rows, params):
     if config.block_size:
       # Streamed: this device's own columns travel around the ring of batch devices.
-      ring = streamed_loss.Ring(tuple(batch_axes), num_shards)
+      ring = streamed_loss.Ring.of(mesh, tuple(batch_axes))
       sums = _row_sums(rows, rows, params, None, config, ring)
     else:
       # Columns stay in their input dtype for the gather (half the traffic for bf16 embeddings).

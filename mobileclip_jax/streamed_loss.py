@@ -21,7 +21,12 @@ arXiv 2410.17243) and flash attention do:
 Under a mesh (inside `jax.shard_map`) the columns are not all-gathered: each device's own columns
 travel around a ring of the batch devices (`lax.ppermute`; the next shard is sent while this one is
 scored), and in the backward pass their gradient travels with them and arrives home complete.
-Per device the loss then holds its rows, two column shards and a few [R, block] tiles.
+Per device the loss then holds its rows, two column shards and a few [R, block] tiles. On the CPU
+backend the shares are all-gathered once per sweep instead (their gradient comes home by a
+reduce-scatter): XLA:CPU runs a blocking collective on a worker of a thread pool that can be smaller
+than the device count, and a ring transfer in flight beside other collectives then deadlocks the
+devices (fake CPU devices on 2 cores: "Termination timeout for collective permute ... Expected 8
+threads"). The columns are [B, E] per device there, still no [R, B] matrix.
 """
 import dataclasses
 import functools
@@ -35,11 +40,24 @@ import numpy as np
 Array = jax.Array
 
 
+# Backends whose collectives block a pool thread: the columns are gathered, not circulated.
+GATHER_PLATFORMS = frozenset({'cpu'})
+
+
 @dataclasses.dataclass(frozen=True)
 class Ring:
-  """The devices the columns circulate over: the mesh's batch axes (inside shard_map)."""
+  """The devices the columns circulate over: the mesh's batch axes (inside shard_map).
+
+  circulate=False gathers every share once per sweep instead (`GATHER_PLATFORMS`).
+  """
   axes: tuple[str, ...]
   size: int
+  circulate: bool = True
+
+  @classmethod
+  def of(cls, mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> 'Ring':
+    size = int(np.prod([mesh.shape[a] for a in axes]))
+    return cls(axes, size, mesh.devices.flat[0].platform not in GATHER_PLATFORMS)
 
 
 def direction_row_sums(a_rows: Array, b_cols: Array, teacher_rows: Optional[Array],
@@ -174,16 +192,17 @@ def _sweep(body: Callable, carry: Any, cols: Any, grads: Any, block: int,
     cols: pytree of [S, ...] columns (all of them without a ring; this device's share with one).
     grads: pytree of [S, ...] gradient accumulators travelling with `cols`, or None.
     block: columns per block; a last, smaller block takes the remainder of S.
-    ring: None, or the devices whose shares of the columns are visited one after the other.
+    ring: None, or the devices whose shares of the columns are visited one after the other (or
+      gathered, with circulate=False).
 
   Returns:
     (carry, grads): grads summed over every device's rows, back on the device owning the columns.
   """
-  size = jax.tree.leaves(cols)[0].shape[0]
-  block = min(block, size)
-  full, tail = divmod(size, block)
-
   def one_share(carry, grads, cols, first):
+    size = jax.tree.leaves(cols)[0].shape[0]
+    width = min(block, size)
+    full, tail = divmod(size, width)
+
     def one_block(carry, grads, start, width):
       take = lambda x: lax.dynamic_slice_in_dim(x, start, width)
       columns = (first + start + jnp.arange(width)).astype(jnp.int32)
@@ -193,14 +212,27 @@ def _sweep(body: Callable, carry: Any, cols: Any, grads: Any, block: int,
             lambda g, d: lax.dynamic_update_slice_in_dim(g, take(g) + d, start, 0), grads, delta)
       return carry, grads
 
-    carry, grads = lax.fori_loop(0, full, lambda k, s: one_block(*s, k * block, block),
+    carry, grads = lax.fori_loop(0, full, lambda k, s: one_block(*s, k * width, width),
                                  (carry, grads))
-    return one_block(carry, grads, full * block, tail) if tail else (carry, grads)
+    return one_block(carry, grads, full * width, tail) if tail else (carry, grads)
 
   if ring is None:
     return one_share(carry, grads, cols, 0)
+  if not ring.circulate:
+    gather = lambda x: lax.all_gather(x, ring.axes, axis=0, tiled=True)
+    every = jax.tree.map(gather, cols)
+    zeros = None if grads is None else jax.tree.map(
+        lambda g: lax.pcast(jnp.zeros((ring.size * g.shape[0],) + g.shape[1:], g.dtype),
+                            ring.axes, to='varying'), grads)
+    carry, summed = one_share(carry, zeros, every, 0)
+    if grads is not None:
+      grads = jax.tree.map(
+          lambda g, s: g + lax.psum_scatter(s, ring.axes, scatter_dimension=0, tiled=True),
+          grads, summed)
+    return carry, grads
   me = lax.axis_index(ring.axes)
   perm = [(i, (i + 1) % ring.size) for i in range(ring.size)]
+  size = jax.tree.leaves(cols)[0].shape[0]
 
   def step(t, state):
     carry, cols, grads = state

@@ -4,7 +4,7 @@ The reference is `losses`' block_size=0 form (full [rows, batch] matrices, all-g
 itself checked against a float64 numpy reference written from the formulas and against open_clip in
 test_losses.py. Here the streamed form must give the same total, every metric and the gradients
 with respect to every student input: to float64 rounding under jax_enable_x64, to float32 rounding
-in the training dtype; on one device and on meshes (8, 1) and (4, 2) of the 8 fake CPU devices;
+in the training dtype; on one device and on meshes (8, 1) and (4, 2) of the 8 fake CPU devices, the columns circulated or gathered;
 with block sizes that leave a smaller last block; for every switch of the objective. And its
 compiled program must hold [rows, block] tiles, never a [rows, batch] matrix.
 """
@@ -19,6 +19,7 @@ import pytest
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import keys
 from mobileclip_jax import losses
+from mobileclip_jax import streamed_loss
 
 _STUDENT_KEYS = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB, keys.LOGIT_SCALE, keys.LOGIT_BIAS)
 
@@ -41,6 +42,19 @@ def _embeddings(seed, batch, dtype, teacher_dims=(16, 8), width=12, syn=True, te
   if sigmoid:
     out[keys.LOGIT_BIAS] = -3.0
   return {k: np.asarray(v, dtype) for k, v in out.items()}
+
+
+@pytest.fixture(params=['ring', 'gather'])
+def exchange(request, monkeypatch):
+  """Columns circulated around the devices (accelerators) or gathered once (the CPU backend)."""
+  gather = request.param == 'gather'
+  monkeypatch.setattr(streamed_loss, 'GATHER_PLATFORMS', frozenset({'cpu'} if gather else ()))
+  return request.param
+
+
+def _on_mesh_only(mesh_shape, exchange):
+  if mesh_shape is None and exchange == 'gather':
+    pytest.skip('one device: no columns to exchange')
 
 
 def _mesh(shape):
@@ -112,7 +126,8 @@ def _float64_reference(case):
 @pytest.mark.parametrize('case,mesh_shape', [
     (case, mesh) for case in _CASES for mesh in (None, (4, 2))] + [
     ('recipe', (8, 1)), ('sigmoid', (8, 1))])
-def test_streamed_equals_reference_in_float64(case, mesh_shape):
+def test_streamed_equals_reference_in_float64(case, mesh_shape, exchange):
+  _on_mesh_only(mesh_shape, exchange)
   # 40 rows: on one device blocks of 3 leave a last block of 1; on 8 devices 5 local rows leave 2.
   e, reference = _float64_reference(case)
   with jax.enable_x64(True):
@@ -122,7 +137,8 @@ def test_streamed_equals_reference_in_float64(case, mesh_shape):
 
 
 @pytest.mark.parametrize('mesh_shape,block_size', [(None, 16), (None, 4096), ((4, 2), 2)])
-def test_streamed_equals_reference_in_float32(mesh_shape, block_size):
+def test_streamed_equals_reference_in_float32(mesh_shape, block_size, exchange):
+  _on_mesh_only(mesh_shape, exchange)
   config, options = _CASES['recipe']
   e = _embeddings(2, 64, np.float32, **options)
   _assert_streamed_equals_reference(e, config, None if mesh_shape is None else _mesh(mesh_shape),
@@ -137,7 +153,8 @@ def _array_shapes(e, config, mesh):
 
 
 @pytest.mark.parametrize('mesh_shape', [None, (4, 2)])
-def test_streamed_program_holds_tiles_not_the_logit_matrix(mesh_shape):
+def test_streamed_program_holds_tiles_not_the_logit_matrix(mesh_shape, exchange):
+  _on_mesh_only(mesh_shape, exchange)
   batch, block = 64, 4
   mesh = None if mesh_shape is None else _mesh(mesh_shape)
   rows = batch // (1 if mesh is None else 8)
