@@ -2,9 +2,9 @@
 
   1. data       `demo_world`: the students' image-caption set (DataCompDR-style tars -> TFDS),
                 and `demo_world_teachers`: more images with cleaner captions for the teachers
-  2. teachers   two small CLIP ViTs (ViT-B-16 layout; other widths, depths and seeds) trained with
-                the CLIP loss, once each, through the experiment runner
-                (mobileclip_jax/experiment.py)
+  2. teachers   two small CLIP models (MCi image tower, wider and deeper than the students'; one
+                architecture, two seeds) trained with the CLIP loss, once each, through the
+                experiment runner (mobileclip_jax/experiment.py)
   3. reinforce  k stored augmentations per student image embedded by both teachers, synthetic
                 captions from the demo captioner (near-duplicates regenerated), teacher text
                 embeddings of every caption -> `demo_world_reinforced`

@@ -47,7 +47,7 @@ class DemoSettings:
   Attributes:
     seed: seed of the demo world (scenes, captions) and of the reinforcement.
     num_samples: images of the students' set (`demo_world`).
-    render_size: side of the stored images (64: `demo_dataset.ensure_plain_dataset`'s).
+    render_size: side of the stored images (training crops are resized to image_size).
     samples_per_shard: images per tar shard.
     teacher_samples: images of the teachers' set (`demo_world_teachers`).
     teacher_caption_noise: `DemoWorldConfig.caption_noise` of the teachers' set.
