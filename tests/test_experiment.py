@@ -2,6 +2,7 @@
 (results.json layout, table, plots, skipping finished runs, resuming a preempted one)."""
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -210,11 +211,11 @@ def test_rerun_skips_finished_runs(swept, data_dir, monkeypatch):
   assert again['variants'] == before['variants']
 
 
-def test_preempted_run_resumes_and_matches_an_uninterrupted_one(tmp_path, data_dir):
+def test_preempted_run_resumes_where_it_stopped(tmp_path, data_dir):
+  """The runner reports a preempted run and resumes it on rerun (that the trainer's resume is
+  bit-exact is tests/test_train_loop.py's)."""
   config_path = _config_file(tmp_path, data_dir, total=8, every=100)
   grid = '--grid=optim.lr=0.002'
-  code, out = _launch(config_path, str(tmp_path / 'straight'), grid, '--seeds=1')
-  assert code == 0, out[-4000:]
   workdir = str(tmp_path / 'preempted')
   run = experiment.run_dir(workdir, 'optim.lr=0.002', 0)
   proc = _launch(config_path, workdir, grid, '--seeds=1', wait=False)
@@ -228,10 +229,11 @@ def test_preempted_run_resumes_and_matches_an_uninterrupted_one(tmp_path, data_d
   assert not os.path.exists(os.path.join(workdir, experiment.RESULTS_FILE))
   code, out = _launch(config_path, workdir, grid, '--seeds=1')
   assert code == 0, out[-4000:]
-  want = experiment.loss_curve(experiment.run_dir(str(tmp_path / 'straight'), 'optim.lr=0.002',
-                                                  0))
-  got = experiment.loss_curve(run)
-  assert dict(zip(*got)) == dict(zip(*want))  # Bitwise: the trainer's exact resume.
+  resumed = re.search(r'Resumed from \S+ at step (\d+)\.', out)  # Not restarted from step 0.
+  assert resumed and 2 <= int(resumed.group(1)) < 8, out[-3000:]
+  assert experiment.loss_curve(run)[0] == list(range(1, 9))
+  with open(os.path.join(workdir, experiment.RESULTS_FILE)) as f:
+    assert json.load(f)['runs']['optim.lr=0.002']['0']['step'] == 8
 
 
 def test_command_line_errors_name_the_fix(tmp_path, data_dir):
