@@ -13,6 +13,7 @@ from mobileclip_jax import checkpoint
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import experiment
 from mobileclip_jax.convert import files
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.demo import inspection
 from mobileclip_jax.demo import recipe
@@ -124,7 +125,8 @@ def test_second_run_reuses_every_stage(first_run, monkeypatch):
     raise AssertionError('a finished stage ran again')
 
   for module, name in ((loop, 'train'), (generate, 'reinforce'),
-                       (reinforced_tfds, 'build_dataset'), (samples, 'write_split'),
+                       (dataset_build, 'build_dataset'), (generate, 'build_tfds'),
+                       (samples, 'write_split'),
                        (experiment, 'evaluate_run'), (files, 'export_checkpoint')):
     monkeypatch.setattr(module, name, refuse)
   again = recipe.run(workdir, SETTINGS, print_fn=lambda _: None)

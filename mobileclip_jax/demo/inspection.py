@@ -60,7 +60,7 @@ def _scene_of(uid: str, world: world_lib.DemoWorldConfig) -> world_lib.Scene:
 
 
 def training_batch(config, num: int) -> Dict[str, Any]:
-  """The first `num` examples of the trainer's first batch for `config`.
+  """The first `num` examples (at most a batch) of the trainer's first batch for `config`.
 
   Returns {'images': uint8 [num, S, S, 3], 'texts': [num] decoded caption tokens (what the text
   tower reads), 'syn_texts': the same for synthetic captions or None, 'uids': the records'}.
@@ -75,6 +75,7 @@ def training_batch(config, num: int) -> Dict[str, Any]:
     batch = next(data.iterator)
   finally:
     data.iterator.close()
+  num = min(num, len(batch['image']))  # A batch smaller than `num` (the --quick sizes).
   tokenizer = tokenizer_lib.get_tokenizer(model_config.tokenizer)
   decode = lambda rows: [tokenizer.decode(r) for r in rows[:num]]
   # The records behind the batch: positions 0.. of epoch 0 (the loader's order; the demo
@@ -384,7 +385,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
   statistics ({'data': ..., 'models': ...})."""
   # pylint: disable=g-import-not-at-top
   from mobileclip_jax import checkpoint
-  from mobileclip_jax import experiment
+  from mobileclip_jax import utils
   from mobileclip_jax.data import tokenizer as tokenizer_lib
   from mobileclip_jax.demo import datasets
   from mobileclip_jax.demo import recipe
@@ -407,7 +408,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
                                              seed=settings.seed),
           'captions': dataset_caption_stats(name, data_dir, tokenizer, settings.context_length,
                                             world)}
-  experiment.write_json(os.path.join(out, 'data.json'), data)
+  utils.write_json_atomic(os.path.join(out, 'data.json'), data)
   models, batches = {}, {}
   for role in settings_lib.ROLES:
     config = settings_lib.train_config(role, settings, data_dir)
@@ -426,7 +427,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
   if batches:
     eval_vs_train(os.path.join(out, 'eval_vs_train.png'), next(iter(batches.values())),
                   settings)
-  experiment.write_json(os.path.join(out, 'models.json'), models)
+  utils.write_json_atomic(os.path.join(out, 'models.json'), models)
   print_fn(format_summary(data, models))
   print_fn(f'\nInspection written to {out}')
   return {'data': data, 'models': models}
