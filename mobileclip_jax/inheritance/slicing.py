@@ -368,6 +368,14 @@ def inherit(variables: Mapping, parent_config: Union[clip_lib.ModelConfig, str],
     (the child's variables as numpy arrays, the child's ModelConfig); `CLIP(child_config)` runs
     them. The config keeps the parent's name; its towers carry the reduced sizes.
   """
+  out, config, _ = inherit_units(variables, parent_config, keep)
+  return out, config
+
+
+def inherit_units(variables: Mapping, parent_config: Union[clip_lib.ModelConfig, str],
+                  keep: Mapping[str, Any]
+                  ) -> Tuple[Dict[str, Any], clip_lib.ModelConfig, Dict[str, np.ndarray]]:
+  """`inherit`, also returning the kept unit indices per family of the parent."""
   if isinstance(parent_config, str):
     parent_config = clip_lib.get_config(parent_config)
   config, explicit = child_config(parent_config, keep)
@@ -378,7 +386,7 @@ def inherit(variables: Mapping, parent_config: Union[clip_lib.ModelConfig, str],
   out = slice_variables(variables, parent, kept)
   _rescale_queries(out, parent, kept, _renames(parent, kept))
   _check_child(out, child)
-  return out, config
+  return out, config, kept
 
 
 def _check_fits(variables: Mapping, layout: units.Layout) -> None:
