@@ -30,7 +30,8 @@ Design, and why:
   over that channel's groups in every later stage and in `final_conv`. MCi heads and
   squeeze-excite hidden units have gates too, but their number follows the width (heads =
   width / 32, SE = width / 4 or / 16): in p they count as the width's fraction, and the child
-  keeps the width's number of them, the highest-gated ones.
+  keeps the width's number of them, the highest-gated ones (likewise the middle channels of
+  MobileCLIP-B's conv stem, width / 4).
 - p is per tower (the text tower's token embedding would otherwise decide everything), over the
   structure the gates define: expected parameters (P(gate != 0) per unit, products along each
   tensor's axes, times its block's gate) over the parent's. The child rounds this structure to
@@ -84,7 +85,7 @@ def masked_families(layout: units.Layout, kinds: Sequence[str]) -> Tuple[str, ..
     kind = fam.kind
     if kind == 'channels':
       kind = 'embed' if fam.group is None else None
-    elif kind == 'se':  # Squeeze-excite widths follow the channels (their gates rank units).
+    elif kind in ('se', 'stem'):  # Their widths follow the channels; their gates rank units.
       kind = 'embed'
     if kind is not None and (fam.tower, kind) in wanted:
       out.append(fam.name)
@@ -457,10 +458,11 @@ def _mci_keep(probs, image, fams, kept_blocks) -> dict:
     for j in kept_blocks(f'visual/stages_{i}/blocks'):
       name = f'visual/stages_{i}/blocks_{j}/mlp'
       if name in probs:
-        ratios.append(max(round(float(probs[name].sum())), 1) / widths[i])
+        ratios.append((max(round(float(probs[name].sum())), 1), widths[i]))
   if ratios:
-    # Rounded so that int(width * ratio) does not fall one short of an exact count.
-    ratio = round(float(np.mean(ratios)), 4) + 1e-6
+    ratio = float(np.mean([h / w for h, w in ratios]))
+    if not all(int(w * ratio) == h for h, w in ratios):  # Not exact: round, and guard floors.
+      ratio = round(ratio, 4) + 1e-6
     out['image.mlp_ratio'] = min(ratio, min(int(w * image.mlp_ratio) / nw
-                                            for w, nw in zip(image.widths, widths)) + 1e-6)
+                                            for w, nw in zip(image.widths, widths)))
   return out

@@ -116,8 +116,11 @@ def inherit_checkpoint(checkpoint: str, keep: Mapping[str, Any], out: str, *,
   variables, parent = checkpoint_lib.load_variables(checkpoint, step)
   if model and model != parent.name:
     raise ValueError(f'{checkpoint} holds a {parent.name} model, not {model}.')
+  target = keep.get('target')
   keep = resolve_keep(keep, variables, parent)
   child_vars, child, kept = slicing.inherit_units(variables, parent, keep)
+  if target:  # target_keep checked that the child is that variant.
+    child = dataclasses.replace(child, name=target)
   if bn_batches:
     child_vars = reestimate_on_data(child_vars, child, bn_config, bn_batches)
   record = describe_inheritance(checkpoint, parent, child, keep, variables, child_vars)

@@ -59,7 +59,7 @@ class Family:
     tower: 'text' or 'visual'.
     group: (parent family, units per group): unit u belongs to the parent's unit u // m.
     tie: a family whose kept fraction this one follows (MCi heads and squeeze-excite widths
-      follow the stage width).
+      follow the stage width, the conv stem of MobileCLIP-B the ViT width).
     container: for kind 'layers', the template of the block paths ('text/blocks_{}').
     offset: for kind 'layers', the index of the first removable block.
     tail: for kind 'layers', the index of a fixed block after the removable ones (MCt), or None.
@@ -262,7 +262,7 @@ def _vit(b: _Builder, cfg):
   head_dim = b.family(f'{v}/head_dim', 'head_dim', cfg.width // cfg.heads)
   layers = b.family(f'{v}/layers', 'layers', cfg.depth, container=f'{v}/blocks_{{}}')
   if cfg.stem == 'mci_conv':
-    stem = b.family(f'{v}/patch_embed/channels', 'stem', cfg.width // 4)
+    stem = b.family(f'{v}/patch_embed/channels', 'stem', cfg.width // 4, tie=embed)
     b.module(f'{v}/patch_embed/backbone_0', None, stem)
     b.module(f'{v}/patch_embed/backbone_1', stem, stem)
     b.module(f'{v}/patch_embed/backbone_2', stem, embed)
