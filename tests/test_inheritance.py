@@ -138,6 +138,10 @@ def _text_zeroed(params, kept, prefix, n_layers, heads, head_dim, offset=0):
       _zero_rows(params, f'{block}/attn/proj/kernel', range(h * head_dim, (h + 1) * head_dim))
     _zero_rows(params, f'{block}/mlp/fc2/kernel',
                _dropped(_get(params, f'{block}/mlp/fc2/kernel').shape[0], kept[f'{block}/mlp']))
+  if offset:  # MCt: the RepMixer blocks around the transformer, their ConvFFN's neurons.
+    for block in (f'{prefix}/blocks_0', f'{prefix}/blocks_{n_layers + 1}'):
+      n = _get(params, f'{block}/mlp/fc2/kernel').shape[2]
+      _zero_rows(params, f'{block}/mlp/fc2/kernel', _dropped(n, kept[f'{block}/mlp']), axis=2)
 
 
 def _hard_masked(config, kept, variables):
@@ -309,19 +313,18 @@ def test_inherited_parameter_count_equals_the_child_configs(kind, keep):
   assert jax.tree.map(np.shape, child) == jax.tree.map(lambda x: x.shape, dict(abstract))
   want = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   assert slicing.param_count(child) == want < slicing.param_count(parent_vars)
-  counts = clip_lib.count_params(config.name, **{**CONFIGS[kind][1], **_tower_overrides(keep)})
+  counts = clip_lib.count_params(config.name, image_size=32, embed_dim=32,
+                                 **_tower_overrides(kind, keep))
   assert sum(counts.values()) + 1 == want  # + the logit scale.
 
 
-def _tower_overrides(keep):
-  """The keep spec as create_model overrides of the same variant (counts only)."""
-  out = {'image': {}, 'text': {}}
+def _tower_overrides(kind, keep):
+  """The parent's overrides with the keep spec's sizes: the child asked for directly."""
+  out = {t: dict(CONFIGS[kind][1][t]) for t in ('image', 'text')}
   for key, value in keep.items():
     tower, field = key.split('.')
-    field = {'depth': 'depth', 'depths': 'depths'}.get(field, field)
     out[tower][field] = value
-  base = {t: dict(CONFIGS['mci'][1].get(t, {})) for t in ('image', 'text')}
-  return {t: {**base[t], **out[t]} if t == 'text' else out[t] for t in out}
+  return out
 
 
 def test_named_targets_are_exact_reductions():
@@ -390,7 +393,7 @@ def _mask_run_config(target, steps):
   c.model.image.update(dict(width=32, depth=2, heads=2, patch_size=8))
   c.model.text.update(dict(width=32, heads=2, layers=2, vocab_size=100, context_length=8))
   c.batch_size, c.schedule.total, c.schedule.warmup = 8, f'{steps}_steps', '1_steps'
-  c.optim.lr_rules = ((r'^masks/', 100.0),)  # Gates and multipliers at lr 0.1.
+  c.optim.lr_rules = ((r'^masks/', 500.0),)  # Gates and multipliers at lr 0.5.
   c.optim.lr = 1e-3
   c.inherit.masks = 'heads,mlp,embed,layers'
   c.inherit.target, c.inherit.ramp, c.inherit.mask_init = target, '1_steps', 1.0

@@ -311,7 +311,8 @@ def axis_index(axis: units.Axis, kept: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def slice_variables(variables: Mapping, layout: units.Layout, kept: Mapping[str, np.ndarray]
                     ) -> Dict[str, Any]:
-  """The parent's variables restricted to the kept units, blocks renumbered (numpy)."""
+  """The parent's variables restricted to the kept units, blocks renumbered, queries rescaled
+  where head_dim shrank (numpy)."""
   renames = _renames(layout, kept)
   out: Dict[str, Any] = {}
   for (collection, path), axes in layout.axes.items():
@@ -327,6 +328,7 @@ def slice_variables(variables: Mapping, layout: units.Layout, kept: Mapping[str,
     if tail is not None:
       new_path = tuple(renames[tail].split('/')) + path[len(tail.split('/')):]
     _set(out.setdefault(collection, {}), new_path, value)
+  _rescale_queries(out, layout, kept, renames)
   return out
 
 
@@ -384,7 +386,6 @@ def inherit_units(variables: Mapping, parent_config: Union[clip_lib.ModelConfig,
   child = units.layout(config)
   kept = select_units(variables, parent, child, keep, explicit)
   out = slice_variables(variables, parent, kept)
-  _rescale_queries(out, parent, kept, _renames(parent, kept))
   _check_child(out, child)
   return out, config, kept
 
