@@ -7,11 +7,16 @@ package's unit table), run by the unmodified CLIP module, in train and eval mode
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+
+from absl import flags
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import config_flags
 
 import mobileclip_jax
 from mobileclip_jax import checkpoint as checkpoint_lib
@@ -27,6 +32,7 @@ from mobileclip_jax.models import layers
 from mobileclip_jax.models import reparam
 from mobileclip_jax.train import setup
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTEXT = 16
 TEXT = dict(width=64, heads=2, layers=3, vocab_size=100, context_length=CONTEXT)
 MCI = dict(image_size=32, embed_dim=32, text=TEXT, image=dict(
@@ -446,32 +452,50 @@ def test_bad_keep_specs_say_what_to_change():
 # The launcher's files, and training the child through setup.build.
 
 
-def test_inherited_checkpoint_trains_with_its_flags_and_init_from(tmp_path):
+def _parse_train_flags(flagfile, recipe):
+  """The training config launch/train.py gets from `--config=recipe --flagfile=flagfile`."""
+  argv = ['train.py', f'--config={recipe}', f'--flagfile={flagfile}']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_launch_inherit_writes_a_child_that_trains_with_its_flags(tmp_path):
+  """launch/inherit.py on a tiny checkpoint: the child's files; its train.flags on a recipe give
+  the child's model config, and setup.build's state starts from the child's weights."""
   config = _config('mci')
   variables = _perturbed(config)
-  parent_dir = str(tmp_path / 'parent')
+  parent_dir, out = str(tmp_path / 'parent'), str(tmp_path / 'child')
   checkpoint_lib.save_variables(parent_dir, variables, config)
-  out = str(tmp_path / 'child')
-  keep = {**stages.parse_keep('text.layers=2;image.widths=16,32'), 'select': 'first'}
-  record = schedule.inherit_checkpoint(parent_dir, keep, out)
+  argv = [sys.executable, os.path.join(REPO, 'launch', 'inherit.py'), f'--checkpoint={parent_dir}',
+          '--model=MobileCLIP2-S0', '--keep=text.layers=2;image.widths=16,32', '--select=first',
+          f'--out={out}']
+  proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'train.flags' in proc.stdout
+  with open(os.path.join(out, schedule.INHERIT_JSON)) as f:
+    record = json.load(f)
   assert record['keep']['image.widths'] == [16, 32] and record['param_fraction']['visual'] < 0.5
   assert record['kept']['text/layers'] == [0, 1]
   saved, child_config = checkpoint_lib.load_variables(out)
-  with open(os.path.join(out, schedule.TRAIN_FLAGS)) as f:
-    lines = f.read().split('\n')
-  assert '--config.model.image.widths=(16, 32)' in lines
-  assert f'--config.model.init_from={os.path.abspath(out)}' in lines
-  # The flags on a training config give the child's model config, and init_from loads it.
-  c = config_lib.base_config()
-  c.batch_size = 8
-  stages.apply_overrides(c, {k: tuple(v) if isinstance(v, list) else v
-                             for k, v in record['train_overrides'].items()})
-  assert setup.model_config(c) == child_config
+  want, want_config = mobileclip_jax.inherit(
+      variables, config, {'text.layers': [0, 1], 'image.widths': (16, 32), 'select': 'first'})
+  assert child_config == want_config
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+  c = _parse_train_flags(os.path.join(out, schedule.TRAIN_FLAGS),
+                         os.path.join(REPO, 'configs', 'demo.py') + ':student_dr,quick')
+  assert setup.model_config(c) == child_config and c.model.init_from == os.path.abspath(out)
+  with c.unlocked():
+    c.batch_size = 8
   mesh = sharding_lib.create_mesh(devices=jax.devices()[:1])
   run = setup.build(c, mesh, spec=setup.InputSpec.synthetic(child_config, (8, 8)))
-  np.testing.assert_array_equal(run.init_state().params['visual']['head']['kernel'],
-                                saved['params']['visual']['head']['kernel'])
-  # Without the architecture flags, init_from is refused with the flags to add.
+  for a, b in zip(jax.tree.leaves(run.init_state().params), jax.tree.leaves(saved['params'])):
+    np.testing.assert_array_equal(a, b)
+  # The parent's recipe without the architecture flags: init_from names the flags to add.
   c2 = config_lib.base_config()
   c2.model.update(dict(image_size=32, embed_dim=32, init_from=out))
   c2.model.image.update(MCI['image'])
@@ -479,5 +503,5 @@ def test_inherited_checkpoint_trains_with_its_flags_and_init_from(tmp_path):
   run = setup.build(c2, mesh, spec=setup.InputSpec.synthetic(setup.model_config(c2), (8, 8)))
   with pytest.raises(ValueError, match=r'--config\.model\.image\.widths=\(16, 32\)'):
     run.init_state()
-  with pytest.raises(FileExistsError):
-    schedule.inherit_checkpoint(parent_dir, keep, out)
+  proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)  # No overwriting.
+  assert proc.returncode != 0 and 'already holds a model checkpoint' in proc.stderr
