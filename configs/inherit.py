@@ -1,4 +1,4 @@
-"""Weight-inheritance schedules (launch/inherit.py --schedule; mobileclip_jax/inheritance/schedule.py).
+"""Weight-inheritance schedules (launch/inherit.py --schedule; inheritance/schedule.py).
 
   python launch/inherit.py --schedule=configs/inherit.py:progressive \
       --schedule.parent=/tmp/demo/runs/student_dr --schedule.data_dir=/tmp/demo/tfds --workdir=W
@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.select = 'magnitude'                      # Manual stages: first | magnitude.
   c.bn_batches = 8                            # BatchNorm re-estimation batches after slicing.
   c.evals_every = 25                          # The recipe's evaluations every this many steps.
-  c.mask_lr = 0.05                            # Learning rate of the gates (TinyCLIP: 0.01 for 3k steps).
+  c.mask_lr = 0.05                            # The gates' learning rate (TinyCLIP: 0.01, 3k steps).
   c.stages = {
       'manual': ({'name': 'child'},),
       'first': ({'name': 'child'},),

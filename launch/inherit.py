@@ -1,9 +1,10 @@
 r"""A smaller model that inherits a trained model's weights (TinyCLIP weight inheritance).
 
-  python launch/inherit.py --checkpoint=RUN_OR_MODEL --keep='text.layers=6;image.widths=(32,64,128,256)' --out=DIR
-  python launch/inherit.py --checkpoint=s2_ckpt --model=MobileCLIP2-S2 --target=MobileCLIP2-S0 --out=DIR
-  python launch/inherit.py --checkpoint=RUN --fraction=0.5 --out=DIR        # ~half of each tower
-  python launch/inherit.py --checkpoint=MASKED_RUN --keep=masks --out=DIR   # what learned masks chose
+  python launch/inherit.py --checkpoint=RUN_OR_MODEL --out=DIR \
+      --keep='text.layers=6;image.widths=(32,64,128,256)'
+  python launch/inherit.py --checkpoint=S2 --model=MobileCLIP2-S2 --target=MobileCLIP2-S0 --out=DIR
+  python launch/inherit.py --checkpoint=RUN --fraction=0.5 --out=DIR      # ~half of each tower
+  python launch/inherit.py --checkpoint=MASKED_RUN --keep=masks --out=DIR  # the masks' choice
 
 --checkpoint is a model checkpoint (launch/convert.py imports released open_clip / Apple
 weights into one) or a training run (its latest step, or --step). --keep is a JSON object or
@@ -17,7 +18,8 @@ DIR gets the model checkpoint (variables/, model.json: evaluate.py and convert.p
 inherit.json (parent, keep spec, kept units, parameter fractions) and train.flags (the child's
 model.* overrides and model.init_from), so that the child trains with
 
-  python launch/train.py --config=configs/demo.py:student_dr --flagfile=DIR/train.flags --workdir=RUN2
+  python launch/train.py --config=configs/demo.py:student_dr --flagfile=DIR/train.flags \
+      --workdir=RUN2
 
 A schedule of stages (progressive shrinking, learned masks, the from-scratch baseline;
 configs/inherit.py) runs with one command, each stage an inherit + train as above:

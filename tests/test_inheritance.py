@@ -106,7 +106,7 @@ def _get(tree, path):
 
 
 def _zero_rows(tree, path, rows, axis=0):
-  """Zeroes `rows` of a parameter along `axis` (input rows of Dense [in, out] / conv HWIO axis 2)."""
+  """Zeroes `rows` of a parameter along `axis` (Dense [in, out]: 0; conv HWIO: 2)."""
   value = _get(tree, path)
   index = [slice(None)] * value.ndim
   index[axis] = np.asarray(rows, np.int64)

@@ -221,7 +221,8 @@ class Masks(nn.Module):
 
   @nn.compact
   def __call__(self) -> Dict[str, jax.Array]:
-    init = lambda rng, shape, dtype: self.init_log_alpha + 0.01 * jax.random.normal(rng, shape, dtype)
+    init = lambda rng, shape, dtype: (self.init_log_alpha
+                                      + 0.01 * jax.random.normal(rng, shape, dtype))
     out = {name: self.param(name, init, (size,), jnp.float32) for name, size in self.sizes}
     for tower in self.towers:
       for name in multiplier_names(tower):
@@ -276,14 +277,6 @@ class MaskedCLIP(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False):
     return self.encode_image(images, train), self.encode_text(tokens, train)
-
-
-def gates_from(variables: Mapping, config: clip_lib.ModelConfig, hard: bool = True
-               ) -> Dict[str, jax.Array]:
-  """The eval-mode gates of a masked run's variables ({family: gate}); `hard` rounds to 0/1."""
-  values = log_alphas(variables['params']['masks'], units.layout(config))
-  gates = {f: deterministic_gate(jnp.asarray(v)) for f, v in values.items()}
-  return {f: (g > 0).astype(jnp.float32) for f, g in gates.items()} if hard else gates
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import ml_collections
 import numpy as np

@@ -31,7 +31,6 @@ sliced wrong.
 import dataclasses
 import functools
 import math
-import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -362,12 +361,6 @@ def layout(config: clip_lib.ModelConfig) -> Layout:
   b.claim('logit_scale', lambda rel, name, shape: ())
   b.claim('logit_bias', lambda rel, name, shape: ())
   return b.done()
-
-
-def block_index(path: str) -> Optional[Tuple[str, int]]:
-  """'text/blocks_3' -> ('text/blocks_{}', 3)."""
-  m = re.match(r'^(.*/blocks_)(\d+)$', path)
-  return (m.group(1) + '{}', int(m.group(2))) if m else None
 
 
 def leaf_count(shape: Tuple[int, ...]) -> int:
