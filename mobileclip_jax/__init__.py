@@ -11,6 +11,7 @@ _LAZY = {
     'get_config': 'mobileclip_jax.models.clip',
     'count_params': 'mobileclip_jax.models.clip',
     'reparameterize': 'mobileclip_jax.models.reparam',
+    'inherit': 'mobileclip_jax.inheritance.slicing',
 }
 __all__ = sorted(_LAZY)
 
