@@ -149,7 +149,7 @@ class EvaluatorBase:
     sides = {full, inf.image_size or full, inf.cascade_size or full}
     if inf.selector_tau:
       sides.update(inference_lib.selector_pass(self.artifacts)[2])
-    for side in sides:
+    for side in sides - {full}:  # The model's own side needs no check (nor any resize).
       inference_lib.check_side(self.model_config, side)
     if max(sides) != full:
       raise ValueError(f'Evaluator {self.name!r}: image sides {sorted(sides)} exceed the '

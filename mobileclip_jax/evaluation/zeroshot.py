@@ -59,7 +59,7 @@ class ZeroShotEvaluator(base.EvaluatorBase):
     return {'labels': np.asarray(example.labels, np.int32)}
 
   def _classifiers(self, text: np.ndarray) -> List[np.ndarray]:
-    """Each task's classifier [D, C] from the prompts' embeddings (in stream order)."""
+    """Each task's classifier [C, D] from the prompts' embeddings (in stream order)."""
     out, start = [], 0
     for task in self.data.tasks:
       num_prompts = len(task.classnames) * len(task.templates)
@@ -73,8 +73,8 @@ class ZeroShotEvaluator(base.EvaluatorBase):
     below cascade_tau for any task (the confidence cascade's second pass)."""
     margin = np.full(len(images['index']), np.inf, np.float32)
     for classifier in classifiers:
-      if classifier.shape[1] > 1:
-        top2 = np.sort(images['embeddings'] @ classifier, axis=-1)[:, -2:]
+      if len(classifier) > 1:
+        top2 = np.sort(images['embeddings'] @ classifier.T, axis=-1)[:, -2:]
         margin = np.minimum(margin, top2[:, 1] - top2[:, 0])
     rerun = np.flatnonzero(margin < self.inference.cascade_tau)
     if len(rerun):

@@ -376,16 +376,16 @@ class Plan:
     def run(x, q, k, tokens):
       if extra:
         x, tokens = extra(x, q, k, tokens)
+      if prune and (layer == spec.prune_layers[0] or tokens.score is None):
+        # Scored before this layer's merge (q, k are of the unmerged rows); merged by max.
+        tokens = tokens.replace(score=self._score(layer, x, q, k, tokens))
       if r:
         clipped = mergeable(x.shape[1], r, self.protected)
         if clipped:
           m = bipartite_soft_matching(k.mean(2), clipped, tokens.protect, tokens.dead)
           x, tokens = merge_tokens(x, tokens, m)
       if prune:
-        scores = tokens.score
-        if layer == spec.prune_layers[0] or scores is None:
-          scores = self._score(layer, x, q, k, tokens)
-        x, tokens = prune_tokens(x, tokens, scores, keep_count(x.shape[1], spec.keep))
+        x, tokens = prune_tokens(x, tokens, tokens.score, keep_count(x.shape[1], spec.keep))
       return x, tokens
     return run
 
