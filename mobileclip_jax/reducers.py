@@ -53,7 +53,7 @@ class Settings:
   """How to train a learned part (defaults follow Patch Ranking's predictor training)."""
   layer: int = 3                 # Rankers: the block after whose attention they score rows.
   window: int = 0                # Golden windows: text positions / image patches per side (0 = 1 / 2).
-  dim: int = 64                  # Ranker width.
+  dim: int = 0                   # Ranker width (0 = the tower's width / 8, in [8, 64]).
   sizes: Tuple[int, ...] = ()    # Selector / bn_stats: the smaller sides (the model's is added).
   selector_input: int = 0        # Selector input side (0 = a quarter of the model's, >= 16).
   epochs: int = 30
@@ -237,7 +237,8 @@ def top_overlap(predicted: np.ndarray, golden: np.ndarray, valid: np.ndarray,
 def train_ranker(golden: Mapping[str, np.ndarray], settings: Settings):
   """(params, ranker fields, report) of a Mix-MLP ranker fitted to stored golden scores."""
   n, rows = golden['scores'].shape
-  fields = dict(tokens=int(rows), dim=settings.dim)
+  dim = settings.dim or int(np.clip(golden['features'].shape[-1] // 8, 8, 64))
+  fields = dict(tokens=int(rows), dim=dim)
   module = reduce_lib.Ranker(**fields)
   held = max(1, int(round(settings.heldout * n))) if n > 1 else 0
   order = np.random.default_rng(settings.seed).permutation(n)
