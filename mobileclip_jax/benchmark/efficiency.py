@@ -18,6 +18,7 @@ Options (all optional):
   reducer_dir=/tmp/mobileclip_efficiency_reducers   where those are written (not the demo)
   plot_dir=efficiency_plots   accuracy-vs-GFLOPs PNGs, one per demo model
   quick=1                     MobileCLIP2-S0 only, batch 1, fewer settings
+  overrides={"text": {...}}   JSON `get_config` overrides of the cost part's towers (tests)
 
 Method settings (`SETTINGS`): ToMe merging (r per layer), pruning by a learned ranker, random
 scores or the pooled token's attention (keep rate rho, after block l, or progressively),
@@ -48,7 +49,8 @@ import numpy as np
 from mobileclip_jax.benchmark import common
 
 _OPTIONS = ('parts', 'variants', 'towers', 'batch_sizes', 'heavy_batch_sizes', 'heavy',
-            'repeats', 'demo', 'demo_models', 'train_samples', 'reducer_dir', 'plot_dir', 'quick')
+            'repeats', 'demo', 'demo_models', 'train_samples', 'reducer_dir', 'plot_dir', 'quick',
+            'overrides')
 DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-B', 'MobileCLIP2-L-14')
 _CAPTIONS = ('a photo of a dog.', 'a photo of a red car parked on the street.',
              'two people walking along a sandy beach at sunset with a dog',
@@ -112,7 +114,8 @@ def _flops(compiled) -> float:
 
 
 def measure_cost(variant: str, tower: str, batch_sizes: Sequence[int], repeats: int,
-                 quick: bool, seed: int = 0) -> List[Dict[str, Any]]:
+                 quick: bool, overrides: Optional[Dict[str, Any]] = None,
+                 seed: int = 0) -> List[Dict[str, Any]]:
   """Rows for one full-size tower (runs in its own process; random weights)."""
   import jax  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import embedding  # pylint: disable=g-import-not-at-top
@@ -122,7 +125,7 @@ def measure_cost(variant: str, tower: str, batch_sizes: Sequence[int], repeats: 
   from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.models import mci  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_enable_compilation_cache', False)  # compile_s is a real compile.
-  config = clip_lib.get_config(variant)
+  config = clip_lib.get_config(variant, **dict(overrides or {}))
   model = clip_lib.CLIP(config)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
   method = embedding.IMAGE if tower == 'image' else embedding.TEXT
@@ -366,7 +369,8 @@ def plot(rows: Sequence[Dict[str, Any]], plot_dir: str) -> List[str]:
 
 def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   """Yields the cost rows, then the demo's reducer reports and accuracy rows, then the plots."""
-  quick, _ = common.common_options(options, _OPTIONS, 'efficiency', '{}')
+  quick, overrides = common.common_options(options, _OPTIONS, 'efficiency',
+                                           '{"text": {"layers": 2}}')
   parts = common.option_list(options, 'parts', ('cost', 'accuracy'))
   bad = sorted(set(parts) - {'cost', 'accuracy'})
   if bad:
@@ -387,8 +391,8 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
       for tower in towers:
         sizes = heavy_batches if variant in heavy else batch_sizes
         yield from common.isolated(__name__, '_cost_rows', dict(
-            variant=variant, tower=tower, batch_sizes=sizes, repeats=repeats, quick=quick),
-            timeout=4 * 3600)['rows']
+            variant=variant, tower=tower, batch_sizes=sizes, repeats=repeats, quick=quick,
+            overrides=overrides), timeout=4 * 3600)['rows']
   workdir = options.get('demo', '')
   if 'accuracy' in parts and workdir:
     roles = common.option_list(options, 'demo_models', ('student_dr', 'teacher_a'))
