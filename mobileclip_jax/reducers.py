@@ -1,4 +1,5 @@
-"""Training the learned parts of cheaper inference (launch/train_reducer.py; inference.py loads them).
+"""Training the learned parts of cheaper inference (launch/train_reducer.py; inference.py reads
+them).
 
   text_ranker / image_ranker  Patch Ranking (Wu et al., WACV 2025) for a transformer tower.
       Golden scores by feature preservation: for every window of rows at the prune layer (w
@@ -52,7 +53,7 @@ TASKS = (inference_lib.TEXT_RANKER, inference_lib.IMAGE_RANKER, inference_lib.SE
 class Settings:
   """How to train a learned part (defaults follow Patch Ranking's predictor training)."""
   layer: int = 3                 # Rankers: the block after whose attention they score rows.
-  window: int = 0                # Golden windows: text positions / image patches per side (0 = 1 / 2).
+  window: int = 0                # Golden windows: text rows / patches a side (0 = 1 / 2).
   dim: int = 0                   # Ranker width (0 = the tower's width / 8, in [8, 64]).
   sizes: Tuple[int, ...] = ()    # Selector / bn_stats: the smaller sides (the model's is added).
   selector_input: int = 0        # Selector input side (0 = a quarter of the model's, >= 16).
@@ -71,7 +72,7 @@ class Settings:
 def texts_of(data: datasets.EvalData) -> List[str]:
   """The texts of a source: retrieval captions, or every zero-shot prompt."""
   if data.tasks:
-    return [p for task in data.tasks for p in templates_lib.prompts(task.classnames, task.templates)]
+    return [p for t in data.tasks for p in templates_lib.prompts(t.classnames, t.templates)]
   return [c for i in range(len(data.examples)) for c in data.examples[i].captions]
 
 

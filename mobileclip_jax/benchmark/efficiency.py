@@ -264,7 +264,7 @@ def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str
   from mobileclip_jax import reducers  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import sharding  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.evaluation import evaluator as ev_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, demo.SETTINGS_FILE), encoding='utf-8') as f:
     stored = json.load(f)
@@ -297,8 +297,7 @@ def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str
     spec = inference_lib.parse(text)
     # The cascade needs zero-shot classes: its rows have no retrieval numbers.
     chosen = {k: v for k, v in entries.items() if v['type'] == 'zeroshot' or not spec.cascade_size}
-    evaluators = evaluator_lib.build_evaluators(chosen, c, mesh, inference=text,
-                                                inference_dir=out_dir)
+    evaluators = ev_lib.build_evaluators(chosen, c, mesh, inference=text, inference_dir=out_dir)
     metrics = runner.run_evaluators(model, variables, evaluators)['metrics']
     artifacts = inference_lib.load_artifacts(out_dir, spec, c)
     text_gflops = _unit_gflops(model, variables, embedding.TEXT, spec, artifacts, 0)
