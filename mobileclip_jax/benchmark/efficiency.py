@@ -195,11 +195,15 @@ def _summary(metrics: Dict[str, float]) -> Dict[str, float]:
   return out
 
 
+def _prune_layer(depth: int) -> int:
+  """Where the demo prunes: a quarter of the way in (Patch Ranking: block 4 of ViT-B's 12)."""
+  return depth // 4
+
+
 def _demo_settings(model_config, quick: bool) -> Tuple[List[Tuple[str, str]], List[int]]:
   """(method, inference spec) pairs for a demo model, and its smaller image sides."""
   from mobileclip_jax.models import mci  # pylint: disable=g-import-not-at-top
-  text_layers, out = model_config.text.layers, []
-  first = min(1, text_layers - 1)
+  out, first = [], _prune_layer(model_config.text.layers)
   out += [('tome', f'text.merge={r}') for r in ((2,) if quick else (2, 4, 6))]
   out.append(('cut_padding', 'text.cut_padding=1'))
   keeps = (0.5,) if quick else (0.7, 0.5, 0.3)
@@ -214,7 +218,7 @@ def _demo_settings(model_config, quick: bool) -> Tuple[List[Tuple[str, str]], Li
     out += [('image_tome', f'image.merge={r}') for r in ((2,) if quick else (1, 2, 3))]
     for method in ('learned', 'random', 'attention'):
       out += [(f'image_prune_{method}', f'image.prune={method},image.keep={k},'
-               f'image.prune_layers={min(1, image.depth - 1)}') for k in keeps]
+               f'image.prune_layers={_prune_layer(image.depth)}') for k in keeps]
     stride = image.patch_size
   low = [side - k * stride for k in (1, 2) if side - k * stride >= max(stride, side // 2)]
   out += [('resolution', f'image_size={s}') for s in low]
@@ -275,10 +279,10 @@ def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str
   train = datasets.open_source(dict(kind='demo', split='train', num_samples=train_samples,
                                     seed=stored['seed'], num_captions=2),
                                datasets.RETRIEVAL, c.image_size)
-  first_text = min(1, c.text.layers - 1)
-  tasks = [(inference_lib.TEXT_RANKER, reducers.Settings(layer=first_text))]
+  tasks = [(inference_lib.TEXT_RANKER, reducers.Settings(layer=_prune_layer(c.text.layers)))]
   if hasattr(c.image, 'depth'):
-    tasks.append((inference_lib.IMAGE_RANKER, reducers.Settings(layer=min(1, c.image.depth - 1))))
+    tasks.append((inference_lib.IMAGE_RANKER,
+                  reducers.Settings(layer=_prune_layer(c.image.depth))))
   if low:
     tasks.append((inference_lib.SELECTOR, reducers.Settings(sizes=tuple(low))))
     if not hasattr(c.image, 'depth'):
