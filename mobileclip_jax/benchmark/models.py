@@ -105,7 +105,10 @@ def _time_with_contention(fn, repeats: int) -> Dict[str, Any]:
     others = max(0.0, (busy_after - busy) - (own_after - own)) / (
         (wall_after - wall) * os.cpu_count())
     others = round(others, 3)
-  return {**timing, 'others_cpu_frac': others}
+  # This process's CPU seconds per call (all its threads): with one thread, the call's latency on
+  # an idle core, which the other processes' load does not inflate as it does wall time.
+  cpu_per_call = (own_after - own) / (_WARMUP + timing['repeats'])
+  return {**timing, 'others_cpu_frac': others, 'cpu_s_per_call': cpu_per_call}
 
 
 def _output_path(workdir: str, framework: str, tower: str, form: str, batch: int) -> str:
@@ -193,12 +196,12 @@ def make_reference(variant: str, towers: Sequence[str], max_batch: int, override
 
 
 def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
-                  overrides: Dict[str, Any], workdir: str) -> Dict[str, Any]:
+                  overrides: Dict[str, Any], workdir: str, threads: int = 0) -> Dict[str, Any]:
   """Times the open_clip tower with the saved weights; saves its output [batch, embed_dim]."""
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
   timm = torch_compat.import_timm()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(threads or os.cpu_count())
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   module = _torch_tower(variant, tower, overrides)
   with np.load(_weights_path(workdir, tower)) as weights:
@@ -328,14 +331,15 @@ def _forms(variant: str, tower: str, forms: Sequence[str], overrides: Dict[str, 
 
 
 def _measure(function: str, kwargs: Dict[str, Any], max_others_cpu: float,
-             attempts: int) -> Dict[str, Any]:
-  """Runs a measurement in fresh processes until one was quiet enough; the quietest result.
+             attempts: int, module: str = __name__,
+             env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+  """Runs `module.function` in fresh processes until one was quiet enough; the quietest result.
 
   Its `attempts` is the number of processes run.
   """
   best = None
   for attempt in range(1, attempts + 1):
-    result = common.isolated(__name__, function, kwargs)
+    result = common.isolated(module, function, kwargs, env=env)
     others = result['others_cpu_frac']
     if best is None or (others is not None and others < best['others_cpu_frac']):
       best = result
