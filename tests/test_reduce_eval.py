@@ -7,6 +7,7 @@ that side. Golden scores (keys masked after the layer's attention) equal the cos
 tower run with the same row physically pruned at that layer. Precise-BN statistics equal the
 batch statistics of the first BatchNorm's input computed with lax.conv.
 """
+import functools
 import json
 import os
 import subprocess
@@ -123,15 +124,20 @@ def test_golden_scores_equal_cosines_of_the_tower_with_the_row_pruned(vit):
     assert not valid[0] and not valid[eot[row]] and not valid[eot[row] + 1:].any()
     assert valid[1:eot[row]].all()
   full = np.asarray(embedding.unit_rows(model.apply(variables, tokens, method='encode_text')))
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def pruned(row_tokens, scores, keep):
+    # Keep `keep` of the rows: the ranker's scores put row t last.
+    spec = reduce_lib.TokenReduction(prune='learned', keep=keep, prune_layers=(1,))
+    return embedding.unit_rows(model.apply(variables, row_tokens, method='encode_text',
+                                           reduction=spec, ranker=lambda x: scores))[0]
+
   for row in range(2):
     for t in (1, 2):
       # Keep eot of the eot + 1 live rows: the (dead, exactly removable) padding and row t go.
       scores = jnp.asarray(np.where(np.arange(24) == t, -1.0, 1.0)[None])
-      spec = reduce_lib.TokenReduction(prune='learned', keep=eot[row] / 24, prune_layers=(1,))
-      pruned = np.asarray(embedding.unit_rows(model.apply(
-          variables, tokens[row:row + 1], method='encode_text', reduction=spec,
-          ranker=lambda x, s=scores: s)))[0]
-      np.testing.assert_allclose(golden['scores'][row, t], 1 - pruned @ full[row], atol=1e-5)
+      got = np.asarray(pruned(tokens[row:row + 1], scores, float(eot[row] / 24)))
+      np.testing.assert_allclose(golden['scores'][row, t], 1 - got @ full[row], atol=1e-5)
 
 
 @pytest.mark.slow  # Three launcher processes, each compiling the towers again.
