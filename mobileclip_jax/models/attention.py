@@ -10,7 +10,7 @@ Parameter names follow timm (`qkv`, `proj`, `norm1`, `mlp/fc1`, ...); `qkv` is o
 projection whose output axis is ordered (3, heads, head_dim) like PyTorch's in_proj.
 """
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,8 @@ ATTENTION_KINDS = ('softmax', 'sigmoid')
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = 'softmax',
-                          mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
+                          mask: Optional[jax.Array] = None, is_causal: bool = False,
+                          key_size: Optional[jax.Array] = None) -> jax.Array:
   """Scaled dot-product attention with float32 logits.
 
   Args:
@@ -30,17 +31,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str
     kind: 'softmax' or 'sigmoid' (sigma(q.k/sqrt(D) - log N_keys), no row normalization).
     mask: optional boolean, broadcastable to [B, H, N_q, N_k]; True means "attend".
     is_causal: additionally mask keys after the query position.
+    key_size: optional [B, N_k], how many tokens each key stands for after ToMe merging
+      (proportional attention): softmax adds log(size) to the logits; sigmoid weighs each key
+      by its size and takes N_keys = the sum of sizes. Either equals attention over the
+      unmerged tokens when the merged tokens were identical.
 
   Returns:
     [B, N, H, D] in v's dtype.
   """
   if kind == 'softmax':
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    bias = None if key_size is None else jnp.log(key_size)[:, None, None, :].astype(jnp.float32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
   if kind != 'sigmoid':
     raise ValueError(f'attention must be one of {ATTENTION_KINDS}, got {kind!r}.')
   n_q, n_k, head_dim = q.shape[1], k.shape[1], q.shape[-1]
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.sigmoid(logits / math.sqrt(head_dim) - math.log(n_k))
+  if key_size is None:
+    weights = jax.nn.sigmoid(logits / math.sqrt(head_dim) - math.log(n_k))
+  else:
+    log_n = jnp.log(key_size.sum(-1))[:, None, None, None]
+    weights = jax.nn.sigmoid(logits / math.sqrt(head_dim) - log_n) * key_size[:, None, None, :]
   if is_causal:
     causal = jnp.tril(jnp.ones((n_q, n_k), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
@@ -59,7 +69,9 @@ class MultiHeadAttention(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+               key_size: Optional[jax.Array] = None, with_qk: bool = False):
+    """x [B, N, C] -> [B, N, C]; with `with_qk` also q and k [B, N, H, D] (after QK-norm)."""
     b, n, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'width {c} is not divisible by {self.num_heads} heads.')
@@ -71,8 +83,9 @@ class MultiHeadAttention(nn.Module):
       q = layers.LayerNorm(dtype=dtype, name='q_norm')(q)
       k = layers.LayerNorm(dtype=dtype, name='k_norm')(k)
     out = dot_product_attention(q, k, v, kind=self.opts.attention, mask=mask,
-                                is_causal=self.is_causal)
-    return nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
+                                is_causal=self.is_causal, key_size=key_size)
+    out = nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
+    return (out, q, k) if with_qk else out
 
 
 class TransformerBlock(nn.Module):
@@ -80,6 +93,10 @@ class TransformerBlock(nn.Module):
 
   `layer_scale_init` (None = off) adds `ls_1`/`ls_2`; `hybrid_norm` adds `attn_norm` on the
   attention output; both are the sigmoid-attention paper's stabilizers.
+
+  Reduced inference (models/reduce.py): given `tokens` (a reduce.Tokens), attention follows its
+  masks and sizes, `hook(x, q, k, tokens)` may merge or prune rows between the attention and the
+  MLP, and the block returns (x, tokens).
   """
   num_heads: int
   mlp_dim: int
@@ -97,22 +114,31 @@ class TransformerBlock(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, train: bool = False,
+               tokens: Any = None, hook: Optional[Callable] = None):
     dtype = self.opts.dtype
     norm = lambda name: layers.LayerNorm(epsilon=self.norm_eps, dtype=dtype, name=name)
+    is_causal, extra = self.is_causal, {}
+    if tokens is not None:
+      mask, is_causal = tokens.attention_mask(self.is_causal)
+      extra = dict(key_size=tokens.size, with_qk=True)
     y = MultiHeadAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
-                           is_causal=self.is_causal, qkv_init=self.qkv_init,
+                           is_causal=is_causal, qkv_init=self.qkv_init,
                            proj_init=self.proj_init, opts=self.opts,
-                           name='attn')(norm('norm1')(x), mask)
+                           name='attn')(norm('norm1')(x), mask, **extra)
+    if tokens is not None:
+      y, q, k = y
     if self.hybrid_norm:
       y = norm('attn_norm')(y)
     if self.layer_scale_init is not None:
       y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_1')(y)
     x = x + layers.DropPath(rate=self.drop_path, name='drop_path1')(y, train)
+    if hook is not None:
+      x, tokens = hook(x, q, k, tokens)
 
     y = layers.Mlp(hidden=self.mlp_dim, act=self.act, fc1_init=self.fc1_init,
                    fc2_init=self.fc2_init, dtype=dtype, name='mlp')(norm('norm2')(x))
     if self.layer_scale_init is not None:
       y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_2')(y)
-    return x + layers.DropPath(rate=self.drop_path, name='drop_path2')(y, train)
+    x = x + layers.DropPath(rate=self.drop_path, name='drop_path2')(y, train)
+    return x if tokens is None else (x, tokens)

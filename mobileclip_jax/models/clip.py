@@ -89,13 +89,16 @@ class CLIP(nn.Module):
       self.logit_bias = self.param('logit_bias', nn.initializers.constant(c.init_logit_bias), (),
                                    jnp.float32)
 
-  def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images [B, H, W, 3] normalized -> unnormalized embeddings [B, embed_dim] float32."""
-    return self.visual(images, train).astype(jnp.float32)
+  def encode_image(self, images: jax.Array, train: bool = False, **reduce) -> jax.Array:
+    """images [B, H, W, 3] normalized -> unnormalized embeddings [B, embed_dim] float32.
 
-  def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-    """tokens [B, L] int32 -> unnormalized embeddings [B, embed_dim] float32."""
-    return self.text(tokens, train).astype(jnp.float32)
+    `reduce`: the tower's reduced-inference arguments (reduction, ranker, extra_hook).
+    """
+    return self.visual(images, train, **reduce).astype(jnp.float32)
+
+  def encode_text(self, tokens: jax.Array, train: bool = False, **reduce) -> jax.Array:
+    """tokens [B, L] int32 -> unnormalized embeddings [B, embed_dim] float32 (`reduce` as above)."""
+    return self.text(tokens, train, **reduce).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array,
                train: bool = False) -> Tuple[jax.Array, jax.Array]:

@@ -7,7 +7,7 @@ attended to, as the weights expect); only the B variants and the CLIP teachers a
 """
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import reduce as reduce_lib
 
 
 
@@ -41,15 +42,26 @@ class TextConfig:
 
 
 class TextTransformer(nn.Module):
-  """tokens [B, L] int32 (L <= context_length) -> embeddings [B, embed_dim]."""
+  """tokens [B, L] int32 (L <= context_length) -> embeddings [B, embed_dim].
+
+  With `reduction` (a reduce.TokenReduction; base variant only) the blocks merge or prune tokens
+  (models/reduce.py); `ranker` scores tokens for prune='learned'; `extra_hook(layer)` adds a hook
+  per block (the reducer-training tools use it).
+  """
   config: TextConfig
   embed_dim: int
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, train: bool = False,
+               reduction: Optional[reduce_lib.TokenReduction] = None,
+               ranker: Optional[Callable] = None, extra_hook: Optional[Callable] = None
+               ) -> jax.Array:
     cfg, dtype = self.config, self.opts.dtype
     b, seq_len = tokens.shape
+    if reduction is not None and cfg.variant != 'base':
+      raise ValueError('Token reduction covers the base text transformer; MCt\'s RepMixer '
+                       'blocks need the whole sequence.')
     if seq_len > cfg.context_length or (cfg.variant == 'mct' and seq_len != cfg.context_length):
       raise ValueError(f'{cfg.variant} text tower expects {cfg.context_length} tokens per text, '
                        f'got {seq_len}; tokenize with context_length={cfg.context_length}.')
@@ -68,10 +80,19 @@ class TextTransformer(nn.Module):
         qkv_init=nn.initializers.normal(width ** -0.5), proj_init=nn.initializers.normal(proj_std),
         fc1_init=nn.initializers.normal((2 * width) ** -0.5),
         fc2_init=nn.initializers.normal(proj_std), opts=self.opts)
+    reduced = None
     if cfg.variant == 'base':
       mlp_dim = int(width * cfg.mlp_ratio)
-      for i in range(cfg.layers):
-        x = attn_lib.TransformerBlock(mlp_dim=mlp_dim, name=f'blocks_{i}', **block)(x, train=train)
+      blocks = [attn_lib.TransformerBlock(mlp_dim=mlp_dim, name=f'blocks_{i}', **block)
+                for i in range(cfg.layers)]
+      if reduction is None:
+        for blk in blocks:
+          x = blk(x, train=train)
+      else:
+        plan = reduce_lib.Plan(reduction, cfg.layers, attention=self.opts.attention, protected=2,
+                               ranker=ranker, extra=extra_hook, what='The text tower')
+        reduced = reduce_lib.text_tokens(tokens, cfg.causal, mask_padding=reduction.cut_padding)
+        x, reduced = reduce_lib.run_blocks(blocks, x, reduced, plan, train)
     else:
       # Apple's MCt: FFN width rounded up to a multiple of 16; blocks 0 and L+1 are RepMixer
       # blocks running 1 x k depthwise convs along the sequence ([B, L, D] as [B, 1, L, D]).
@@ -86,7 +107,7 @@ class TextTransformer(nn.Module):
       x = repmixer(cfg.layers + 1)(x[:, None], train)[:, 0]
 
     x = layers.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name='ln_final')(x)
-    pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+    pooled = reduce_lib.pool(x, reduced, jnp.argmax(tokens, axis=-1))
     proj = self.param('text_projection', nn.initializers.normal(width ** -0.5),
                       (width, self.embed_dim), jnp.float32)
     return pooled @ proj.astype(pooled.dtype)

@@ -7,6 +7,7 @@ modules through the conversion tables.
 """
 import dataclasses
 import math
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import reduce as reduce_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,9 @@ class ViT(nn.Module):
   """ViT image encoder: images [B, H, W, 3] (normalized) -> class-token embeddings [B, embed_dim].
 
   The position embedding is learned for `image_size`; other resolutions are interpolated
-  bicubically, as timm's dynamic_img_size does.
+  bicubically, as timm's dynamic_img_size does. With `reduction` (a reduce.TokenReduction) the
+  blocks merge or prune patch tokens, never the class token (models/reduce.py); `ranker` and
+  `extra_hook` as in text.TextTransformer.
   """
   config: ViTConfig
   embed_dim: int
@@ -71,7 +75,10 @@ class ViT(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False,
+               reduction: Optional[reduce_lib.TokenReduction] = None,
+               ranker: Optional[Callable] = None, extra_hook: Optional[Callable] = None
+               ) -> jax.Array:
     cfg, dtype = self.config, self.opts.dtype
     b = images.shape[0]
     if cfg.stem == 'mci_conv':
@@ -99,14 +106,24 @@ class ViT(nn.Module):
     if cfg.norm_pre:
       x = norm('norm_pre')(x)
 
-    for i in range(cfg.depth):
-      x = attn_lib.TransformerBlock(
-          num_heads=cfg.heads, mlp_dim=int(cfg.width * cfg.mlp_ratio), act=cfg.act,
-          norm_eps=cfg.norm_eps, drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
-          opts=self.opts, name=f'blocks_{i}')(x, train=train)
+    blocks = [attn_lib.TransformerBlock(
+        num_heads=cfg.heads, mlp_dim=int(cfg.width * cfg.mlp_ratio), act=cfg.act,
+        norm_eps=cfg.norm_eps, drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
+        opts=self.opts, name=f'blocks_{i}') for i in range(cfg.depth)]
+    reduced = None
+    if reduction is None:
+      for blk in blocks:
+        x = blk(x, train=train)
+    else:
+      if reduction.cut_padding:
+        raise ValueError('cut_padding is a text-tower option; image towers have no padding.')
+      plan = reduce_lib.Plan(reduction, cfg.depth, attention=self.opts.attention, protected=1,
+                             ranker=ranker, extra=extra_hook, what='The ViT')
+      reduced = reduce_lib.sequence_tokens(b, x.shape[1])
+      x, reduced = reduce_lib.run_blocks(blocks, x, reduced, plan, train)
     x = norm('norm')(x)
     return nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
-                    dtype=dtype, name='head')(x[:, 0])
+                    dtype=dtype, name='head')(reduce_lib.pool(x, reduced, 0))
 
 
 def _resize_pos_embed(pos: jax.Array, grid: int, new_grid, embed_class: bool) -> jax.Array:
