@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobileclip_jax import keys
 from mobileclip_jax.inheritance import units
 from mobileclip_jax.models import clip as clip_lib
 
@@ -336,7 +337,7 @@ def sparsity_regularizer(config: clip_lib.ModelConfig, kinds: Sequence[str], tar
   sizes = {t: tower_params(layout, t) for t in towers}
 
   def regularizer(params, step):
-    masks = params['masks']
+    masks = params[keys.MASKS]
     q = target_at(step, target, ramp_steps)
     loss, metrics = 0.0, {'masks/q': q}
     for t in towers:
@@ -363,11 +364,11 @@ def keep_from_masks(variables: Mapping, config: clip_lib.ModelConfig) -> Dict[st
   widths are rounded to what the architecture allows (multiples of the heads / head_dim).
   """
   layout = units.layout(config)
-  if 'masks' not in variables['params']:
+  if keys.MASKS not in variables['params']:
     raise ValueError('These variables hold no learned masks (train with --config.inherit.masks '
                      'first, or give a manual keep spec).')
   probs = {f: np.asarray(keep_probability(jnp.asarray(a)))
-           for f, a in log_alphas(variables['params']['masks'], layout).items()}
+           for f, a in log_alphas(variables['params'][keys.MASKS], layout).items()}
   count = lambda fam: int(round(float(probs[fam].sum())))
   keep: Dict[str, Any] = {'select': 'masks'}
   fams = layout.families

@@ -30,6 +30,7 @@ import numpy as np
 
 from mobileclip_jax import checkpoint as checkpoint_lib
 from mobileclip_jax import config as config_lib
+from mobileclip_jax import keys
 from mobileclip_jax import utils
 from mobileclip_jax.inheritance import masks as masks_lib
 from mobileclip_jax.inheritance import slicing
@@ -154,7 +155,7 @@ def describe_inheritance(source: str, parent, child, keep, parent_vars, child_va
 
 
 def _mask_count(variables) -> int:
-  masks = variables['params'].get(slicing.MASKS)
+  masks = variables['params'].get(keys.MASKS)
   return 0 if masks is None else int(sum(np.size(x) for x in masks.values()))
 
 
@@ -165,7 +166,6 @@ def reestimate_on_data(variables, config: clip_lib.ModelConfig,
     raise ValueError('Re-estimating BatchNorm statistics needs a training config for its data '
                      '(--bn_config).')
   # pylint: disable=g-import-not-at-top
-  from mobileclip_jax import keys
   from mobileclip_jax.inheritance import batchnorm
   from mobileclip_jax.train import setup
   # pylint: enable=g-import-not-at-top

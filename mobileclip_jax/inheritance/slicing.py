@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from mobileclip_jax import keys
 from mobileclip_jax import utils
 from mobileclip_jax.inheritance import importance
 from mobileclip_jax.inheritance import units
@@ -52,7 +53,6 @@ MCI_KEYS = ('image.depths', 'image.widths', 'image.mlp_ratio')
 VIT_KEYS = ('image.depth', 'image.heads', 'image.width', 'image.mlp_ratio')
 KEYS = TEXT_KEYS + MCI_KEYS + VIT_KEYS[:3] + ('select',)
 DEFAULT_SELECT = 'magnitude'
-MASKS = 'masks'  # The learned masks' entry in a masked run's params (masks.py).
 
 
 def _count(value, n: int, what: str) -> Tuple[int, Optional[List[int]]]:
@@ -176,10 +176,10 @@ def _check_mci_widths(parent: mci.MCiConfig, widths: Sequence[int]) -> None:
 
 def _mask_scores(params: Mapping, layout: units.Layout) -> Dict[str, np.ndarray]:
   from mobileclip_jax.inheritance import masks  # pylint: disable=g-import-not-at-top
-  if MASKS not in params:
+  if keys.MASKS not in params:
     raise ValueError("keep select='masks' needs the variables of a masked run (learned "
                      'inheritance: params/masks); these have none.')
-  return {f: np.asarray(v) for f, v in masks.log_alphas(params[MASKS], layout).items()}
+  return {f: np.asarray(v) for f, v in masks.log_alphas(params[keys.MASKS], layout).items()}
 
 
 def select_units(variables: Mapping, parent: units.Layout, child: units.Layout,

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from mobileclip_jax import config as config_lib
+from mobileclip_jax import keys
 from mobileclip_jax.inheritance import slicing
 from mobileclip_jax.inheritance import units
 from mobileclip_jax.models import clip as clip_lib
@@ -88,7 +89,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 def init_from_hint(source: clip_lib.ModelConfig, configured: clip_lib.ModelConfig,
                    variables: Mapping) -> str:
   """What to change when `model.init_from` holds other shapes than the configured model."""
-  if slicing.MASKS in variables.get('params', {}):
+  if keys.MASKS in variables.get('params', {}):
     return ('It is a learned-inheritance run (params/masks): apply its masks first, e.g. '
             'python launch/inherit.py --checkpoint=RUN --keep=masks --out=DIR.')
   try:

@@ -34,7 +34,6 @@ from mobileclip_jax.train import reporting
 from mobileclip_jax.train import step as step_lib
 
 log = logging.getLogger('mobileclip_jax')
-MASKS = 'masks'  # Learned inheritance's gates in the params of a masked model.
 ElementSpec = Dict[str, Tuple[Tuple[int, ...], np.dtype]]
 
 
@@ -273,8 +272,8 @@ class Run:
     """Starts the weights from a model checkpoint or another run (fine-tuning, inheritance)."""
     variables, source_config = ckpt_lib.load_variables(path)
     params = dict(variables['params'])
-    if MASKS in state.params and MASKS not in params:  # Learned inheritance: fresh masks.
-      params[MASKS] = state.params[MASKS]
+    if keys.MASKS in state.params and keys.MASKS not in params:  # Learned inheritance: fresh masks.
+      params[keys.MASKS] = state.params[keys.MASKS]
     got = jax.tree.map(lambda x: x.shape, params)
     want = jax.tree.map(lambda x: x.shape, state.params)
     if got != want:
