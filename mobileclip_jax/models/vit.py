@@ -36,6 +36,10 @@ class ViTConfig:
   act: str = 'gelu'
   norm_eps: float = 1e-6
   drop_path: float = 0.0
+  # open_clip's attentional pooling (CoCa): this many learned queries (0 = off) attend to the
+  # tokens; `norm` then acts on the pooled tokens and query 0, projected, is the embedding.
+  attn_pool_queries: int = 0
+  attn_pool_heads: int = 8
 
   def __post_init__(self):
     if self.stem not in ('patch', 'mci_conv'):
@@ -66,6 +70,8 @@ class ConvStem(nn.Module):
 class ViT(nn.Module):
   """ViT image encoder: images [B, H, W, 3] (normalized) -> class-token embeddings [B, embed_dim].
 
+  With `return_tokens` also the other normalized tokens: [B, N - 1, width] (patches), or with
+  attentional pooling the Q - 1 pooled tokens [B, Q - 1, embed_dim] (CoCa's decoder memory).
   The position embedding is learned for `image_size`; other resolutions are interpolated
   bicubically, as timm's dynamic_img_size does.
   """
@@ -78,7 +84,7 @@ class ViT(nn.Module):
   dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False, return_tokens: bool = False):
     cfg = self.config
     b = images.shape[0]
     if cfg.stem == 'mci_conv':
@@ -110,9 +116,13 @@ class ViT(nn.Module):
           cfg.heads, mlp_dim, attention=self.attention, qk_norm=self.qk_norm, act=cfg.act,
           norm_eps=cfg.norm_eps, drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
           dtype=self.dtype, name=f'blocks_{i}')(x, train=train)
+    if cfg.attn_pool_queries:
+      x = attn_lib.AttentionalPooler(self.embed_dim, cfg.attn_pool_heads, cfg.attn_pool_queries,
+                                     cfg.norm_eps, self.dtype, name='attn_pool')(x)
     x = layers.LayerNorm(cfg.norm_eps, self.dtype, name='norm')(x)
-    return nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
-                    dtype=self.dtype, name='head')(x[:, 0])
+    pooled = nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
+                      dtype=self.dtype, name='head')(x[:, 0])
+    return (pooled, x[:, 1:]) if return_tokens else pooled
 
 
 def _resize_pos_embed(pos: jax.Array, grid: int, new_grid, embed_class: bool) -> jax.Array:
