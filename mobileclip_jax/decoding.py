@@ -361,7 +361,8 @@ def generate(module, variables: Mapping[str, Any], images, *, sampler: str = 'gr
     variables = _place_variables(variables, mesh)
     key = jax.device_put(key, sharding.replicated(mesh))
   tokens, width = _compiled(module, cfg, mesh)(variables, images, key)
-  tokens = tokens[:batch]
+  if tokens.shape[0] != batch:
+    tokens = tokens[:batch]
   return tokens if fixed_output_length else tokens[:, :int(width)]
 
 

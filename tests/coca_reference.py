@@ -50,12 +50,18 @@ def randomize_(model, gen, logit_scale: float = 4.0) -> None:
         p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-def tiny_coca(seed: int):
-  """(open_clip tiny CoCa with random weights in eval mode, its generator)."""
+def tiny_coca(seed: int, eot_scale: float = 2.0):
+  """(open_clip tiny CoCa with random weights in eval mode, its generator).
+
+  The decoder's EOT column is scaled by `eot_scale` so that greedy and beam decoding end at
+  varied lengths rather than almost always at the forced last position.
+  """
   torch.manual_seed(seed)
   model = open_clip.CoCa(**TINY_OPEN_CLIP)
   gen = torch.Generator().manual_seed(seed + 1)
   randomize_(model, gen)
+  with torch.no_grad():
+    model.text_decoder.text_projection[:, EOT] *= eot_scale
   return model.eval(), gen
 
 
