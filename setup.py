@@ -48,6 +48,9 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH_REFERENCE,
-        'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0', 'portpicker'],
+        # open_clip 3.3's CoCa.generate needs transformers < 4.56 (newer ones moved
+        # BeamSearchScorer); 4.55.4 pins huggingface_hub < 1.0.
+        'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0', 'portpicker',
+                                   'transformers==4.55.4'],
     },
 )

@@ -3,6 +3,7 @@
   python launch/benchmark.py models [--option=variants=MobileCLIP2-S0,MobileCLIP2-S4]
   python launch/benchmark.py data
   python launch/benchmark.py train
+  python launch/benchmark.py caption [--option=variant=coca_ViT-L-14]
 
 Prints one JSON line per result (and appends them to --out when given). Numbers are only
 comparable within one run: the machine is shared and noisy.

@@ -27,7 +27,6 @@ top_p=0.9, seq_len=30.
 """
 import dataclasses
 import functools
-import math
 from typing import Any, List, Mapping, NamedTuple, Optional
 
 import jax
@@ -41,6 +40,7 @@ from mobileclip_jax.models import coca as coca_lib
 
 SAMPLERS = ('greedy', 'temperature', 'top_k', 'top_p', 'beam')
 _BEAM_INIT = -1e9  # Score of the initial copies of each beam (open_clip), so that beam 0 leads.
+_NUCLEUS_CANDIDATES = 256  # Top-p looks for its set among this many best tokens first.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +99,40 @@ def top_p_filter(scores: jax.Array, p: float, min_tokens_to_keep: int = 1) -> ja
   return jnp.where(remove, -jnp.inf, scores)
 
 
+def top_p_candidates(scores: jax.Array, p: float, k: int):
+  """TopPLogitsWarper's set found among the k best tokens, without sorting the vocabulary.
+
+  Token of descending rank i is kept iff the probability of the tokens ranked above it is < p
+  (the ascending-cumsum rule `cumulative <= 1 - p` removes exactly the others). Returns
+  (candidate scores [B, k] with -inf outside the set, their ids [B, k], covered [B]: whether the
+  set ends within the k candidates, i.e. they hold probability >= p).
+  """
+  top_scores, ids = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+  probs = jnp.exp(top_scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True))
+  above = jnp.cumsum(probs, axis=-1) - probs
+  keep = (above < jnp.float32(p)).at[..., 0].set(True)
+  return jnp.where(keep, top_scores, -jnp.inf), ids, jnp.sum(probs, axis=-1) >= jnp.float32(p)
+
+
+def _sample_top_p(scores, p: float, temperature: float, key, k: int = _NUCLEUS_CANDIDATES):
+  """A token per row from softmax(TopP(scores) / temperature).
+
+  Sorting the 49408-token vocabulary costs ~25 ms per row per step on a CPU; a captioner's
+  nucleus is usually a few tokens, so the set is taken from the k best (top_k), and only when
+  some row's set is larger does the step sort everything.
+  """
+  candidates, ids, covered = top_p_candidates(scores, p, k)
+
+  def among_candidates():
+    pick = jax.random.categorical(key, candidates / temperature, axis=-1)
+    return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+
+  def everything():
+    return jax.random.categorical(key, top_p_filter(scores, p) / temperature, axis=-1)
+
+  return jax.lax.cond(jnp.all(covered), among_candidates, everything).astype(jnp.int32)
+
+
 def _process(logits, tokens, length, cfg: GenerationConfig):
   scores = min_length(logits.astype(jnp.float32), length, cfg.min_seq_len, cfg.eos_token_id)
   return repetition_penalty(scores, tokens, length, cfg.repetition_penalty)
@@ -107,10 +141,10 @@ def _process(logits, tokens, length, cfg: GenerationConfig):
 def _choose(scores, key, cfg: GenerationConfig):
   if cfg.sampler == 'greedy':
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  if cfg.sampler == 'top_p':
+    return _sample_top_p(scores, cfg.top_p, cfg.temperature, key)
   if cfg.sampler == 'top_k':
     scores = top_k_filter(scores, cfg.top_k)
-  elif cfg.sampler == 'top_p':
-    scores = top_p_filter(scores, cfg.top_p)
   return jax.random.categorical(key, scores / cfg.temperature, axis=-1).astype(jnp.int32)
 
 

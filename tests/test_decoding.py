@@ -182,6 +182,31 @@ def test_processors_and_warpers_equal_transformers():
     assert 1 < ours.sum(1).mean() < 300 or p in (0.1, 1.0)
 
 
+def test_top_p_among_candidates_equals_transformers():
+  """The sampler's fast path (the set among the k best) and its fallback (sorting all)."""
+  gen = torch.Generator().manual_seed(1)
+  flat, peaked = _random_scores(gen) * 0.2, _random_scores(gen) * 4  # Nuclei of 100s / a few.
+  for scores, p in ((flat, 0.9), (peaked, 0.9), (peaked, 0.99)):
+    theirs = torch.isfinite(transformers.TopPLogitsWarper(p)(None, scores.clone())).numpy()
+    candidates, ids, covered = map(np.asarray, decoding.top_p_candidates(
+        jnp.asarray(scores.numpy()), p, 8))
+    np.testing.assert_array_equal(covered, theirs.sum(1) <= 8)  # The set fits in 8 candidates.
+    for row in np.flatnonzero(covered):
+      kept = ids[row][np.isfinite(candidates[row])]
+      assert sorted(kept.tolist()) == np.flatnonzero(theirs[row]).tolist(), (p, row)
+    # Sampling: rows whose sets all fit (fast path), and all rows (fallback when any does not).
+    for rows in (np.flatnonzero(covered), np.arange(len(covered))):
+      if not len(rows):
+        continue
+      for i in range(3):
+        pick = np.asarray(decoding._sample_top_p(jnp.asarray(scores.numpy()[rows]), p, 1.0,
+                                                 jax.random.key(i), k=8))
+        assert np.all(theirs[rows, pick]), (p, i)
+  # Both branches ran: flat sets never fit in 8 candidates, most peaked ones do.
+  assert not np.asarray(decoding.top_p_candidates(jnp.asarray(flat.numpy()), 0.9, 8)[2]).any()
+  assert np.asarray(decoding.top_p_candidates(jnp.asarray(peaked.numpy()), 0.9, 8)[2]).mean() > 0.5
+
+
 @pytest.mark.parametrize('sampler,batch', [('greedy', 8), ('beam', 5)])
 def test_batch_sharded_over_the_mesh_equals_open_clip(sampler, batch):
   """8 fake devices; a batch of 5 is padded to 8 and cut back."""
