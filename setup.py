@@ -36,6 +36,11 @@ TORCH_REFERENCE = [
     'timm==1.0.31',
 ]
 
+# Apache Beam, for `launch/build_dataset.py --runner=beam` (datasets too large for one machine).
+# 2.77.0 installs beside the pins above (it takes pillow 12.x, protobuf 6.x, pyarrow 25.x, all in
+# range). Dataflow also needs its GCP extras: pip install 'apache-beam[gcp]==2.77.0' gcsfs.
+BEAM = ['apache-beam==2.77.0']
+
 setuptools.setup(
     name='mobileclip_jax',
     version='0.1.0',
@@ -48,6 +53,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH_REFERENCE,
+        'beam': BEAM,
         # open_clip 3.3's CoCa.generate needs transformers < 4.56 (newer ones moved
         # BeamSearchScorer); 4.55.4 pins huggingface_hub < 1.0.
         'test': TORCH_REFERENCE + ['pytest==9.2.0', 'scikit-image==0.26.0', 'portpicker',

@@ -13,6 +13,7 @@ import json
 from absl import app
 from absl import flags
 
+from mobileclip_jax import cli
 from mobileclip_jax import benchmark
 from mobileclip_jax.benchmark import common
 
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

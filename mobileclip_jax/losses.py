@@ -49,28 +49,22 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from mobileclip_jax import keys
+from mobileclip_jax.sharding import BATCH_AXES
+
 Array = jax.Array
 
-# The mesh axes the batch is split over (see sharding.py and DESIGN.md).
-BATCH_AXES = ('data', 'fsdp')
 # open_clip clamps the learned logit scale to log(100) (`logit_scale.clamp_(0, math.log(100))`).
 MAX_LOGIT_SCALE = 100.0
 # F.normalize's eps: a zero vector stays zero instead of becoming NaN.
 _NORM_EPS = 1e-12
 
-# Keys of the `embeddings` mapping of `dr_loss`.
-IMAGE = 'image_emb'
-TEXT = 'text_emb'
-SYN_TEXT = 'syn_text_emb'
-TEACHER_IMAGE = 'teacher_image_emb'
-TEACHER_TEXT = 'teacher_text_emb'
-TEACHER_SYN_TEXT = 'teacher_syn_text_emb'
-LOGIT_SCALE = 'logit_scale'
-LOGIT_BIAS = 'logit_bias'
-_BATCH_KEYS = (IMAGE, TEXT, SYN_TEXT, TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SYN_TEXT)
-_PARAM_KEYS = (LOGIT_SCALE, LOGIT_BIAS)
+# The `embeddings` mapping of `dr_loss` (names in mobileclip_jax/keys.py).
+_BATCH_KEYS = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB) + keys.TEACHERS
+_PARAM_KEYS = (keys.LOGIT_SCALE, keys.LOGIT_BIAS)
 # Caption kind -> (student text key, teacher text key).
-_CAPTION_KINDS = {'gt': (TEXT, TEACHER_TEXT), 'syn': (SYN_TEXT, TEACHER_SYN_TEXT)}
+_CAPTION_KINDS = {'gt': (keys.TEXT_EMB, keys.TEACHER_TEXT),
+                  'syn': (keys.SYN_TEXT_EMB, keys.TEACHER_SYN_TEXT)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +144,8 @@ def clip_loss(image_emb: Array, text_emb: Array, logit_scale: Array | float, *,
     [] float32 loss, the mean over rows of both directions' cross-entropies, halved.
   """
   config = LossConfig(kind='softmax', clip_weight=1.0, distill_weight=0.0)
-  _, metrics = _objective({IMAGE: image_emb, TEXT: text_emb}, {LOGIT_SCALE: logit_scale}, config,
-                          mesh, batch_axes)
+  _, metrics = _objective({keys.IMAGE_EMB: image_emb, keys.TEXT_EMB: text_emb},
+                          {keys.LOGIT_SCALE: logit_scale}, config, mesh, batch_axes)
   return metrics['gt/clip']
 
 
@@ -182,9 +176,9 @@ def distill_loss(image_emb: Array, text_emb: Array, teacher_image_emb: Array,
   config = LossConfig(kind='softmax', clip_weight=0.0, distill_weight=1.0,
                       teacher_scales=teacher_scales, teacher_dims=teacher_dims, average=average,
                       student_scale=student_scale)
-  embeddings = {IMAGE: image_emb, TEXT: text_emb, TEACHER_IMAGE: teacher_image_emb,
-                TEACHER_TEXT: teacher_text_emb}
-  _, metrics = _objective(embeddings, {LOGIT_SCALE: logit_scale}, config, mesh, batch_axes)
+  embeddings = {keys.IMAGE_EMB: image_emb, keys.TEXT_EMB: text_emb,
+                keys.TEACHER_IMAGE: teacher_image_emb, keys.TEACHER_TEXT: teacher_text_emb}
+  _, metrics = _objective(embeddings, {keys.LOGIT_SCALE: logit_scale}, config, mesh, batch_axes)
   return metrics['gt/distill']
 
 
@@ -205,8 +199,9 @@ def siglip_loss(image_emb: Array, text_emb: Array, logit_scale: Array | float,
     [] float32 loss: -log sigmoid(y_ij (t u_i.v_j + b)) summed over columns, mean over rows.
   """
   config = LossConfig(kind='sigmoid', clip_weight=1.0, distill_weight=0.0)
-  params = {LOGIT_SCALE: logit_scale, LOGIT_BIAS: logit_bias}
-  _, metrics = _objective({IMAGE: image_emb, TEXT: text_emb}, params, config, mesh, batch_axes)
+  params = {keys.LOGIT_SCALE: logit_scale, keys.LOGIT_BIAS: logit_bias}
+  _, metrics = _objective({keys.IMAGE_EMB: image_emb, keys.TEXT_EMB: text_emb}, params, config,
+                          mesh, batch_axes)
   return metrics['gt/clip']
 
 
@@ -242,9 +237,9 @@ def siglip_distill_loss(image_emb: Array, text_emb: Array, teacher_image_emb: Ar
   config = LossConfig(kind='sigmoid', clip_weight=0.0, distill_weight=1.0,
                       teacher_scales=teacher_scales, teacher_dims=teacher_dims,
                       teacher_biases=teacher_biases, average=average, student_scale=student_scale)
-  embeddings = {IMAGE: image_emb, TEXT: text_emb, TEACHER_IMAGE: teacher_image_emb,
-                TEACHER_TEXT: teacher_text_emb}
-  params = {LOGIT_SCALE: logit_scale, LOGIT_BIAS: logit_bias}
+  embeddings = {keys.IMAGE_EMB: image_emb, keys.TEXT_EMB: text_emb,
+                keys.TEACHER_IMAGE: teacher_image_emb, keys.TEACHER_TEXT: teacher_text_emb}
+  params = {keys.LOGIT_SCALE: logit_scale, keys.LOGIT_BIAS: logit_bias}
   _, metrics = _objective(embeddings, params, config, mesh, batch_axes)
   return metrics['gt/distill']
 
@@ -279,7 +274,8 @@ def dr_loss(embeddings: Mapping[str, Array | float | None], config: LossConfig, 
   if unknown:
     raise ValueError(f'dr_loss got unknown embedding keys {unknown}; '
                      f'expected some of {_BATCH_KEYS + _PARAM_KEYS}.')
-  for key in (IMAGE, TEXT, LOGIT_SCALE) + ((LOGIT_BIAS,) if config.kind == 'sigmoid' else ()):
+  needed = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.LOGIT_SCALE)
+  for key in needed + ((keys.LOGIT_BIAS,) if config.kind == 'sigmoid' else ()):
     if key not in embeddings:
       raise ValueError(f"dr_loss needs '{key}' (kind {config.kind!r}); got keys "
                        f'{sorted(embeddings)}.')
@@ -295,12 +291,12 @@ def _objective(batch: dict[str, Array], params: dict[str, Array | float], config
   kinds = _check_batch(batch, config)
   params = {k: jnp.asarray(v, _compute_dtype(jnp.result_type(v))) for k, v in params.items()}
   means = _mean_over_rows(batch, params, config, mesh, batch_axes)
-  has_teacher = TEACHER_IMAGE in batch
+  has_teacher = keys.TEACHER_IMAGE in batch
   # SigLIP sums over all pairs, so one direction (image rows) holds the whole loss.
   loss_directions = ('i2t', 't2i') if config.kind == 'softmax' else ('i2t',)
-  metrics = {'scale': _student_scale(params[LOGIT_SCALE])}
+  metrics = {'scale': _student_scale(params[keys.LOGIT_SCALE])}
   if config.kind == 'sigmoid':
-    metrics['bias'] = params[LOGIT_BIAS]
+    metrics['bias'] = params[keys.LOGIT_BIAS]
   kind_weights = {'gt': config.gt_weight, 'syn': config.syn_weight}
   total = 0.0
   for kind in kinds:
@@ -322,28 +318,29 @@ def _objective(batch: dict[str, Array], params: dict[str, Array | float], config
 
 def _check_batch(batch: dict[str, Array], config: LossConfig) -> tuple[str, ...]:
   """Checks shapes and key combinations; returns the caption kinds present."""
-  kinds = ('gt', 'syn') if SYN_TEXT in batch else ('gt',)
-  has_teacher = TEACHER_IMAGE in batch
+  kinds = ('gt', 'syn') if keys.SYN_TEXT_EMB in batch else ('gt',)
+  has_teacher = keys.TEACHER_IMAGE in batch
   for kind in kinds:
     teacher_key = _CAPTION_KINDS[kind][1]
     if (teacher_key in batch) != has_teacher:
       raise ValueError(
           f"Teacher embeddings must come for the image and every caption kind or not at all: got "
-          f"'{TEACHER_IMAGE}' {'present' if has_teacher else 'absent'} but '{teacher_key}' "
+          f"'{keys.TEACHER_IMAGE}' {'present' if has_teacher else 'absent'} but '{teacher_key}' "
           f"{'present' if teacher_key in batch else 'absent'}.")
-  if TEACHER_SYN_TEXT in batch and SYN_TEXT not in batch:
-    raise ValueError(f"Got '{TEACHER_SYN_TEXT}' without '{SYN_TEXT}': pass the student's synthetic "
-                     'caption embeddings too, or drop the teacher ones.')
+  if keys.TEACHER_SYN_TEXT in batch and keys.SYN_TEXT_EMB not in batch:
+    raise ValueError(f"Got '{keys.TEACHER_SYN_TEXT}' without '{keys.SYN_TEXT_EMB}': pass the "
+                     "student's synthetic caption embeddings too, or drop the teacher ones.")
   for key, value in batch.items():
-    if value.ndim != 2 or value.shape[0] != batch[IMAGE].shape[0]:
-      raise ValueError(f"'{key}' must be [B, D] with B = {batch[IMAGE].shape[0]} (the image batch);"
-                       f' got shape {value.shape}.')
-  for key in (TEXT, SYN_TEXT):
-    if key in batch and batch[key].shape[1] != batch[IMAGE].shape[1]:
-      raise ValueError(f"'{key}' width {batch[key].shape[1]} differs from '{IMAGE}' width "
-                       f'{batch[IMAGE].shape[1]}: the student towers must project to one space.')
+    if value.ndim != 2 or value.shape[0] != batch[keys.IMAGE_EMB].shape[0]:
+      raise ValueError(f"'{key}' must be [B, D] with B = {batch[keys.IMAGE_EMB].shape[0]} (the "
+                       f'image batch); got shape {value.shape}.')
+  for key in (keys.TEXT_EMB, keys.SYN_TEXT_EMB):
+    if key in batch and batch[key].shape[1] != batch[keys.IMAGE_EMB].shape[1]:
+      raise ValueError(f"'{key}' width {batch[key].shape[1]} differs from '{keys.IMAGE_EMB}' width "
+                       f'{batch[keys.IMAGE_EMB].shape[1]}: the student towers must project to one '
+                       'space.')
   width = sum(config.teacher_dims)
-  for key in (TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SYN_TEXT):
+  for key in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT):
     if key in batch and batch[key].shape[1] != width:
       raise ValueError(f"'{key}' has width {batch[key].shape[1]} but teacher_dims "
                        f'{config.teacher_dims} sum to {width}: set teacher_dims to the widths of '
@@ -355,7 +352,7 @@ def _mean_over_rows(batch: dict[str, Array], params: dict[str, Array], config: L
                     mesh: jax.sharding.Mesh | None,
                     batch_axes: tuple[str, ...]) -> dict[str, Array]:
   """Global row means of every per-row term, on one device or over the mesh's batch axes."""
-  global_batch = batch[IMAGE].shape[0]
+  global_batch = batch[keys.IMAGE_EMB].shape[0]
   if mesh is None:
     sums = _row_sums(batch, batch, params, 0, config)
     return {k: v / global_batch for k, v in sums.items()}
@@ -371,7 +368,7 @@ def _mean_over_rows(batch: dict[str, Array], params: dict[str, Array], config: L
   def local(rows, params):
     # Columns stay in their input dtype for the gather (half the traffic for bf16 embeddings).
     cols = {k: lax.all_gather(v, batch_axes, axis=0, tiled=True) for k, v in rows.items()}
-    offset = lax.axis_index(batch_axes) * rows[IMAGE].shape[0]
+    offset = lax.axis_index(batch_axes) * rows[keys.IMAGE_EMB].shape[0]
     sums = _row_sums(rows, cols, params, offset, config)
     return {k: lax.psum(v, batch_axes) / global_batch for k, v in sums.items()}
 
@@ -394,12 +391,13 @@ def _row_sums(rows: dict[str, Array], cols: dict[str, Array], params: dict[str, 
   Returns:
     '<kind>/<term>_<direction>' -> [] sum over the rows, for terms clip, distill, agreement.
   """
-  scale = _student_scale(params[LOGIT_SCALE])
-  bias = params[LOGIT_BIAS] if config.kind == 'sigmoid' else 0.0
-  has_teacher = TEACHER_IMAGE in rows
-  unit = {k: (_unit(rows[k]), _unit(cols[k])) for k in (IMAGE, TEXT, SYN_TEXT) if k in rows}
+  scale = _student_scale(params[keys.LOGIT_SCALE])
+  bias = params[keys.LOGIT_BIAS] if config.kind == 'sigmoid' else 0.0
+  has_teacher = keys.TEACHER_IMAGE in rows
+  unit = {k: (_unit(rows[k]), _unit(cols[k]))
+          for k in (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB) if k in rows}
   teacher_unit = {}
-  for k in (TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SYN_TEXT):
+  for k in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT):
     if k in rows:
       # Teacher embeddings are data: no gradient flows into them.
       teacher_unit[k] = (_unit_slices(lax.stop_gradient(rows[k]), config.teacher_dims),
@@ -408,11 +406,11 @@ def _row_sums(rows: dict[str, Array], cols: dict[str, Array], params: dict[str, 
   for kind, (text_key, teacher_text_key) in _CAPTION_KINDS.items():
     if text_key not in rows:
       continue
-    image_rows, image_cols = unit[IMAGE]
+    image_rows, image_cols = unit[keys.IMAGE_EMB]
     text_rows, text_cols = unit[text_key]
     teacher_image_rows = teacher_text_rows = teacher_image_cols = teacher_text_cols = None
     if has_teacher:
-      teacher_image_rows, teacher_image_cols = teacher_unit[TEACHER_IMAGE]
+      teacher_image_rows, teacher_image_cols = teacher_unit[keys.TEACHER_IMAGE]
       teacher_text_rows, teacher_text_cols = teacher_unit[teacher_text_key]
     directions = {
         'i2t': (image_rows, text_cols, teacher_image_rows, teacher_text_cols),

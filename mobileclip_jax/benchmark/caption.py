@@ -122,8 +122,6 @@ def measure_torch(variant: str, sampler: str, batch: int, seq_len: int, repeats:
   """Times open_clip's generate (fixed_output_length=True) and saves its tokens."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top  (open_clip's generate needs it)
-  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
   torch.set_num_threads(os.cpu_count())
   model = _open_clip_model(variant, overrides)
   with np.load(_weights_path(workdir)) as weights:
@@ -138,11 +136,8 @@ def measure_torch(variant: str, sampler: str, batch: int, seq_len: int, repeats:
   with torch.inference_mode():
     result = common.time_with_contention(call, repeats, warmup=0, min_window_s=0)
   np.save(_tokens_path(workdir, 'torch', sampler, batch), outputs[0].numpy())
-  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
-  result['device'] = 'cpu'
-  result['threads'] = torch.get_num_threads()
-  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
-                        'transformers': transformers.__version__}
+  result.update(common.torch_process_fields(torch.device('cpu')))
+  result['versions']['transformers'] = transformers.__version__
   return result
 
 

@@ -46,6 +46,7 @@ from typing import Any, Dict, Iterator, List, Sequence
 
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.benchmark import common
 
 DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S4')
@@ -161,7 +162,6 @@ def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
   """Times the open_clip tower with the saved weights; saves its output [batch, embed_dim]."""
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
   timm = torch_compat.import_timm()
   torch.set_num_threads(os.cpu_count())
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -186,15 +186,7 @@ def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
   with torch.inference_mode():
     np.save(_output_path(workdir, 'torch', tower, form, batch), call().float().cpu().numpy())
     result = common.time_with_contention(call, repeats)
-  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
-  if device.type == 'cuda':
-    result['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result['device'] = f'cuda:{torch.cuda.get_device_name()}'
-  else:
-    result['device'] = 'cpu'
-  result['threads'] = torch.get_num_threads()
-  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
-                        'timm': timm.__version__}
+  result.update(common.torch_process_fields(device))
   return result
 
 
@@ -300,9 +292,6 @@ def _forms(variant: str, tower: str, forms: Sequence[str], overrides: Dict[str, 
   return [f for f in forms if f == 'train-time' or has_reparam]
 
 
-def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def _row(variant, tower, form, batch, image_size, jax_r, torch_r, rel_l2, tol) -> Dict[str, Any]:
@@ -363,7 +352,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
                                     o['attempts'])
           jax_r = common.quietest(__name__, 'measure_jax', kwargs, o['max_others_cpu'],
                                   o['attempts'])
-          rel_l2 = _rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
+          rel_l2 = utils.rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
                            np.load(_output_path(workdir, 'torch', tower, form, batch)))
           yield _row(variant, tower, form, batch, ref['image_size'], jax_r, torch_r, rel_l2,
                      o['rel_l2_tol'])

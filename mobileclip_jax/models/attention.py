@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import layers
 
-Dtype = Any
 ATTENTION_KINDS = ('softmax', 'sigmoid')
 CACHE = 'cache'
 CROSS_CACHE = 'cross_cache'
@@ -62,14 +61,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str
 class FusedQKV(nn.Module):
   """PyTorch's packed in-projection, kernel [C, 3C] ordered (q, k, v).
 
-  Without `memory`: x [B, N, C] -> [B, N, 3C]. With `memory` [B_m, M, C] (cross-attention): the q
-  columns project x and the k/v columns project the memory -> ([B, N, C], [B_m, M, 2C]); the
-  memory may be None when its keys/values are cached -> ([B, N, C], None).
+  Self-attention: x [B, N, C] -> [B, N, 3C]. Cross-attention (`cross`): the q columns project x
+  and the k/v columns the memory [B_m, M, C] -> ([B, N, C], [B_m, M, 2C]); the memory may be
+  None when its keys/values are cached -> ([B, N, C], None).
   """
   features: int
   use_bias: bool = True
   kernel_init: Any = layers.trunc_normal_02
-  dtype: Optional[Dtype] = None
+  dtype: Optional[layers.Dtype] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, memory: Optional[jax.Array] = None, cross: bool = False):
@@ -86,24 +85,21 @@ class FusedQKV(nn.Module):
 
     if not cross:
       return project(x, slice(None))
-    q = project(x, slice(0, c))
-    return q, None if memory is None else project(memory, slice(c, 3 * c))
+    return project(x, slice(0, c)), None if memory is None else project(memory, slice(c, 3 * c))
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention over [B, N, C] tokens -> [B, N, C]; with `cross=True` attention to a memory.
+  """Self-attention over [B, N, C] tokens -> [B, N, C]; kind and QK-norm from `opts`.
 
-  Cross-attention: queries [B, N, C] attend to memory [B_m, M, C] where B is a multiple of B_m
-  (rows b * B / B_m ... of the queries share memory row b: the beams of one image).
+  With `cross=True`, queries [B, N, C] attend to a memory [B_m, M, C] instead, B a multiple of
+  B_m (consecutive query rows share a memory row: the beams of one image).
   """
   num_heads: int
   qkv_bias: bool = True
-  attention: str = 'softmax'
-  qk_norm: bool = False
   is_causal: bool = False
   qkv_init: Any = layers.trunc_normal_02
   proj_init: Any = layers.trunc_normal_02
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
   cross: bool = False
 
   @nn.compact
@@ -120,11 +116,13 @@ class MultiHeadAttention(nn.Module):
     b, n, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'width {c} is not divisible by {self.num_heads} heads.')
-    if decode and self.attention != 'softmax':
-      raise ValueError(f'decode=True supports softmax attention only, not {self.attention!r}.')
-    head_dim = c // self.num_heads
+    if decode and self.opts.attention != 'softmax':
+      raise ValueError(f'decode=True supports softmax attention only, not {self.opts.attention!r}.')
+    head_dim, dtype = c // self.num_heads, self.opts.dtype
     heads = lambda t: t.reshape(t.shape[0], t.shape[1], -1, self.num_heads, head_dim)
-    proj = FusedQKV(c, self.qkv_bias, self.qkv_init, self.dtype, name='qkv')
+    proj = FusedQKV(features=c, use_bias=self.qkv_bias, kernel_init=self.qkv_init, dtype=dtype,
+                    name='qkv')
+    k = v = None
     if self.cross:
       q, kv = proj(x, memory, cross=True)
       q = heads(q)[:, :, 0]
@@ -132,25 +130,24 @@ class MultiHeadAttention(nn.Module):
         k, v = jnp.moveaxis(heads(kv), 2, 0)
     else:
       q, k, v = jnp.moveaxis(heads(proj(x)), 2, 0)
-    if self.qk_norm:
-      q = layers.LayerNorm(dtype=self.dtype, name='q_norm')(q)
-      if not self.cross or memory is not None:
-        k = layers.LayerNorm(dtype=self.dtype, name='k_norm')(k)
+    if self.opts.qk_norm:
+      q = layers.LayerNorm(dtype=dtype, name='q_norm')(q)
+      if k is not None:
+        k = layers.LayerNorm(dtype=dtype, name='k_norm')(k)
 
     is_causal = self.is_causal
     if self.cross:
-      k, v = _cross_keys_values(self, k if memory is not None else None,
-                                v if memory is not None else None, decode)
+      k, v = _cross_keys_values(self, k, v, decode)
     elif decode:
       k, v, mask, is_causal = _self_cache(self, k, v, mask, is_causal)
 
     if self.cross and k.shape[0] != b:  # Beams of one image share its memory row.
       out = dot_product_attention(q.reshape(k.shape[0], -1, *q.shape[2:]), k, v,
-                                  kind=self.attention).reshape(q.shape)
+                                  kind=self.opts.attention).reshape(q.shape)
     else:
-      out = dot_product_attention(q, k, v, kind=self.attention, mask=mask, is_causal=is_causal)
-    return nn.Dense(c, kernel_init=self.proj_init, dtype=self.dtype, name='proj')(
-        out.reshape(b, n, c))
+      out = dot_product_attention(q, k, v, kind=self.opts.attention, mask=mask,
+                                  is_causal=is_causal)
+    return nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
 
 
 def _cross_keys_values(module: nn.Module, k, v, decode: bool):
@@ -184,8 +181,8 @@ def _self_cache(module: nn.Module, k, v, mask, is_causal: bool):
   k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, start, 0, 0))
   v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, start, 0, 0))
   cached_k.value, cached_v.value, index.value = k, v, start + n
-  # Query i sits at position start + i; it sees written keys up to its own position (unwritten
-  # slots lie beyond it), so one rule covers causal and bidirectional-prefix masks alike.
+  # Query i sits at position start + i and sees the keys up to its own position: the causal
+  # mask over the cache (its unwritten slots lie beyond every query).
   visible = jnp.arange(length)[None, :] <= (start + jnp.arange(n))[:, None]
   visible = visible[None, None]
   return k, v, visible if mask is None else jnp.logical_and(mask, visible), False
@@ -202,8 +199,6 @@ class TransformerBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   qkv_bias: bool = True
-  attention: str = 'softmax'
-  qk_norm: bool = False
   is_causal: bool = False
   layer_scale_init: Optional[float] = None
   hybrid_norm: bool = False
@@ -214,30 +209,31 @@ class TransformerBlock(nn.Module):
   proj_init: Any = layers.trunc_normal_02
   fc1_init: Any = layers.trunc_normal_02
   fc2_init: Any = layers.trunc_normal_02
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
   cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, train: bool = False, *,
                memory: Optional[jax.Array] = None, decode: bool = False) -> jax.Array:
-    norm = lambda name: layers.LayerNorm(self.norm_eps, self.dtype, name=name)
+    dtype = self.opts.dtype
+    norm = lambda name: layers.LayerNorm(epsilon=self.norm_eps, dtype=dtype, name=name)
     if self.cross_attention and memory is not None:
       memory = norm('norm1_kv')(memory)
-    y = MultiHeadAttention(self.num_heads, self.qkv_bias, self.attention, self.qk_norm,
-                           self.is_causal, self.qkv_init, self.proj_init, self.dtype,
-                           cross=self.cross_attention, name='attn')(
-                               norm('norm1')(x), mask, memory=memory, decode=decode)
+    y = MultiHeadAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+                           is_causal=self.is_causal, qkv_init=self.qkv_init,
+                           proj_init=self.proj_init, opts=self.opts, cross=self.cross_attention,
+                           name='attn')(norm('norm1')(x), mask, memory=memory, decode=decode)
     if self.hybrid_norm:
       y = norm('attn_norm')(y)
     if self.layer_scale_init is not None:
-      y = layers.LayerScale(self.layer_scale_init, name='ls_1')(y)
-    x = x + layers.DropPath(self.drop_path, name='drop_path1')(y, train)
+      y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_1')(y)
+    x = x + layers.DropPath(rate=self.drop_path, name='drop_path1')(y, train)
 
-    y = layers.Mlp(self.mlp_dim, self.act, self.fc1_init, self.fc2_init, self.dtype,
-                   name='mlp')(norm('norm2')(x))
+    y = layers.Mlp(hidden=self.mlp_dim, act=self.act, fc1_init=self.fc1_init,
+                   fc2_init=self.fc2_init, dtype=dtype, name='mlp')(norm('norm2')(x))
     if self.layer_scale_init is not None:
-      y = layers.LayerScale(self.layer_scale_init, name='ls_2')(y)
-    return x + layers.DropPath(self.drop_path, name='drop_path2')(y, train)
+      y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_2')(y)
+    return x + layers.DropPath(rate=self.drop_path, name='drop_path2')(y, train)
 
 
 class AttentionalPooler(nn.Module):
@@ -251,7 +247,7 @@ class AttentionalPooler(nn.Module):
   num_heads: int
   num_queries: int
   norm_eps: float = 1e-5
-  dtype: Optional[Dtype] = None
+  dtype: Optional[layers.Dtype] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -259,15 +255,15 @@ class AttentionalPooler(nn.Module):
     if d % self.num_heads:
       raise ValueError(f'pooler width {d} is not divisible by {self.num_heads} heads.')
     query = self.param('query', nn.initializers.normal(1.0), (self.num_queries, d), jnp.float32)
-    x = layers.LayerNorm(self.norm_eps, self.dtype, name='ln_k')(x)
-    q = layers.LayerNorm(self.norm_eps, self.dtype, name='ln_q')(query)
-    return _PoolerAttention(self.num_heads, self.dtype, name='attn')(q, x)
+    x = layers.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_k')(x)
+    q = layers.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_q')(query)
+    return _PoolerAttention(num_heads=self.num_heads, dtype=self.dtype, name='attn')(q, x)
 
 
 class _PoolerAttention(nn.Module):
   """Shared queries [Q, D] attend to x [B, N, C] -> [B, Q, D] (nn.MultiheadAttention layout)."""
   num_heads: int
-  dtype: Optional[Dtype] = None
+  dtype: Optional[layers.Dtype] = None
 
   @nn.compact
   def __call__(self, queries: jax.Array, x: jax.Array) -> jax.Array:

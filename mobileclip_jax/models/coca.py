@@ -16,7 +16,7 @@ L <= text.context_length (76 for the released configs: 77 positions with the CLS
 """
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,8 +27,6 @@ from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import layers
 from mobileclip_jax.models import text as text_lib
 from mobileclip_jax.models import vit
-
-Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +79,11 @@ class CoCaConfig:
   def compute_dtype(self):
     return clip_lib.DTYPES[self.dtype]
 
+  @property
+  def options(self) -> layers.Options:
+    """The options every block shares (softmax attention, no QK-norm: open_clip's CoCa)."""
+    return layers.Options(dtype=self.compute_dtype)
+
 
 class MultimodalDecoder(nn.Module):
   """Text token outputs [B, n, C] attending to memory [B_m, M, C] -> logits [B, n, vocab] float32.
@@ -91,7 +94,7 @@ class MultimodalDecoder(nn.Module):
   """
   config: DecoderConfig
   vocab_size: int
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, memory: Optional[jax.Array] = None,
@@ -102,17 +105,16 @@ class MultimodalDecoder(nn.Module):
     width = cfg.width
     # The text tower's init (open_clip defines the same for the decoder but never calls it).
     proj_std = width ** -0.5 * (2 * cfg.layers) ** -0.5
-    block = dict(act=cfg.act, norm_eps=cfg.norm_eps, qkv_init=nn.initializers.normal(width ** -0.5),
+    block = dict(num_heads=cfg.heads, mlp_dim=int(width * cfg.mlp_ratio), act=cfg.act,
+                 norm_eps=cfg.norm_eps, qkv_init=nn.initializers.normal(width ** -0.5),
                  proj_init=nn.initializers.normal(proj_std),
                  fc1_init=nn.initializers.normal((2 * width) ** -0.5),
-                 fc2_init=nn.initializers.normal(proj_std), dtype=self.dtype)
-    mlp_dim = int(width * cfg.mlp_ratio)
+                 fc2_init=nn.initializers.normal(proj_std), opts=self.opts)
     for i in range(cfg.layers):
-      x = attn_lib.TransformerBlock(cfg.heads, mlp_dim, is_causal=True, name=f'blocks_{i}',
-                                    **block)(x, decode=decode)
-      x = attn_lib.TransformerBlock(cfg.heads, mlp_dim, cross_attention=True, name=f'cross_{i}',
-                                    **block)(x, memory=memory, decode=decode)
-    x = layers.LayerNorm(cfg.norm_eps, self.dtype, name='ln_final')(x)
+      x = attn_lib.TransformerBlock(is_causal=True, name=f'blocks_{i}', **block)(x, decode=decode)
+      x = attn_lib.TransformerBlock(cross_attention=True, name=f'cross_{i}', **block)(
+          x, memory=memory, decode=decode)
+    x = layers.LayerNorm(epsilon=cfg.norm_eps, dtype=self.opts.dtype, name='ln_final')(x)
     proj = self.param('text_projection', nn.initializers.normal(width ** -0.5),
                       (width, self.vocab_size), jnp.float32)
     return (x @ proj.astype(x.dtype)).astype(jnp.float32)
@@ -129,9 +131,11 @@ class CoCa(nn.Module):
 
   def setup(self):
     c = self.config
-    self.visual = vit.ViT(c.image, c.embed_dim, c.image_size, dtype=c.compute_dtype)
-    self.text = text_lib.TextTransformer(c.text, c.embed_dim, dtype=c.compute_dtype)
-    self.text_decoder = MultimodalDecoder(c.decoder, c.text.vocab_size, dtype=c.compute_dtype)
+    self.visual = vit.ViT(config=c.image, embed_dim=c.embed_dim, image_size=c.image_size,
+                          opts=c.options)
+    self.text = text_lib.TextTransformer(config=c.text, embed_dim=c.embed_dim, opts=c.options)
+    self.text_decoder = MultimodalDecoder(config=c.decoder, vocab_size=c.text.vocab_size,
+                                          opts=c.options)
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(c.init_logit_scale), (),
                                   jnp.float32)
 
