@@ -117,8 +117,8 @@ def test_conversion_round_trips_and_loads_into_open_clip(ref, tiny):
   # JAX-made (random init) variables load strictly into open_clip and give our outputs there.
   variables = tiny.module.init(jax.random.key(3), tiny.images_nhwc, tiny.tokens)
   model = ref.open_clip.CoCa(**ref.TINY_OPEN_CLIP).eval()
-  model.load_state_dict({k: ref.torch.from_numpy(v) for k, v in
-                         convert.to_open_clip(variables, ref.BASE, **ref.TINY).items()}, strict=True)
+  state = convert.to_open_clip(variables, ref.BASE, **ref.TINY)
+  model.load_state_dict({k: ref.torch.from_numpy(v) for k, v in state.items()}, strict=True)
   errors = _errors(tiny.ours(variables), tiny.reference(model))
   assert max(errors.values()) <= TOL, errors
 
