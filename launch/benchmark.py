@@ -3,6 +3,9 @@
   python launch/benchmark.py models [--option=variants=MobileCLIP2-S0,MobileCLIP2-S4]
   python launch/benchmark.py data
   python launch/benchmark.py train
+  python launch/benchmark.py compile
+  python launch/benchmark.py loss
+  python launch/benchmark.py export   (the exported ONNX / TFLite towers; needs the export extra)
   python launch/benchmark.py caption [--option=variant=coca_ViT-L-14]
 
 Prints one JSON line per result (and appends them to --out when given). Numbers are only

@@ -94,6 +94,8 @@ def base_config() -> ConfigDict:
       average='probs',           # 'probs' (average after softmax) | 'logits'
       student_scale=placeholder(float),
       objective='auto',          # 'auto' (DR on reinforced data, CLIP on plain) | 'clip' | 'dr'
+      block_size=1024,           # Columns per block of the streamed loss (memory per device
+                                 # O(local batch x block)); 0 = whole [local, global] logits.
   ))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1))

@@ -96,11 +96,50 @@ def ref_kind(img, txt, t_img, t_txt, logit_scale, kind='softmax', logit_bias=0.0
 # Helpers.
 
 _dr_loss = jax.jit(losses.dr_loss, static_argnames=('config', 'mesh', 'batch_axes'))
-_clip_loss = jax.jit(losses.clip_loss)
-_siglip_loss = jax.jit(losses.siglip_loss)
-_distill_loss = jax.jit(losses.distill_loss, static_argnames=(
+
+
+# One term of the DR objective on ground-truth captions, as the formulas below write it.
+def clip_loss(image, text, logit_scale, mesh=None):
+  config = losses.LossConfig(kind='softmax', clip_weight=1.0, distill_weight=0.0)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.LOGIT_SCALE: logit_scale}
+  return losses.dr_loss(embeddings, config, mesh=mesh)[1]['gt/clip']
+
+
+def siglip_loss(image, text, logit_scale, logit_bias):
+  config = losses.LossConfig(kind='sigmoid', clip_weight=1.0, distill_weight=0.0)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.LOGIT_SCALE: logit_scale,
+                keys.LOGIT_BIAS: logit_bias}
+  return losses.dr_loss(embeddings, config)[1]['gt/clip']
+
+
+def distill_loss(image, text, teacher_image, teacher_text, logit_scale, teacher_scales,
+                 teacher_dims, average='probs', student_scale=None):
+  config = losses.LossConfig(kind='softmax', clip_weight=0.0, distill_weight=1.0,
+                             teacher_scales=teacher_scales, teacher_dims=teacher_dims,
+                             average=average, student_scale=student_scale)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.TEACHER_IMAGE: teacher_image,
+                keys.TEACHER_TEXT: teacher_text, keys.LOGIT_SCALE: logit_scale}
+  return losses.dr_loss(embeddings, config)[1]['gt/distill']
+
+
+def siglip_distill_loss(image, text, teacher_image, teacher_text, logit_scale, logit_bias,
+                        teacher_scales, teacher_dims, teacher_biases=None, average='probs',
+                        student_scale=None):
+  config = losses.LossConfig(kind='sigmoid', clip_weight=0.0, distill_weight=1.0,
+                             teacher_scales=teacher_scales, teacher_dims=teacher_dims,
+                             teacher_biases=teacher_biases, average=average,
+                             student_scale=student_scale)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.TEACHER_IMAGE: teacher_image,
+                keys.TEACHER_TEXT: teacher_text, keys.LOGIT_SCALE: logit_scale,
+                keys.LOGIT_BIAS: logit_bias}
+  return losses.dr_loss(embeddings, config)[1]['gt/distill']
+
+
+_clip_loss = jax.jit(clip_loss)
+_siglip_loss = jax.jit(siglip_loss)
+_distill_loss = jax.jit(distill_loss, static_argnames=(
     'teacher_scales', 'teacher_dims', 'average', 'student_scale'))
-_siglip_distill_loss = jax.jit(losses.siglip_distill_loss, static_argnames=(
+_siglip_distill_loss = jax.jit(siglip_distill_loss, static_argnames=(
     'teacher_scales', 'teacher_dims', 'teacher_biases', 'average', 'student_scale'))
 
 
@@ -269,7 +308,7 @@ def test_dr_loss_without_teachers_is_clip_and_without_synthetic_is_gt_only():
 
 def test_logit_scale_is_clamped_at_100():
   e = _embeddings(7, 8, 16, (8,), syn=False, teachers=False)
-  value_and_grad = jax.jit(jax.value_and_grad(losses.clip_loss, argnums=2))
+  value_and_grad = jax.jit(jax.value_and_grad(clip_loss, argnums=2))
   at_clamp, _ = value_and_grad(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], np.float32(math.log(100.0)))
   above, grad_above = value_and_grad(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], np.float32(math.log(1e3)))
   _, grad_below = value_and_grad(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], np.float32(math.log(50.0)))
@@ -349,9 +388,8 @@ def test_teacher_equal_to_student_gives_target_entropy_and_zero_gradient():
   tau = 20.0
 
   def distill(image, text, logit_scale, student_scale):
-    return losses.distill_loss(image, text, e[keys.IMAGE_EMB], e[keys.TEXT_EMB], logit_scale,
-                               teacher_scales=(tau,), teacher_dims=(16,),
-                               student_scale=student_scale)
+    return distill_loss(image, text, e[keys.IMAGE_EMB], e[keys.TEXT_EMB], logit_scale,
+                        teacher_scales=(tau,), teacher_dims=(16,), student_scale=student_scale)
 
   cos = _unit(np.float64(image)) @ _unit(np.float64(text)).T
   entropy = 0.5 * sum(-np.mean(np.sum(_softmax(z) * _log_softmax(z), 1))
@@ -425,7 +463,7 @@ def test_user_errors_are_explained():
     losses.dr_loss({**e, 'image': e[keys.IMAGE_EMB]}, config)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), losses.BATCH_AXES)
   with pytest.raises(ValueError, match='global batch 12 does not split over the 8 devices'):
-    losses.clip_loss(np.ones((12, 4)), np.ones((12, 4)), 1.0, mesh=mesh)
+    clip_loss(np.ones((12, 4)), np.ones((12, 4)), 1.0, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,9 +525,10 @@ def test_sharded_sigmoid_dr_loss_equals_single_device():
 
 
 def test_sharded_loss_never_builds_the_global_logit_matrix():
+  # The unstreamed form; test_streamed_loss.py checks that the streamed one holds only tiles.
   global_batch, local_batch = 64, 8
   config = losses.LossConfig(clip_weight=0.5, distill_weight=0.5, teacher_scales=(70.0, 60.0),
-                             teacher_dims=(16, 8))
+                             teacher_dims=(16, 8), block_size=0)
   mesh = _mesh((4, 2))
   e = _sharded(_embeddings(18, global_batch, 12, config.teacher_dims), mesh)
   student = {k: v for k, v in e.items() if k in _STUDENT_KEYS}

@@ -61,7 +61,10 @@ def time_with_contention(fn: Callable[[], Any], repeats: int, warmup: int = 2,
     others = max(0.0, (busy_after - busy) - (own_after - own)) / (
         (wall_after - wall) * os.cpu_count())
     others = round(others, 3)
-  return {**timing, 'others_cpu_frac': others}
+  # This process's CPU seconds per call (all its threads): with one thread, the call's latency on
+  # an idle core, which the other processes' load does not inflate as it does wall time.
+  cpu_per_call = (own_after - own) / (warmup + timing['repeats'])
+  return {**timing, 'others_cpu_frac': others, 'cpu_s_per_call': cpu_per_call}
 
 
 def significant(x: float, digits: int = 4) -> float:
@@ -122,7 +125,7 @@ def isolated(module: str, function: str, kwargs: Dict[str, Any], timeout: float 
 
 
 def quietest(module: str, function: str, kwargs: Dict[str, Any], max_others_cpu: float,
-             attempts: int) -> Dict[str, Any]:
+             attempts: int, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
   """`isolated(module, function, kwargs)` in fresh processes until one was quiet enough.
 
   The result must carry `others_cpu_frac` (from `time_with_contention`); returns the quietest
@@ -130,7 +133,7 @@ def quietest(module: str, function: str, kwargs: Dict[str, Any], max_others_cpu:
   """
   best = None
   for attempt in range(1, attempts + 1):
-    result = isolated(module, function, kwargs)
+    result = isolated(module, function, kwargs, env=env)
     others = result['others_cpu_frac']
     if best is None or (others is not None and others < best['others_cpu_frac']):
       best = result

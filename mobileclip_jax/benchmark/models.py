@@ -158,12 +158,12 @@ def make_reference(variant: str, towers: Sequence[str], max_batch: int, override
 
 
 def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
-                  overrides: Dict[str, Any], workdir: str) -> Dict[str, Any]:
+                  overrides: Dict[str, Any], workdir: str, threads: int = 0) -> Dict[str, Any]:
   """Times the open_clip tower with the saved weights; saves its output [batch, embed_dim]."""
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
   timm = torch_compat.import_timm()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(threads or os.cpu_count())
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   module = _torch_tower(variant, tower, overrides)
   with np.load(_weights_path(workdir, tower)) as weights:
