@@ -8,6 +8,7 @@ import importlib
 __version__ = '0.1.0'
 _LAZY = {
     'create_model': 'mobileclip_jax.models.clip',
+    'generate': 'mobileclip_jax.decoding',
     'get_config': 'mobileclip_jax.models.clip',
     'count_params': 'mobileclip_jax.models.clip',
     'reparameterize': 'mobileclip_jax.models.reparam',

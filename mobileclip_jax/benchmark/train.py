@@ -66,8 +66,8 @@ from mobileclip_jax.benchmark import models as models_benchmark
 
 # Generic helpers of the models benchmark, shared rather than copied.
 # pylint: disable=protected-access
-_busy_cpu_s = models_benchmark._busy_cpu_s
-_significant = models_benchmark._significant
+_busy_cpu_s = common.busy_cpu_s
+_significant = common.significant
 _randomize_normalization_ = models_benchmark._randomize_normalization_
 # pylint: enable=protected-access
 

@@ -35,6 +35,10 @@ class ViTConfig:
   act: str = 'gelu'
   norm_eps: float = 1e-6
   drop_path: float = 0.0
+  # open_clip's attentional pooling (CoCa): this many learned queries (0 = off) attend to the
+  # tokens; `norm` then acts on the pooled tokens and query 0, projected, is the embedding.
+  attn_pool_queries: int = 0
+  attn_pool_heads: int = 8
 
   def __post_init__(self):
     if self.stem not in ('patch', 'mci_conv'):
@@ -64,10 +68,10 @@ class ConvStem(nn.Module):
 class ViT(nn.Module):
   """ViT image encoder: images [B, H, W, 3] (normalized) -> class-token embeddings [B, embed_dim].
 
+  With `return_tokens` also the other normalized tokens: [B, N - 1, width] (patches), or with
+  attentional pooling the Q - 1 pooled tokens [B, Q - 1, embed_dim] (CoCa's decoder memory).
   The position embedding is learned for `image_size`; other resolutions are interpolated
-  bicubically, as timm's dynamic_img_size does. With `reduction` (a reduce.TokenReduction) the
-  blocks merge or prune patch tokens, never the class token (models/reduce.py); `ranker` and
-  `extra_hook` as in text.TextTransformer.
+  bicubically, as timm's dynamic_img_size does.
   """
   config: ViTConfig
   embed_dim: int
@@ -75,12 +79,14 @@ class ViT(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False,
+  def __call__(self, images: jax.Array, train: bool = False, return_tokens: bool = False,
                reduction: Optional[reduce_lib.TokenReduction] = None,
-               ranker: Optional[Callable] = None, extra_hook: Optional[Callable] = None
-               ) -> jax.Array:
+               ranker: Optional[Callable] = None, extra_hook: Optional[Callable] = None):
     cfg, dtype = self.config, self.opts.dtype
     b = images.shape[0]
+    if reduction is not None and (cfg.attn_pool_queries or return_tokens):
+      raise ValueError('Token reduction covers the class-token embedding, not an attentional '
+                       'pooler (CoCa) or the token outputs.')
     if cfg.stem == 'mci_conv':
       x = ConvStem(width=cfg.width, first_padding=cfg.stem_padding, opts=self.opts,
                    name='patch_embed')(images, train)
@@ -121,9 +127,14 @@ class ViT(nn.Module):
                              ranker=ranker, extra=extra_hook, what='The ViT')
       reduced = reduce_lib.sequence_tokens(b, x.shape[1])
       x, reduced = reduce_lib.run_blocks(blocks, x, reduced, plan, train)
+    if cfg.attn_pool_queries:
+      x = attn_lib.AttentionalPooler(width=self.embed_dim, num_heads=cfg.attn_pool_heads,
+                                     num_queries=cfg.attn_pool_queries, norm_eps=cfg.norm_eps,
+                                     dtype=dtype, name='attn_pool')(x)
     x = norm('norm')(x)
-    return nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
-                    dtype=dtype, name='head')(reduce_lib.pool(x, reduced, 0))
+    pooled = nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
+                      dtype=dtype, name='head')(reduce_lib.pool(x, reduced, 0))
+    return (pooled, x[:, 1:]) if return_tokens else pooled
 
 
 def _resize_pos_embed(pos: jax.Array, grid: int, new_grid, embed_class: bool) -> jax.Array:
