@@ -57,53 +57,88 @@ def _xla_conv(x, kernel, stride, pad, groups):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
+def _window(x, di, dj, stride, out_hw):
+  """x[:, di::stride, dj::stride] cropped to out_hw: the inputs that tap (di, dj) reads."""
+  b, _, _, c = x.shape
+  limit = (b, di + (out_hw[0] - 1) * stride + 1, dj + (out_hw[1] - 1) * stride + 1, c)
+  return jax.lax.slice(x, (0, di, dj, 0), limit, (1, stride, stride, 1))
+
+
+def _add_reduce(operands, dims):
+  """Sums of several same-shaped arrays over `dims` in one variadic reduce (one pass)."""
+  return jax.lax.reduce(tuple(operands), (jnp.float32(0),) * len(operands),
+                        lambda a, b: tuple(u + v for u, v in zip(a, b)), dims)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _sum_of_taps(x, taps, kernel_hw, stride, out_hw):
-  """sum_t window_t(x) * taps[t] over the kh * kw taps: x [B, H, W, C] padded, taps [kh * kw, C].
+def _sum_of_taps(x, taps, stride, pad, out_hw):
+  """sum_t window_t(pad(x)) * taps[t]: x [B, H, W, C], taps [kh, kw, C] float32.
 
-  A scan's reverse pass would store every tap's window ([kh * kw, B, H', W', C]: 49 activations
-  per 7x7 conv, 50 GB for an S4 step at batch 16); this VJP keeps x alone and runs the transposed
-  sums as scans too.
+  Unrolled over the (static) taps, so that XLA fuses the padding and all kh * kw products into
+  one loop over the output. The VJP keeps only x and taps (not every tap's window).
   """
-  return _taps_forward(x, taps, kernel_hw, stride, out_hw)
-
-
-def _window(x, t, kernel_hw, stride, out_hw):
-  kw = kernel_hw[1]
-  span = ((out_hw[0] - 1) * stride + 1, (out_hw[1] - 1) * stride + 1)
-  window = jax.lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (x.shape[0], *span, x.shape[3]))
-  return window[:, ::stride, ::stride].astype(jnp.float32)
-
-
-def _taps_forward(x, taps, kernel_hw, stride, out_hw):
-  def add_tap(acc, t):
-    return acc + _window(x, t, kernel_hw, stride, out_hw) * taps[t], None
-
-  acc, _ = jax.lax.scan(add_tap, jnp.zeros((x.shape[0], *out_hw, x.shape[3]), jnp.float32),
-                        jnp.arange(taps.shape[0]))
+  xp = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+  acc = 0
+  for di in range(taps.shape[0]):
+    for dj in range(taps.shape[1]):
+      acc = acc + _window(xp, di, dj, stride, out_hw).astype(jnp.float32) * taps[di, dj]
   return acc.astype(x.dtype)
 
 
-def _taps_fwd(x, taps, kernel_hw, stride, out_hw):
-  return _taps_forward(x, taps, kernel_hw, stride, out_hw), (x, taps)
+def _taps_fwd(x, taps, stride, pad, out_hw):
+  return _sum_of_taps(x, taps, stride, pad, out_hw), (x, taps)
 
 
-def _taps_bwd(kernel_hw, stride, out_hw, residuals, grad):
+def _taps_input_grad(g, taps, x_shape, stride, pad):
+  """d(sum of taps)/dx: g [B, H', W', C] -> [B, H, W, C] (float32), one phase at a time.
+
+  Padded input position s * u + r (row phase r < s) was read by the taps r + s * k at output
+  rows u - k, so each phase is a stride-1 sum over its own taps (no zeros interleaved into g,
+  which XLA:CPU would hand to XNNPACK with every window materialized); the phases interleave.
+  """
+  kh, kw = taps.shape[:2]
+  b, h, w, c = x_shape
+  ho, wo = g.shape[1:3]
+  u, v = -(-(h + 2 * pad[0]) // stride), -(-(w + 2 * pad[1]) // stride)
+  rows = []
+  for r in range(stride):
+    cols = []
+    for q in range(stride):
+      ks, ls = range(r, kh, stride), range(q, kw, stride)
+      if not ks or not ls:
+        cols.append(jnp.zeros((b, u, v, c), jnp.float32))
+        continue
+      gp = jnp.pad(g, ((0, 0), (len(ks) - 1, u - ho), (len(ls) - 1, v - wo), (0, 0)))
+      acc = 0
+      for k, di in enumerate(ks):
+        for l, dj in enumerate(ls):
+          acc = acc + _window(gp, len(ks) - 1 - k, len(ls) - 1 - l, 1, (u, v)) * taps[di, dj]
+      cols.append(acc)
+    rows.append(jnp.stack(cols, axis=3) if stride > 1 else cols[0])
+  dxp = jnp.stack(rows, axis=2).reshape(b, u * stride, v * stride, c) if stride > 1 else rows[0]
+  return dxp[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
+
+
+def _taps_bwd(stride, pad, out_hw, residuals, grad):
   x, taps = residuals
-  kw = kernel_hw[1]
+  kh, kw = taps.shape[:2]
+  h, w = x.shape[1:3]
   g = grad.astype(jnp.float32)
-  # Output position (i, j) read input (i * stride + di, j * stride + dj): spread the gradient
-  # back onto that strided grid (zeros between), then add it at every tap's offset.
-  spread = jax.lax.pad(g, jnp.float32(0), ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1),
-                                           (0, 0, 0)))
-
-  def tap(dx, t):
-    start = (0, t // kw, t % kw, 0)
-    region = jax.lax.dynamic_slice(dx, start, spread.shape) + spread * taps[t]
-    dtap = jnp.sum(_window(x, t, kernel_hw, stride, out_hw) * g, axis=(0, 1, 2))
-    return jax.lax.dynamic_update_slice(dx, region, start), dtap
-
-  dx, dtaps = jax.lax.scan(tap, jnp.zeros(x.shape, jnp.float32), jnp.arange(taps.shape[0]))
+  dx = _taps_input_grad(g, taps, x.shape, stride, pad)
+  # dtaps[t] = sum over (b, h', w') of window_t(x) * g: per stride phase of x, one variadic
+  # reduce over (b, h') reads x and g once for all of the phase's taps (separate reductions read
+  # them kh * kw times), then a sum over w'. Materialized phases keep the reduce's reads unstrided.
+  xp = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+  dtaps = {}
+  for r in range(min(stride, kh)):
+    for q in range(min(stride, kw)):
+      phase = xp if stride == 1 else jax.lax.optimization_barrier(xp[:, r::stride, q::stride])
+      tap_list = [(di, dj) for di in range(r, kh, stride) for dj in range(q, kw, stride)]
+      sums = _add_reduce([_window(phase, di // stride, dj // stride, 1, out_hw).astype(jnp.float32)
+                          * g for di, dj in tap_list], (0, 1))
+      dtaps.update(zip(tap_list, sums))
+  dtaps = jnp.stack([dtaps[(di, dj)] for di in range(kh) for dj in range(kw)])
+  dtaps = dtaps.sum(1).reshape(taps.shape)
   return dx.astype(x.dtype), dtaps.astype(taps.dtype)
 
 
@@ -113,19 +148,18 @@ _sum_of_taps.defvjp(_taps_fwd, _taps_bwd)
 def _shift_depthwise_conv(x, kernel, stride, pad):
   """Depthwise conv as a sum over taps of shifted, strided windows times per-channel weights.
 
-  XLA:CPU lowers grouped convolutions to a slow generic loop (15-20x slower than this forward,
-  about 3x slower backward, on MCi's 7x7 depthwise convs). The taps are a `lax.scan` rather than
-  unrolled: half the unrolled speed, but a 4x smaller program that compiles 2x faster.
+  XLA:CPU lowers grouped convolutions to a slow generic loop (3-4x slower than this forward,
+  10-20x slower forward + backward, 300x+ for the strided, channel-multiplied ones of MCi's
+  downsampling).
   """
   kh, kw, _, c_out = kernel.shape
   b, h, w, c_in = x.shape
   if c_out != c_in:  # Channel multiplier: output channel o reads input channel o // m.
     x = jnp.repeat(x, c_out // c_in, axis=-1)
-  x = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
   out_hw = ((h + 2 * pad[0] - kh) // stride + 1, (w + 2 * pad[1] - kw) // stride + 1)
-  # jnp, not numpy: converted weights may arrive as numpy arrays, which a traced index breaks.
-  taps = jnp.asarray(kernel).reshape(kh * kw, c_out).astype(jnp.float32)
-  return _sum_of_taps(x, taps, (kh, kw), stride, out_hw)
+  # jnp, not numpy: converted weights may arrive as numpy arrays.
+  taps = jnp.asarray(kernel).reshape(kh, kw, c_out).astype(jnp.float32)
+  return _sum_of_taps(x, taps, stride, tuple(pad), out_hw)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[int]) -> jax.Array:
@@ -136,6 +170,25 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[i
   return jax.lax.platform_dependent(
       x, kernel, cpu=lambda x, k: _shift_depthwise_conv(x, k, stride, pad),
       default=lambda x, k: _xla_conv(x, k, stride, pad, x.shape[-1]))
+
+
+def _pointwise_matmul(x, kernel, stride):
+  """1x1 convolution as one [B * H * W, C_in] @ [C_in, C_out] matmul."""
+  x = x[:, ::stride, ::stride]
+  y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[-2:])
+  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Unpadded 1x1 conv, x [B, H, W, C_in], kernel [1, 1, C_in, C_out].
+
+  A 2-D matmul on CPU: XLA:CPU runs the convolution's weight gradient as a spatial convolution
+  with transposed copies of both operands, 3-4x slower than the matmul's forward + backward.
+  XLA's convolution elsewhere.
+  """
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: _pointwise_matmul(x, k, stride),
+      default=lambda x, k: _xla_conv(x, k, stride, (0, 0), 1))
 
 
 class Conv(nn.Module):
@@ -165,6 +218,8 @@ class Conv(nn.Module):
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if self.groups == c_in and self.groups > 1:
       y = depthwise_conv(x, kernel, self.stride, pad)
+    elif (kh, kw) == (1, 1) and self.groups == 1 and not any(pad):
+      y = pointwise_conv(x, kernel, self.stride)
     else:
       y = _xla_conv(x, kernel, self.stride, pad, self.groups)
     if self.use_bias:
