@@ -70,27 +70,24 @@ def _add_reduce(operands, dims):
                         lambda a, b: tuple(u + v for u, v in zip(a, b)), dims)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _sum_of_taps(x, taps, stride, pad, out_hw):
-  """sum_t window_t(pad(x)) * taps[t]: x [B, H, W, C], taps [kh, kw, C] float32.
+def _pad_hw(x, pad):
+  return jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
 
-  Unrolled over the (static) taps, so that XLA fuses the padding and all kh * kw products into
-  one loop over the output. The VJP keeps only x and taps (not every tap's window).
+
+def _taps_sum(xp, taps, stride, out_hw):
+  """sum_t window_t(xp) * taps[t] (float32): xp [b, H + 2 p, W + 2 p, C] padded, taps [kh, kw, C].
+
+  Unrolled over the static taps: XLA fuses all kh * kw products into one loop over the output.
   """
-  xp = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
   acc = 0
   for di in range(taps.shape[0]):
     for dj in range(taps.shape[1]):
       acc = acc + _window(xp, di, dj, stride, out_hw).astype(jnp.float32) * taps[di, dj]
-  return acc.astype(x.dtype)
-
-
-def _taps_fwd(x, taps, stride, pad, out_hw):
-  return _sum_of_taps(x, taps, stride, pad, out_hw), (x, taps)
+  return acc
 
 
 def _taps_input_grad(g, taps, x_shape, stride, pad):
-  """d(sum of taps)/dx: g [B, H', W', C] -> [B, H, W, C] (float32), one phase at a time.
+  """d(sum of taps)/dx: g [b, H', W', C] -> [b, H, W, C] (float32), one phase at a time.
 
   Padded input position s * u + r (row phase r < s) was read by the taps r + s * k at output
   rows u - k, so each phase is a stride-1 sum over its own taps (no zeros interleaved into g,
@@ -119,27 +116,63 @@ def _taps_input_grad(g, taps, x_shape, stride, pad):
   return dxp[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
 
 
+def _taps_kernel_grad(phases, g, taps_shape, stride):
+  """dtaps[t] = sum over (b, h', w') of window_t(x) * g, float32 [kh, kw, C].
+
+  phases[(r, q)] = xp[:, r::stride, q::stride]. Per phase, one variadic reduce over (b, h')
+  reads x and g once for all of its taps (separate reductions would read them kh * kw times),
+  then a sum over w'.
+  """
+  kh, kw = taps_shape[:2]
+  sums = {}
+  for (r, q), phase in phases.items():
+    tap_list = [(di, dj) for di in range(r, kh, stride) for dj in range(q, kw, stride)]
+    rows = _add_reduce([_window(phase, di // stride, dj // stride, 1, g.shape[1:3])
+                        .astype(jnp.float32) * g for di, dj in tap_list], (0, 1))
+    sums.update(zip(tap_list, rows))
+  return jnp.stack([sums[(di, dj)].sum(0) for di in range(kh) for dj in range(kw)]).reshape(
+      taps_shape)
+
+
+def _per_example(fn, *arrays):
+  """fn(*[1, ...] slices) for each example, stacked: a loop whose operands are buffers.
+
+  XLA:CPU fuses cheap producers into every consumer, recomputing them: fused into the taps'
+  loops, a producer of x or of the cotangent (a BatchNorm's backward, the forward taps sum
+  itself) would be recomputed kh * kw times per element. Loop operands are computed once; one
+  example per iteration also keeps the working set in cache.
+  """
+  return jax.lax.map(lambda a: fn(*[v[None] for v in a]), arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _sum_of_taps(x, taps, stride, pad, out_hw):
+  """sum_t window_t(pad(x)) * taps[t]: x [B, H, W, C], taps [kh, kw, C] float32. [B, H', W', C].
+
+  The VJP keeps only x and taps (not every tap's window).
+  """
+  y = _per_example(lambda xp: _taps_sum(xp, taps, stride, out_hw)[0], _pad_hw(x, pad))
+  return y.astype(x.dtype)
+
+
+def _taps_fwd(x, taps, stride, pad, out_hw):
+  return _sum_of_taps(x, taps, stride, pad, out_hw), (x, taps)
+
+
 def _taps_bwd(stride, pad, out_hw, residuals, grad):
   x, taps = residuals
   kh, kw = taps.shape[:2]
-  h, w = x.shape[1:3]
-  g = grad.astype(jnp.float32)
-  dx = _taps_input_grad(g, taps, x.shape, stride, pad)
-  # dtaps[t] = sum over (b, h', w') of window_t(x) * g: per stride phase of x, one variadic
-  # reduce over (b, h') reads x and g once for all of the phase's taps (separate reductions read
-  # them kh * kw times), then a sum over w'. Materialized phases keep the reduce's reads unstrided.
-  xp = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
-  dtaps = {}
-  for r in range(min(stride, kh)):
-    for q in range(min(stride, kw)):
-      phase = xp if stride == 1 else jax.lax.optimization_barrier(xp[:, r::stride, q::stride])
-      tap_list = [(di, dj) for di in range(r, kh, stride) for dj in range(q, kw, stride)]
-      sums = _add_reduce([_window(phase, di // stride, dj // stride, 1, out_hw).astype(jnp.float32)
-                          * g for di, dj in tap_list], (0, 1))
-      dtaps.update(zip(tap_list, sums))
-  dtaps = jnp.stack([dtaps[(di, dj)] for di in range(kh) for dj in range(kw)])
-  dtaps = dtaps.sum(1).reshape(taps.shape)
-  return dx.astype(x.dtype), dtaps.astype(taps.dtype)
+  xp = _pad_hw(x, pad)
+  # Stride phases of x as separate loop operands: unstrided reads in the kernel-gradient reduce.
+  keys = [(r, q) for r in range(min(stride, kh)) for q in range(min(stride, kw))]
+  phases = [xp[:, r::stride, q::stride] for r, q in keys] if stride > 1 else [xp]
+
+  def example(g, *phases):
+    dx = _taps_input_grad(g, taps, (1,) + x.shape[1:], stride, pad)[0]
+    return dx, _taps_kernel_grad(dict(zip(keys, phases)), g, taps.shape, stride)
+
+  dx, dtaps = _per_example(example, grad.astype(jnp.float32), *phases)
+  return dx.astype(x.dtype), dtaps.sum(0).astype(taps.dtype)
 
 
 _sum_of_taps.defvjp(_taps_fwd, _taps_bwd)
@@ -189,6 +222,16 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return jax.lax.platform_dependent(
       x, kernel, cpu=lambda x, k: _pointwise_matmul(x, k, stride),
       default=lambda x, k: _xla_conv(x, k, stride, (0, 0), 1))
+
+
+def materialize_on_cpu(x: jax.Array) -> jax.Array:
+  """x, computed into its own buffer on CPU (an optimization barrier); x itself elsewhere.
+
+  XLA:CPU fuses elementwise producers into every consumer, even when that recomputes them: in a
+  transformer's backward pass it rebuilt each block's residual stream from all earlier branch
+  outputs for every weight gradient, quadratic in depth (half of the text tower's step time).
+  """
+  return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 class Conv(nn.Module):
@@ -286,7 +329,7 @@ class LayerNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
+    xf = materialize_on_cpu(x).astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
