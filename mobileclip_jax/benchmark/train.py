@@ -5,7 +5,7 @@
 Options (all optional; defaults marked CPU / accelerator depend on where JAX runs):
   variants=MobileCLIP2-S0,MobileCLIP2-S4   named variants that open_clip also builds; default
                                            S0,S4 (CPU) / S0,S4,B (accelerator)
-  batch=8                                  global batch sizes; default 8 (CPU) / 128
+  batch=8                                  global batch sizes; default 8 (CPU) / 256
   dtype=float32                            compute dtype, float32 (CPU) / bfloat16: JAX's model
                                            dtype (float32 parameters), torch.autocast in torch
   torch_modes=eager                        eager (CPU) / eager,compile: PyTorch eager and
@@ -85,7 +85,7 @@ DEFAULTS = {  # Per platform kind: what a run measures unless told otherwise.
     'cpu': {'variants': ('MobileCLIP2-S0', 'MobileCLIP2-S4'), 'batch': (8,),
             'dtype': 'float32', 'torch_modes': ('eager',)},
     'accelerator': {'variants': ('MobileCLIP2-S0', 'MobileCLIP2-S4', 'MobileCLIP2-B'),
-                    'batch': (128,), 'dtype': 'bfloat16', 'torch_modes': ('eager', 'compile')},
+                    'batch': (256,), 'dtype': 'bfloat16', 'torch_modes': ('eager', 'compile')},
 }
 DTYPES = ('float32', 'bfloat16')
 TORCH_MODES = ('eager', 'compile')
@@ -647,6 +647,41 @@ def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
   row['load_avg_1m'] = common.machine().get('load_avg_1m')
   row['versions'] = {**jax_r['versions'], **torch_r['versions']}
   return row
+
+
+_SUMMARY_SIDES = (('JAX', 'jax'), ('torch eager', 'torch'), ('torch.compile', 'torch_compile'))
+
+
+def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
+  """A Markdown table of `run` rows: per side examples/s, step seconds and MFU; the ratios."""
+  def cell(row, key, fmt):
+    value = row.get(key)
+    return '–' if value is None else format(value, fmt)
+
+  head = ['variant', 'batch', 'dtype', 'TFLOP/step']
+  for name, _ in _SUMMARY_SIDES:
+    head += [f'{name} ex/s', f'{name} s/step', f'{name} MFU']
+  head += ['JAX/eager time', 'JAX/compile time', 'JAX compile s', 'torch.compile s']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for row in rows:
+    if 'error' in row:
+      lines.append(f"| {row['variant']} | {row['batch']} | {row.get('dtype', '')} | error: "
+                   f"{row['error'].strip().splitlines()[-1][:120]} |")
+      continue
+    flops = row.get('jax_flops_per_step')
+    cells = [row['variant'], str(row['batch']), row['dtype'],
+             '–' if flops is None else f'{flops / 1e12:.3g}']
+    for _, prefix in _SUMMARY_SIDES:
+      if f'{prefix}_error' in row:
+        cells += ['failed', '', '']
+        continue
+      cells += [cell(row, f'{prefix}_examples_per_s', '.4g'), cell(row, f'{prefix}_median_s', '.4g'),
+                cell(row, f'{prefix}_mfu', '.1%')]
+    cells += [cell(row, 'ratio_median', '.3g'), cell(row, 'ratio_vs_compile_median', '.3g'),
+              cell(row, 'jax_compile_s', '.0f'), cell(row, 'torch_compile_compile_s', '.0f')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  devices = sorted({row['jax_device'] for row in rows if 'jax_device' in row})
+  return '\n'.join(lines + ['', f"Device: {', '.join(devices) or 'unknown'}."])
 
 
 def _isolated(function: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
