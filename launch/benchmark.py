@@ -3,6 +3,9 @@
   python launch/benchmark.py models [--option=variants=MobileCLIP2-S0,MobileCLIP2-S4]
   python launch/benchmark.py data
   python launch/benchmark.py train
+  python launch/benchmark.py compile
+  python launch/benchmark.py loss
+  python launch/benchmark.py export   (the exported ONNX / TFLite towers; needs the export extra)
 
 Prints one JSON line per result (and appends them to --out when given). Numbers are only
 comparable within one run: the machine is shared and noisy.
@@ -12,6 +15,7 @@ import json
 from absl import app
 from absl import flags
 
+from mobileclip_jax import cli
 from mobileclip_jax import benchmark
 from mobileclip_jax.benchmark import common
 
@@ -39,4 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -32,6 +32,7 @@ import sys
 from absl import app
 from absl import flags
 
+from mobileclip_jax import cli
 from mobileclip_jax.convert import files
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
@@ -86,4 +87,4 @@ def _to_orbax():
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,16 +10,16 @@ MobileCLIP student with the CLIP loss and with the DR objective, evaluates all f
 DR student to open_clip and checks it there, and prints the results (also in
 <workdir>/results.json, loss curves in <workdir>/loss_curves.png). Rerun to complete an
 interrupted run: finished stages are skipped. Afterwards `python launch/train.py
---config=configs/s4.py:runlocal` trains with the DR objective on the reinforced demo data, and
+--config=configs/mobileclip2.py:s4,runlocal` trains with the DR objective on the reinforced demo
+data, and
 `--config=configs/demo.py:student_dr` (or teacher_a, teacher_b, student_clip) reruns a stage.
 See mobileclip_jax/demo.py.
 """
-import logging
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import demo
 
@@ -32,8 +32,6 @@ _QUICK = flags.DEFINE_bool('quick', False, 'Toy sizes: every stage, in a fractio
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain/TFDS INFO lines drown the log.
-  logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
   compilation_cache.enable()
   settings = demo.quick() if _QUICK.value else demo.DemoSettings()
   workdir = _WORKDIR.value or (demo.QUICK_WORKDIR if _QUICK.value else demo.DEFAULT_WORKDIR)
@@ -41,4 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -17,7 +17,8 @@ Standard evaluations and where they look for data under --data_dir:
 
 Prints a table; with --out, writes JSON (metrics, per-evaluation source, image count and time)
 atomically, and only when every evaluation succeeded. On several hosts run the same command on
-every host with --distributed; host 0 prints and writes.
+every host (--coordinator_address, --num_processes, --process_id outside a cluster that JAX
+detects); host 0 prints and writes.
 """
 import os
 import sys
@@ -28,12 +29,15 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
+from mobileclip_jax import distributed
 from mobileclip_jax import sharding
+from mobileclip_jax import utils
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
 from mobileclip_jax.evaluation import registry
 from mobileclip_jax.evaluation import runner
-from mobileclip_jax.train import loop
+from mobileclip_jax.train import setup
 
 __doc__ = __doc__.format(registry=registry.__doc__.split('\n\n')[1])
 
@@ -51,7 +55,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Global images per batch.'
 _LIMIT = flags.DEFINE_integer('limit', 0, 'Only the first N examples of each dataset (0 = all).')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 8, 'Image-decoding threads per host.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first.')
+distributed.define_flags()
 
 
 def main(argv):
@@ -62,13 +66,12 @@ def main(argv):
     raise app.UsageError(f'--eval is required (some of {sorted(registry.STANDARD_EVALS)}), or '
                          'a --config with evals.')
   compilation_cache.enable()
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  distributed.initialize(distributed.settings_from_flags())
   start = time.time()
   try:
     model, variables = runner.load_model(
         _MODEL.value, _CHECKPOINT.value, _TORCH_CHECKPOINT.value, _STEP.value,
-        model_config=loop.model_config_from(config) if config else None)
+        model_config=setup.model_config(config) if config else None)
     mesh = sharding.create_mesh()
     evaluators = []
     for name in _EVAL.value or ():
@@ -84,7 +87,7 @@ def main(argv):
   if jax.process_index() == 0:
     print(runner.format_table(results['metrics']))
     if _OUT.value:
-      runner.write_json_atomic(_OUT.value, {
+      utils.write_json_atomic(_OUT.value, {
           'model': model.config.name, 'checkpoint': _CHECKPOINT.value or _TORCH_CHECKPOINT.value,
           'step': _STEP.value, 'data_dir': _DATA_DIR.value, 'limit': _LIMIT.value,
           'seconds': round(time.time() - start, 1), **results})
@@ -92,4 +95,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.argv, _ = cli.config_argv(sys.argv)
+  cli.run(main)

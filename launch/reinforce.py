@@ -17,10 +17,10 @@ download (captions from its labels), building the TFDS dataset at the end:
     --build_tfds --name=demo_dr --data_dir=/tmp/tfds
 
 Rerun the same command to resume: finished shards are skipped. On several hosts every host runs
-the same command (with --jax_distributed, or --process_index/--process_count) and takes every
-process_count-th input shard.
+the same command (JAX finds the others on TPU pods, SLURM or Open MPI; elsewhere pass
+--coordinator_address/--num_processes/--process_id, or split the shards without JAX with
+--process_index/--process_count) and takes every process_count-th input shard.
 """
-import json
 import os
 import sys
 
@@ -28,7 +28,9 @@ from absl import app
 from absl import flags
 import jax
 
+from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
+from mobileclip_jax import distributed
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError, ErrorPolicy
@@ -81,8 +83,7 @@ _MAX_CORRUPT = flags.DEFINE_string('max_corrupt', None, "With --policy=skip: the
                                    "to skip, a count ('100') or a fraction ('0.01', '1%').")
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Regenerate every shard, even if --out holds '
                                'a dataset with other settings.')
-_JAX_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False, 'Call '
-                                     'jax.distributed.initialize() (multi-host).')
+distributed.define_flags()
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', None, 'This process (default: JAX\'s).')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Processes (default: JAX\'s).')
 _DEMO_SAMPLES_PER_SHARD = flags.DEFINE_integer('demo_samples_per_shard', 1000,
@@ -102,12 +103,7 @@ _BUILD_WORKERS = flags.DEFINE_integer('build_workers', 1, 'With --build_tfds: pr
 def _augmentation() -> augment.AugmentConfig:
   if _AUGMENTATION.value is None:
     return augment.AugmentConfig(image_size=_GEN_SIZE.value)
-  text = _AUGMENTATION.value
-  if os.path.isfile(text):
-    with open(text, encoding='utf-8') as f:
-      text = f.read()
-  section = json.loads(text)
-  section = section.get('reinforce', {}).get('image_augmentation', section)
+  section = reinforced_tfds.read_reinforce_config(_AUGMENTATION.value)['augmentation']
   section.setdefault('random_resized_crop', {}).setdefault('size', _GEN_SIZE.value)
   config = augment.from_generation_config(section)
   if config.image_size != _GEN_SIZE.value:
@@ -121,8 +117,7 @@ def main(argv):
   if _BUILD_TFDS.value and not _NAME.value:
     sys.exit('--build_tfds needs --name (and --data_dir).')
   compilation_cache.enable()
-  if _JAX_DISTRIBUTED.value:
-    jax.distributed.initialize()
+  distributed.initialize(distributed.settings_from_flags())
   try:
     generation = settings_lib.GenerationConfig(
         k=_K.value, num_syn=_NUM_SYN.value, augmentation=_augmentation(),
@@ -160,4 +155,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

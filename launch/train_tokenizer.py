@@ -14,6 +14,7 @@ import itertools
 from absl import app
 from absl import flags
 
+from mobileclip_jax import cli
 from mobileclip_jax.data import caption_corpus
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

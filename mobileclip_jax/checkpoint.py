@@ -6,17 +6,22 @@ checkpoints; `load_variables` reads them and also the latest (or a given) step o
 run's checkpoints, on any number of devices: arrays come back as host numpy arrays.
 """
 import json
+import logging
 import os
+import time
 from typing import Any, Dict, Optional, Tuple
 
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from mobileclip_jax.models import clip as clip_lib
+
+log = logging.getLogger('mobileclip_jax')
 
 MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
@@ -73,7 +78,8 @@ def load_variables(path: str, step: Optional[int] = None
   """(variables as numpy, ModelConfig) from a model checkpoint or a training run.
 
   `path` is a model checkpoint directory, a training workdir, or its `checkpoints/` directory;
-  for training runs `step` selects a step (default: the latest complete one).
+  for training runs `step` selects a step (default: the latest complete one that reads; a
+  damaged one is named in a warning and skipped). The step read is logged.
   """
   root = _path(path)
   if (root / MODEL_JSON).exists():
@@ -85,13 +91,24 @@ def load_variables(path: str, step: Optional[int] = None
     raise FileNotFoundError(
         f'No checkpoint at {path}: expected a model checkpoint ({MODEL_JSON} + {VARIABLES_DIR}/) '
         f'or a training run with complete steps under {ckpt_dir}.')
-  step = steps[-1] if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise FileNotFoundError(f'Step {step} is not a complete checkpoint in {ckpt_dir}; '
                             f'available: {steps}.')
-  meta = json.loads((ckpt_dir / str(step) / META_ITEM / 'metadata').read_text())
-  config = clip_lib.config_from_dict(meta['model_config'])
-  return _restore_numpy(ckpt_dir / str(step) / STATE_ITEM), config
+  for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+    try:
+      meta = json.loads((ckpt_dir / str(candidate) / META_ITEM / 'metadata').read_text())
+      variables = _restore_numpy(ckpt_dir / str(candidate) / STATE_ITEM)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore raise many kinds)
+      if step is not None:
+        raise ValueError(f'Step {step} of {ckpt_dir} cannot be read ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0][:300]}).') from None
+      log.warning('Checkpoint step %d of %s cannot be read (%s: %s); trying the previous one.',
+                  candidate, ckpt_dir, type(e).__name__, str(e).splitlines()[0][:200])
+      continue
+    log.info('Read step %d of %s%s.', candidate, ckpt_dir,
+             ' (the latest)' if candidate == steps[-1] else '')
+    return variables, clip_lib.config_from_dict(meta['model_config'])
+  raise ValueError(f'No step of {ckpt_dir} can be read ({steps} are all damaged).')
 
 
 DATA_ITER_ITEM = 'data_iter'  # Training checkpoints: the Grain iterator state (one file per process).
@@ -103,8 +120,9 @@ class TrainCheckpointer:
   Saves are asynchronous; every `every_steps` steps, when asked (`force`, e.g. on preemption
   or at the end) and never twice for one step. Keeps the last `keep_last` checkpoints plus
   every `keep_every`-th step. A step directory becomes visible under its final name only when
-  complete, so a run killed mid-save resumes from the last complete step. Restores onto any
-  mesh: the target carries the new shardings.
+  complete, so a run killed mid-save resumes from the last complete step; a complete step whose
+  files were damaged later is set aside (`<checkpoints>_damaged/<step>`, nothing deleted) and the
+  previous one restored. Restores onto any mesh: the target carries the new shardings.
   """
 
   def __init__(self, directory: str, *, every_steps: int, keep_last: int,
@@ -112,13 +130,16 @@ class TrainCheckpointer:
     preservation = [checkpoint_managers.LatestN(keep_last)]
     if keep_every:
       preservation.append(checkpoint_managers.EveryNSteps(keep_every))
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
         save_decision_policy=checkpoint_managers.FixedIntervalPolicy(every_steps),
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(preservation),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
     self.directory = directory
-    self._manager = ocp.CheckpointManager(
-        directory, options=options,
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory, options=self._options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                        META_ITEM: ocp.JsonCheckpointHandler(),
                        DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler()})
@@ -144,8 +165,56 @@ class TrainCheckpointer:
         DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
     return out[STATE_ITEM], out[META_ITEM]
 
+  def restore_newest(self, abstract_state: Any, data_iter: Any) -> Tuple[Any, Optional[int]]:
+    """(state, step) of the newest step that restores, or (None, None) when there is none.
+
+    A step that fails to read is damaged: it is moved aside with a warning naming it (every
+    process agrees, so that all restore the same step), and the previous step is tried.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      error = None
+      try:
+        state, _ = self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-except
+        if _is_mismatch(e):
+          raise
+        error = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+      if not _any_process(error is not None):
+        return state, step
+      self._set_aside(step, error or 'damaged on another process')
+    return None, None
+
+  def _set_aside(self, step: int, error: str) -> None:
+    aside = os.path.join(f'{os.path.normpath(self.directory)}_damaged', str(step))
+    log.warning('Checkpoint step %d in %s cannot be read (%s); it is moved to %s and the previous '
+                'complete step is used.', step, self.directory, error, aside)
+    self._manager.close()
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)),
+                 aside if not os.path.exists(aside) else f'{aside}.{int(time.time())}')
+    _sync('set-aside')
+    self._manager = self._open()
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _is_mismatch(error: Exception) -> bool:
+  """A restore that failed because the target differs (a config change), not the files."""
+  text = str(error)
+  return 'tree structures do not match' in text or 'Requested shape' in text
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

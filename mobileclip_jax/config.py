@@ -1,8 +1,9 @@
 """Training configuration: the defaults of every key, presets, durations and override checking.
 
-Config files in configs/ define `get_config(arg=None)` and start from `base_config()`; `arg` is
-a comma list of presets (`configs/s4.py:runlocal`). Every key exists here with a default, so an
-override of an unknown key (`--config.optim.lrr=1`) fails at start naming the nearest keys.
+Config files in configs/ define `get_config(arg=None)`, start from `base_config()` and set their
+recipe's values; `arg` names a variant and then presets (`configs/mobileclip2.py:s4,runlocal`).
+Every key exists here with a default, so an override of an unknown key (`--config.optim.lrr=1`)
+fails at start naming the nearest keys.
 Optional values are typed placeholders (None until set) so that they can be overridden on the
 command line.
 
@@ -10,18 +11,24 @@ Durations (`schedule.total`, `schedule.warmup`, `checkpoint.every`, ...) are an 
 a string '<number>_steps' | '<number>_epochs' | '<number>_examples' (e.g. '200000_steps',
 '30_epochs', '13e9_examples'); epochs need the dataset size.
 """
-import difflib
+import ast
 import importlib.util
 import math
+import os
 import re
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mobileclip_jax import rules
+from mobileclip_jax import utils
+
 ConfigDict = ml_collections.ConfigDict
 PRESETS = ('runlocal', 'ablation_12m')
 DEMO_DATA_DIR = '~/.cache/mobileclip_jax/demo/tfds'
+# The recipes of a checkout (configs/ beside the package).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
 def base_config() -> ConfigDict:
@@ -47,7 +54,8 @@ def base_config() -> ConfigDict:
       patch_size=placeholder(int), drop_path=placeholder(float)))
   c.model.text = ConfigDict(dict(   # Text tower overrides (None = the variant's value).
       width=placeholder(int), heads=placeholder(int), layers=placeholder(int),
-      context_length=placeholder(int), vocab_size=placeholder(int), causal=placeholder(bool),
+      mlp_ratio=placeholder(float), context_length=placeholder(int), vocab_size=placeholder(int),
+      causal=placeholder(bool),
       layer_scale_init=placeholder(float), hybrid_norm=placeholder(bool)))
 
   c.data = ConfigDict(dict(
@@ -60,14 +68,21 @@ def base_config() -> ConfigDict:
       prefetch=2,
       error_policy='skip',       # 'skip' (counted, within max_corrupt) | 'fail'
       max_corrupt='0.001',       # Skip budget: a count ('100') or a fraction ('0.001', '0.1%').
+      build_hint=placeholder(str),  # How to build the dataset, told when it is not built.
   ))
   c.batch_size = 65536           # Global batch (all hosts).
   c.accum_steps = 1              # Micro-batches per step (embeddings gathered across them).
 
   c.schedule = ConfigDict(dict(total='200000_steps', warmup='1000_steps', kind='cosine',
                                constant='0_steps'))  # 'cosine' | 'constant_cosine' (B-LT).
-  c.optim = ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.95, eps=placeholder(float), weight_decay=0.2,
-                            grad_clip=1.0))
+  c.optim = ConfigDict(dict(
+      lr=1e-3, b1=0.9, b2=0.95, eps=placeholder(float), weight_decay=0.2, grad_clip=1.0,
+      # Ordered (regex, value) rules over '/'-joined parameter paths, first match wins (rules.py).
+      # A learning-rate or freeze rule that matches no parameter is an error (a typo).
+      wd_rules=rules.DEFAULT_WD_RULES,  # Weight-decay multiplier (open_clip's set by default).
+      lr_rules=(),                      # Learning-rate multiplier (default 1).
+      freeze=(),                        # Regexes of parameters that are not trained.
+  ))
 
   c.loss = ConfigDict(dict(
       kind='softmax',            # 'softmax' (CLIP) | 'sigmoid' (SigLIP) contrastive loss.
@@ -79,10 +94,13 @@ def base_config() -> ConfigDict:
       average='probs',           # 'probs' (average after softmax) | 'logits'
       student_scale=placeholder(float),
       objective='auto',          # 'auto' (DR on reinforced data, CLIP on plain) | 'clip' | 'dr'
+      block_size=1024,           # Columns per block of the streamed loss (memory per device
+                                 # O(local batch x block)); 0 = whole [local, global] logits.
   ))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1))
-  c.sharding = ConfigDict(dict(min_fsdp_size=2 ** 14))
+  # rules: (regex, 'fsdp' | 'replicate' | per-dimension mesh axes) over state paths (sharding.py).
+  c.sharding = ConfigDict(dict(min_fsdp_size=2 ** 14, rules=()))
 
   c.checkpoint = ConfigDict(dict(every='2000_steps', keep_last=3, keep_every=placeholder(str),
                                  async_save=True))
@@ -96,8 +114,9 @@ def base_config() -> ConfigDict:
 
 def runlocal(c: ConfigDict) -> ConfigDict:
   """Shrinks batch, steps and data to the demo world, keeping the architecture: a CPU smoke run."""
-  c.data.name = 'demo_world_reinforced'   # Falls back to 'demo_world' (plain) if not built.
+  c.data.name = 'demo_world_reinforced'
   c.data.data_dir = DEMO_DATA_DIR
+  c.data.build_hint = 'python launch/demo.py (it builds the demo world and its reinforced data).'
   c.data.syn_key_regex = base_config().data.syn_key_regex  # Recipes name DataCompDR's keys.
   # Batch 8 at 128 px: an S4 step (full architecture) then needs ~4 GB instead of ~26 at 16 x 256.
   c.model.image_size = 128
@@ -109,13 +128,33 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   return c
 
 
-def apply_presets(c: ConfigDict, arg: Optional[str]) -> ConfigDict:
-  """Applies the comma-separated presets in `arg` (e.g. 'runlocal')."""
-  for preset in [p for p in (arg or '').split(',') if p]:
+def ablation_12m(c: ConfigDict) -> ConfigDict:
+  """The 12M-scale ablation schedule: DataCompDR-12M, batch 8,192, 30k steps (246M samples)."""
+  c.data.name = 'datacompdr_12m'
+  c.batch_size = 8192
+  c.schedule.total = '30000_steps'
+  return c
+
+
+def apply_presets(c: ConfigDict, presets: Union[str, Sequence[str], None]) -> ConfigDict:
+  """Applies presets in order: a comma-separated string ('runlocal') or a list."""
+  if isinstance(presets, str) or presets is None:
+    presets = [p for p in (presets or '').split(',') if p]
+  for preset in presets:
     if preset not in PRESETS:
       raise ValueError(f'Unknown config preset {preset!r}; presets: {", ".join(PRESETS)}.')
     c = {'runlocal': runlocal, 'ablation_12m': ablation_12m}[preset](c)
   return c
+
+
+def parse_arg(arg: Optional[str], variants: Sequence[str], path: str) -> Tuple[str, List[str]]:
+  """'s4,runlocal' -> ('s4', ['runlocal']): a config file's variant, then its presets."""
+  parts = [p for p in (arg or '').split(',') if p]
+  if not parts or parts[0] not in variants:
+    got = f'{parts[0]!r}' if parts else 'none'
+    raise ValueError(f'{path} needs a variant first, one of {", ".join(variants)} (e.g. '
+                     f'{path}:{next(iter(variants))}); got {got}.')
+  return parts[0], parts[1:]
 
 
 _DURATION = re.compile(r'^\s*([0-9.eE+_]+)\s*_(steps|epochs|examples)\s*$')
@@ -151,15 +190,69 @@ def flat_keys(c: ConfigDict, prefix: str = '') -> List[str]:
   return keys
 
 
+def _load_module(path: str):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Config file {path!r} not found (configs are in {CONFIGS_DIR}).')
+  module_spec = importlib.util.spec_from_file_location('_mobileclip_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(spec: str) -> ConfigDict:
   """`path.py[:arg]` -> the file's get_config(arg)."""
   path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_mobileclip_config', path)
-  if module_spec is None:
-    raise FileNotFoundError(f'Config file {path!r} not found.')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return _load_module(path).get_config(arg or None)
+
+
+def recipe_specs() -> Dict[str, str]:
+  """{model name: 'CONFIGS_DIR/<family>.py:<variant>'} of the released recipes (configs/)."""
+  specs = {}
+  for family in ('mobileclip2.py', 'mobileclip.py'):
+    path = os.path.join(CONFIGS_DIR, family)
+    for variant, name in _load_module(path).VARIANTS.items():
+      specs.setdefault(name, f'{path}:{variant}')
+  return specs
+
+
+_EVAL_OVERRIDE = re.compile(r'^--(?P<flag>\w+)\.evals\.(?P<name>\w+)(\.(?P<field>\w+))?=(?P<value>.*)$',
+                            re.S)
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def pop_eval_overrides(argv: Sequence[str], flag: str = 'config'
+                       ) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:
+  """Takes the evaluator overrides out of `argv`: (the other args, {name: entry}).
+
+  `--config.evals.NAME=SOURCE` adds an evaluator of a standard evaluation (e.g. 'demo',
+  'imagenet'); `--config.evals.NAME.FIELD=VALUE` sets one field of its entry (see
+  mobileclip_jax/evaluation/evaluator.py). ml_collections cannot add keys to a config from the
+  command line, so launchers pass these to `add_evals` after parsing.
+  """
+  rest, entries = [], {}
+  for arg in argv:
+    m = _EVAL_OVERRIDE.match(arg)
+    if not m or m.group('flag') != flag:
+      rest.append(arg)
+      continue
+    entry = entries.setdefault(m.group('name'), {})
+    entry[m.group('field') or 'source'] = _literal(m.group('value'))
+  return rest, entries
+
+
+def add_evals(c: ConfigDict, entries: Dict[str, Dict[str, Any]]) -> ConfigDict:
+  """The config with `entries` merged into `c.evals` (new evaluators, or fields of existing ones)."""
+  with c.unlocked():
+    for name, entry in entries.items():
+      old = c.evals[name].to_dict() if name in c.evals else {}
+      c.evals[name] = ConfigDict({**old, **entry})
+  return c
 
 
 def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
@@ -168,16 +261,13 @@ def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
   if spec is None:
     return
   valid = flat_keys(load_config_file(spec))
-  evals_prefix = 'evals.'  # Evaluator entries are free-form (named by the user).
   for arg in argv:
     if not arg.startswith(f'--{flag}.'):
       continue
     key = arg[len(flag) + 3:].split('=', 1)[0]
-    if key in valid or key.startswith(evals_prefix):
-      continue
-    nearest = difflib.get_close_matches(key, valid, n=3, cutoff=0.4)
-    hint = f' Nearest valid keys: {", ".join(nearest)}.' if nearest else ''
-    raise SystemExit(f'Unknown config key {key!r} in {arg!r}.{hint}')
+    if key not in valid:
+      raise SystemExit(f'Unknown config key {key!r} in {arg!r}.'
+                       f'{utils.did_you_mean(key, valid, cutoff=0.4)}')
 
 
 def overridden(c: ConfigDict) -> dict:
@@ -194,41 +284,3 @@ def as_tuple(value: Union[Sequence[float], str, float, None]) -> Optional[tuple]
   if isinstance(value, Iterable):
     return tuple(float(x) for x in value)
   return (float(value),)
-
-
-def mobileclip2_recipe(model_name: str) -> ConfigDict:
-  """MobileCLIP2's released recipe (DFNDR-2B; Apple's run_dfndr2b.sh and its model configs).
-
-  Global batch 65,536 for 200k steps (13.1B seen samples), AdamW lr 1e-3, beta2 0.95, wd 0.2,
-  1k warmup steps then cosine, clip 1.0; pure distillation (lambda = 1) from two DFN2B ViT-L/14
-  teachers with logit scales 70 and 60, averaged after softmax.
-  """
-  c = base_config()
-  c.model.name = model_name
-  c.data.name = 'dfndr_2b'
-  c.data.syn_key_regex = '^syn_text_dfn_mscoco38k$'
-  c.loss.teacher_scales = (70.0, 60.0)
-  c.loss.clip_weight, c.loss.distill_weight = 0.0, 1.0
-  return c
-
-
-def mobileclip_v1_recipe(model_name: str) -> ConfigDict:
-  """MobileCLIP (v1) on DataCompDR-1B: OpenAI + DataComp-XL ViT-L/14 teachers at scale 100.
-
-  lambda = 1 for the S variants and 0.75 for B (Apple's run_datacompdr1b.sh).
-  """
-  c = base_config()
-  c.model.name = model_name
-  c.data.name = 'datacompdr_1b'
-  c.loss.teacher_scales = (100.0, 100.0)
-  lam = 0.75 if model_name.endswith('-B') else 1.0
-  c.loss.clip_weight, c.loss.distill_weight = 1.0 - lam, lam
-  return c
-
-
-def ablation_12m(c: ConfigDict) -> ConfigDict:
-  """The 12M-scale ablation schedule: DataCompDR-12M, batch 8,192, 30k steps (246M samples)."""
-  c.data.name = 'datacompdr_12m'
-  c.batch_size = 8192
-  c.schedule.total = '30000_steps'
-  return c

@@ -43,7 +43,9 @@ import numpy as np
 from mobileclip_jax import checkpoint as checkpoint_lib
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import sharding
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import demo_dataset
 from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import reinforced_tfds
@@ -242,7 +244,7 @@ def train_config(role: str, settings: DemoSettings, data_dir: str) -> ml_collect
 
 
 def _write_json(path: str, value: Any) -> None:
-  runner.write_json_atomic(path, value)
+  utils.write_json_atomic(path, value)
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -301,7 +303,7 @@ def build_data(settings: DemoSettings, data_dir: str) -> None:
     shards = demo_world.write_split(
         os.path.join(data_dir, f'{TEACHERS_NAME}.tars'), 'train', settings.teacher_samples,
         settings.render_size, settings.samples_per_shard, settings.seed, world)
-    reinforced_tfds.build_dataset(shards, TEACHERS_NAME, data_dir, kind='plain',
+    dataset_build.build_dataset(shards, TEACHERS_NAME, data_dir, kind='plain',
                                   overwrite=True, progress=False)
   _check_size(TEACHERS_NAME, data_dir, settings.teacher_samples)
 

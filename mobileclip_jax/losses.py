@@ -35,6 +35,11 @@ Design points:
   psum-reduced to the global mean. This is open_clip's `--local-loss --gather-with-grad`; the
   all-gather is differentiable (its transpose is a reduce-scatter), so the gradients are the ones of
   the single-device loss.
+- `LossConfig.block_size` > 0 (the default) streams the columns instead (`streamed_loss.py`):
+  blocks of columns with an online log-sum-exp and a custom VJP that recomputes them, and under a
+  mesh each device's columns passed around a ring of devices rather than all-gathered, so a
+  device holds [B_local, block_size] tiles, never [B_local, B_global]. block_size=0 keeps the form
+  above, the reference the streamed loss is tested against.
 - `average='logits'` averages the teachers' logits tau_k u^k . v^k before one softmax (sigmoid).
   Apple's code, with averaging after softmax switched off, applies one scale tau to the dot product
   of the concatenated vectors, i.e. tau * sum_k u^k . v^k: that is `average='logits'` with
@@ -47,30 +52,24 @@ from typing import Mapping
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
+
+from mobileclip_jax import keys
+from mobileclip_jax import streamed_loss
+from mobileclip_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 
-# The mesh axes the batch is split over (see sharding.py and DESIGN.md).
-BATCH_AXES = ('data', 'fsdp')
 # open_clip clamps the learned logit scale to log(100) (`logit_scale.clamp_(0, math.log(100))`).
 MAX_LOGIT_SCALE = 100.0
-# F.normalize's eps: a zero vector stays zero instead of becoming NaN.
-_NORM_EPS = 1e-12
 
-# Keys of the `embeddings` mapping of `dr_loss`.
-IMAGE = 'image_emb'
-TEXT = 'text_emb'
-SYN_TEXT = 'syn_text_emb'
-TEACHER_IMAGE = 'teacher_image_emb'
-TEACHER_TEXT = 'teacher_text_emb'
-TEACHER_SYN_TEXT = 'teacher_syn_text_emb'
-LOGIT_SCALE = 'logit_scale'
-LOGIT_BIAS = 'logit_bias'
-_BATCH_KEYS = (IMAGE, TEXT, SYN_TEXT, TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SYN_TEXT)
-_PARAM_KEYS = (LOGIT_SCALE, LOGIT_BIAS)
+# The `embeddings` mapping of `dr_loss` (names in mobileclip_jax/keys.py).
+_BATCH_KEYS = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB) + keys.TEACHERS
+_PARAM_KEYS = (keys.LOGIT_SCALE, keys.LOGIT_BIAS)
 # Caption kind -> (student text key, teacher text key).
-_CAPTION_KINDS = {'gt': (TEXT, TEACHER_TEXT), 'syn': (SYN_TEXT, TEACHER_SYN_TEXT)}
+_CAPTION_KINDS = {'gt': (keys.TEXT_EMB, keys.TEACHER_TEXT),
+                  'syn': (keys.SYN_TEXT_EMB, keys.TEACHER_SYN_TEXT)}
+# Columns per block of the streamed loss: [8192, 1024] fp32 tiles at 65,536 on 8 devices.
+DEFAULT_BLOCK_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +90,9 @@ class LossConfig:
       per-teacher logits before a single softmax (sigmoid).
     student_scale: when set, the distillation term uses this fixed student logit scale instead of
       the learned one (decoupled temperatures); the contrastive term always uses the learned one.
+    block_size: columns per block of the streamed loss (`streamed_loss.py`: memory O(rows x
+      block_size) per device, columns passed around the devices in a ring); 0 builds the whole
+      [rows, batch] matrices with all-gathered columns (the reference form).
   """
   kind: str = 'softmax'
   clip_weight: float = 0.0
@@ -102,6 +104,7 @@ class LossConfig:
   teacher_biases: tuple[float, ...] | None = None
   average: str = 'probs'
   student_scale: float | None = None
+  block_size: int = DEFAULT_BLOCK_SIZE
 
   def __post_init__(self):
     # Config overrides arrive as lists; tuples keep the config hashable (a static jit argument).
@@ -132,121 +135,9 @@ class LossConfig:
                          f'per teacher of teacher_dims {self.teacher_dims}.')
     if self.student_scale is not None and self.student_scale <= 0:
       raise ValueError(f'LossConfig.student_scale must be > 0 or None, got {self.student_scale}.')
-
-
-def clip_loss(image_emb: Array, text_emb: Array, logit_scale: Array | float, *,
-              mesh: jax.sharding.Mesh | None = None,
-              batch_axes: tuple[str, ...] = BATCH_AXES) -> Array:
-  """Symmetric InfoNCE (open_clip `ClipLoss`).
-
-  Args:
-    image_emb: [B, E] student image embeddings, any float dtype, not normalized.
-    text_emb: [B, E] student text embeddings of the paired captions.
-    logit_scale: [] learned log logit scale; the scale is exp(min(logit_scale, log 100)).
-    mesh: when given, the batch is split over `batch_axes` of this mesh (see the module doc).
-    batch_axes: mesh axes the batch dimension is sharded over.
-
-  Returns:
-    [] float32 loss, the mean over rows of both directions' cross-entropies, halved.
-  """
-  config = LossConfig(kind='softmax', clip_weight=1.0, distill_weight=0.0)
-  _, metrics = _objective({IMAGE: image_emb, TEXT: text_emb}, {LOGIT_SCALE: logit_scale}, config,
-                          mesh, batch_axes)
-  return metrics['gt/clip']
-
-
-def distill_loss(image_emb: Array, text_emb: Array, teacher_image_emb: Array,
-                 teacher_text_emb: Array, logit_scale: Array | float,
-                 teacher_scales: tuple[float, ...], teacher_dims: tuple[int, ...], *,
-                 average: str = 'probs', student_scale: float | None = None,
-                 mesh: jax.sharding.Mesh | None = None,
-                 batch_axes: tuple[str, ...] = BATCH_AXES) -> Array:
-  """Distillation from a teacher ensemble (Apple's `DistillClipLoss`, distill term).
-
-  Args:
-    image_emb: [B, E] student image embeddings, not normalized.
-    text_emb: [B, E] student text embeddings.
-    teacher_image_emb: [B, sum(teacher_dims)] concatenated per-teacher image embeddings.
-    teacher_text_emb: [B, sum(teacher_dims)] concatenated per-teacher text embeddings.
-    logit_scale: [] learned log logit scale of the student.
-    teacher_scales: K teacher logit scales tau_k (not logs).
-    teacher_dims: K teacher embedding widths.
-    average: 'probs' (average after softmax) or 'logits' (see `LossConfig`).
-    student_scale: fixed student scale for this term instead of the learned one.
-    mesh: when given, the batch is split over `batch_axes` of this mesh.
-    batch_axes: mesh axes the batch dimension is sharded over.
-
-  Returns:
-    [] float32 loss: half the sum over directions of the row-mean soft cross-entropy.
-  """
-  config = LossConfig(kind='softmax', clip_weight=0.0, distill_weight=1.0,
-                      teacher_scales=teacher_scales, teacher_dims=teacher_dims, average=average,
-                      student_scale=student_scale)
-  embeddings = {IMAGE: image_emb, TEXT: text_emb, TEACHER_IMAGE: teacher_image_emb,
-                TEACHER_TEXT: teacher_text_emb}
-  _, metrics = _objective(embeddings, {LOGIT_SCALE: logit_scale}, config, mesh, batch_axes)
-  return metrics['gt/distill']
-
-
-def siglip_loss(image_emb: Array, text_emb: Array, logit_scale: Array | float,
-                logit_bias: Array | float, *, mesh: jax.sharding.Mesh | None = None,
-                batch_axes: tuple[str, ...] = BATCH_AXES) -> Array:
-  """Sigmoid contrastive loss (open_clip `SigLipLoss`, big_vision SigLIP).
-
-  Args:
-    image_emb: [B, E] student image embeddings, not normalized.
-    text_emb: [B, E] student text embeddings.
-    logit_scale: [] learned log logit scale t (clamped at log 100 like the softmax loss).
-    logit_bias: [] learned logit bias b.
-    mesh: when given, the batch is split over `batch_axes` of this mesh.
-    batch_axes: mesh axes the batch dimension is sharded over.
-
-  Returns:
-    [] float32 loss: -log sigmoid(y_ij (t u_i.v_j + b)) summed over columns, mean over rows.
-  """
-  config = LossConfig(kind='sigmoid', clip_weight=1.0, distill_weight=0.0)
-  params = {LOGIT_SCALE: logit_scale, LOGIT_BIAS: logit_bias}
-  _, metrics = _objective({IMAGE: image_emb, TEXT: text_emb}, params, config, mesh, batch_axes)
-  return metrics['gt/clip']
-
-
-def siglip_distill_loss(image_emb: Array, text_emb: Array, teacher_image_emb: Array,
-                        teacher_text_emb: Array, logit_scale: Array | float,
-                        logit_bias: Array | float, teacher_scales: tuple[float, ...],
-                        teacher_dims: tuple[int, ...],
-                        teacher_biases: tuple[float, ...] | None = None, *,
-                        average: str = 'probs', student_scale: float | None = None,
-                        mesh: jax.sharding.Mesh | None = None,
-                        batch_axes: tuple[str, ...] = BATCH_AXES) -> Array:
-  """Sigmoid distillation from a teacher ensemble (Apple's `DistillSigLipLoss`, distill term).
-
-  Args:
-    image_emb: [B, E] student image embeddings, not normalized.
-    text_emb: [B, E] student text embeddings.
-    teacher_image_emb: [B, sum(teacher_dims)] concatenated per-teacher image embeddings.
-    teacher_text_emb: [B, sum(teacher_dims)] concatenated per-teacher text embeddings.
-    logit_scale: [] learned log logit scale of the student.
-    logit_bias: [] learned logit bias of the student.
-    teacher_scales: K teacher logit scales tau_k (not logs).
-    teacher_dims: K teacher embedding widths.
-    teacher_biases: K teacher logit biases b_k; None means zeros (Apple's default).
-    average: 'probs' (average the sigmoids) or 'logits' (sigmoid of the averaged logits).
-    student_scale: fixed student scale for this term instead of the learned one.
-    mesh: when given, the batch is split over `batch_axes` of this mesh.
-    batch_axes: mesh axes the batch dimension is sharded over.
-
-  Returns:
-    [] float32 loss: -log sigmoid((2 P_ij - 1) z_ij) summed over columns, mean over rows, with P
-    the teacher ensemble's sigmoid probabilities and z the student logits.
-  """
-  config = LossConfig(kind='sigmoid', clip_weight=0.0, distill_weight=1.0,
-                      teacher_scales=teacher_scales, teacher_dims=teacher_dims,
-                      teacher_biases=teacher_biases, average=average, student_scale=student_scale)
-  embeddings = {IMAGE: image_emb, TEXT: text_emb, TEACHER_IMAGE: teacher_image_emb,
-                TEACHER_TEXT: teacher_text_emb}
-  params = {LOGIT_SCALE: logit_scale, LOGIT_BIAS: logit_bias}
-  _, metrics = _objective(embeddings, params, config, mesh, batch_axes)
-  return metrics['gt/distill']
+    if int(self.block_size) != self.block_size or self.block_size < 0:
+      raise ValueError('LossConfig.block_size must be an integer >= 0 (0: the unstreamed loss), '
+                       f'got {self.block_size}.')
 
 
 def dr_loss(embeddings: Mapping[str, Array | float | None], config: LossConfig, *,
@@ -279,7 +170,8 @@ def dr_loss(embeddings: Mapping[str, Array | float | None], config: LossConfig, 
   if unknown:
     raise ValueError(f'dr_loss got unknown embedding keys {unknown}; '
                      f'expected some of {_BATCH_KEYS + _PARAM_KEYS}.')
-  for key in (IMAGE, TEXT, LOGIT_SCALE) + ((LOGIT_BIAS,) if config.kind == 'sigmoid' else ()):
+  needed = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.LOGIT_SCALE)
+  for key in needed + ((keys.LOGIT_BIAS,) if config.kind == 'sigmoid' else ()):
     if key not in embeddings:
       raise ValueError(f"dr_loss needs '{key}' (kind {config.kind!r}); got keys "
                        f'{sorted(embeddings)}.')
@@ -293,14 +185,15 @@ def _objective(batch: dict[str, Array], params: dict[str, Array | float], config
                batch_axes: tuple[str, ...]) -> tuple[Array, dict[str, Array]]:
   """Validates the inputs, reduces the per-row terms to global means and weights them."""
   kinds = _check_batch(batch, config)
-  params = {k: jnp.asarray(v, _compute_dtype(jnp.result_type(v))) for k, v in params.items()}
+  params = {k: jnp.asarray(v, streamed_loss.compute_dtype(jnp.result_type(v)))
+            for k, v in params.items()}
   means = _mean_over_rows(batch, params, config, mesh, batch_axes)
-  has_teacher = TEACHER_IMAGE in batch
+  has_teacher = keys.TEACHER_IMAGE in batch
   # SigLIP sums over all pairs, so one direction (image rows) holds the whole loss.
   loss_directions = ('i2t', 't2i') if config.kind == 'softmax' else ('i2t',)
-  metrics = {'scale': _student_scale(params[LOGIT_SCALE])}
+  metrics = {'scale': _student_scale(params[keys.LOGIT_SCALE])}
   if config.kind == 'sigmoid':
-    metrics['bias'] = params[LOGIT_BIAS]
+    metrics['bias'] = params[keys.LOGIT_BIAS]
   kind_weights = {'gt': config.gt_weight, 'syn': config.syn_weight}
   total = 0.0
   for kind in kinds:
@@ -322,28 +215,29 @@ def _objective(batch: dict[str, Array], params: dict[str, Array | float], config
 
 def _check_batch(batch: dict[str, Array], config: LossConfig) -> tuple[str, ...]:
   """Checks shapes and key combinations; returns the caption kinds present."""
-  kinds = ('gt', 'syn') if SYN_TEXT in batch else ('gt',)
-  has_teacher = TEACHER_IMAGE in batch
+  kinds = ('gt', 'syn') if keys.SYN_TEXT_EMB in batch else ('gt',)
+  has_teacher = keys.TEACHER_IMAGE in batch
   for kind in kinds:
     teacher_key = _CAPTION_KINDS[kind][1]
     if (teacher_key in batch) != has_teacher:
       raise ValueError(
           f"Teacher embeddings must come for the image and every caption kind or not at all: got "
-          f"'{TEACHER_IMAGE}' {'present' if has_teacher else 'absent'} but '{teacher_key}' "
+          f"'{keys.TEACHER_IMAGE}' {'present' if has_teacher else 'absent'} but '{teacher_key}' "
           f"{'present' if teacher_key in batch else 'absent'}.")
-  if TEACHER_SYN_TEXT in batch and SYN_TEXT not in batch:
-    raise ValueError(f"Got '{TEACHER_SYN_TEXT}' without '{SYN_TEXT}': pass the student's synthetic "
-                     'caption embeddings too, or drop the teacher ones.')
+  if keys.TEACHER_SYN_TEXT in batch and keys.SYN_TEXT_EMB not in batch:
+    raise ValueError(f"Got '{keys.TEACHER_SYN_TEXT}' without '{keys.SYN_TEXT_EMB}': pass the "
+                     "student's synthetic caption embeddings too, or drop the teacher ones.")
   for key, value in batch.items():
-    if value.ndim != 2 or value.shape[0] != batch[IMAGE].shape[0]:
-      raise ValueError(f"'{key}' must be [B, D] with B = {batch[IMAGE].shape[0]} (the image batch);"
-                       f' got shape {value.shape}.')
-  for key in (TEXT, SYN_TEXT):
-    if key in batch and batch[key].shape[1] != batch[IMAGE].shape[1]:
-      raise ValueError(f"'{key}' width {batch[key].shape[1]} differs from '{IMAGE}' width "
-                       f'{batch[IMAGE].shape[1]}: the student towers must project to one space.')
+    if value.ndim != 2 or value.shape[0] != batch[keys.IMAGE_EMB].shape[0]:
+      raise ValueError(f"'{key}' must be [B, D] with B = {batch[keys.IMAGE_EMB].shape[0]} (the "
+                       f'image batch); got shape {value.shape}.')
+  for key in (keys.TEXT_EMB, keys.SYN_TEXT_EMB):
+    if key in batch and batch[key].shape[1] != batch[keys.IMAGE_EMB].shape[1]:
+      raise ValueError(f"'{key}' width {batch[key].shape[1]} differs from '{keys.IMAGE_EMB}' width "
+                       f'{batch[keys.IMAGE_EMB].shape[1]}: the student towers must project to one '
+                       'space.')
   width = sum(config.teacher_dims)
-  for key in (TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SYN_TEXT):
+  for key in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT):
     if key in batch and batch[key].shape[1] != width:
       raise ValueError(f"'{key}' has width {batch[key].shape[1]} but teacher_dims "
                        f'{config.teacher_dims} sum to {width}: set teacher_dims to the widths of '
@@ -355,7 +249,7 @@ def _mean_over_rows(batch: dict[str, Array], params: dict[str, Array], config: L
                     mesh: jax.sharding.Mesh | None,
                     batch_axes: tuple[str, ...]) -> dict[str, Array]:
   """Global row means of every per-row term, on one device or over the mesh's batch axes."""
-  global_batch = batch[IMAGE].shape[0]
+  global_batch = batch[keys.IMAGE_EMB].shape[0]
   if mesh is None:
     sums = _row_sums(batch, batch, params, 0, config)
     return {k: v / global_batch for k, v in sums.items()}
@@ -369,10 +263,15 @@ def _mean_over_rows(batch: dict[str, Array], params: dict[str, Array], config: L
                      f'devices of mesh axes {batch_axes}: use a multiple of {num_shards}.')
 
   def local(rows, params):
-    # Columns stay in their input dtype for the gather (half the traffic for bf16 embeddings).
-    cols = {k: lax.all_gather(v, batch_axes, axis=0, tiled=True) for k, v in rows.items()}
-    offset = lax.axis_index(batch_axes) * rows[IMAGE].shape[0]
-    sums = _row_sums(rows, cols, params, offset, config)
+    if config.block_size:
+      # Streamed: this device's own columns travel around the ring of batch devices.
+      ring = streamed_loss.Ring.of(mesh, tuple(batch_axes))
+      sums = _row_sums(rows, rows, params, None, config, ring)
+    else:
+      # Columns stay in their input dtype for the gather (half the traffic for bf16 embeddings).
+      cols = {k: lax.all_gather(v, batch_axes, axis=0, tiled=True) for k, v in rows.items()}
+      offset = lax.axis_index(batch_axes) * rows[keys.IMAGE_EMB].shape[0]
+      sums = _row_sums(rows, cols, params, offset, config)
     return {k: lax.psum(v, batch_axes) / global_batch for k, v in sums.items()}
 
   spec = jax.sharding.PartitionSpec(batch_axes)
@@ -381,39 +280,52 @@ def _mean_over_rows(batch: dict[str, Array], params: dict[str, Array], config: L
 
 
 def _row_sums(rows: dict[str, Array], cols: dict[str, Array], params: dict[str, Array],
-              offset: Array | int, config: LossConfig) -> dict[str, Array]:
-  """Sums over `rows` of each term, every row against all `cols`.
+              offset: Array | int | None, config: LossConfig,
+              ring: streamed_loss.Ring | None = None) -> dict[str, Array]:
+  """Sums over `rows` of each term, every row against all columns.
 
   Args:
     rows: [R, D] arrays by key, rows offset..offset+R-1 of the global batch.
-    cols: [C, D] arrays by key, the whole global batch (the same dict as rows on one device).
+    cols: [C, D] arrays by key, the whole global batch (the same dict as rows on one device);
+      with a `ring`, this device's own columns (the same dict as rows).
     params: 'logit_scale' and, for 'sigmoid', 'logit_bias', [] each.
-    offset: the global index of the first row; row r's positive is column offset + r.
-    config: the objective.
+    offset: the global index of the first row; row r's positive is column offset + r (the
+      streamed loss takes it from the ring).
+    config: the objective; block_size > 0 streams the columns (`streamed_loss.py`).
+    ring: the batch devices the streamed loss passes the columns around, under shard_map.
 
   Returns:
     '<kind>/<term>_<direction>' -> [] sum over the rows, for terms clip, distill, agreement.
   """
-  scale = _student_scale(params[LOGIT_SCALE])
-  bias = params[LOGIT_BIAS] if config.kind == 'sigmoid' else 0.0
-  has_teacher = TEACHER_IMAGE in rows
-  unit = {k: (_unit(rows[k]), _unit(cols[k])) for k in (IMAGE, TEXT, SYN_TEXT) if k in rows}
-  teacher_unit = {}
-  for k in (TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SYN_TEXT):
-    if k in rows:
-      # Teacher embeddings are data: no gradient flows into them.
-      teacher_unit[k] = (_unit_slices(lax.stop_gradient(rows[k]), config.teacher_dims),
-                         _unit_slices(lax.stop_gradient(cols[k]), config.teacher_dims))
+  scale = _student_scale(params[keys.LOGIT_SCALE])
+  bias = params[keys.LOGIT_BIAS] if config.kind == 'sigmoid' else 0.0
+  has_teacher = keys.TEACHER_IMAGE in rows
+
+  def both(f):
+    """(f(rows), f(cols)), computed once when the columns are the rows."""
+    of_rows = f(rows)
+    return (of_rows, of_rows) if cols is rows else (of_rows, f(cols))
+
+  def teacher(x):
+    # Teacher embeddings are data: no gradient flows into them. The streamed loss normalizes each
+    # block as it scores it, so the columns travel in their stored dtype (fp16: half the bytes).
+    x = lax.stop_gradient(x)
+    return x if config.block_size else streamed_loss.unit_slices(x, config.teacher_dims)
+
+  unit = {k: both(lambda x, k=k: streamed_loss.unit(x[k]))
+          for k in (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB) if k in rows}
+  teachers = {k: both(lambda x, k=k: teacher(x[k]))
+                  for k in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT) if k in rows}
   sums = {}
   for kind, (text_key, teacher_text_key) in _CAPTION_KINDS.items():
     if text_key not in rows:
       continue
-    image_rows, image_cols = unit[IMAGE]
+    image_rows, image_cols = unit[keys.IMAGE_EMB]
     text_rows, text_cols = unit[text_key]
     teacher_image_rows = teacher_text_rows = teacher_image_cols = teacher_text_cols = None
     if has_teacher:
-      teacher_image_rows, teacher_image_cols = teacher_unit[TEACHER_IMAGE]
-      teacher_text_rows, teacher_text_cols = teacher_unit[teacher_text_key]
+      teacher_image_rows, teacher_image_cols = teachers[keys.TEACHER_IMAGE]
+      teacher_text_rows, teacher_text_cols = teachers[teacher_text_key]
     directions = {
         'i2t': (image_rows, text_cols, teacher_image_rows, teacher_text_cols),
         't2i': (text_rows, image_cols, teacher_text_rows, teacher_image_cols),
@@ -421,8 +333,12 @@ def _row_sums(rows: dict[str, Array], cols: dict[str, Array], params: dict[str, 
     for direction, (a_rows, b_cols, teacher_rows, teacher_cols) in directions.items():
       # The sigmoid loss is complete with image rows; text rows only give the agreement metric.
       losses = config.kind == 'softmax' or direction == 'i2t'
-      terms = _direction_row_sums(a_rows, b_cols, teacher_rows, teacher_cols, scale, bias, offset,
-                                  config, losses)
+      if config.block_size:
+        terms = streamed_loss.direction_row_sums(a_rows, b_cols, teacher_rows, teacher_cols, scale,
+                                                 bias, config, losses, ring)
+      else:
+        terms = _direction_row_sums(a_rows, b_cols, teacher_rows, teacher_cols, scale, bias,
+                                    offset, config, losses)
       sums.update({f'{kind}/{name}_{direction}': value for name, value in terms.items()})
   return sums
 
@@ -448,7 +364,7 @@ def _direction_row_sums(a_rows: Array, b_cols: Array, teacher_rows: list[Array] 
   """
   if not losses:
     a_rows, b_cols, scale, bias = lax.stop_gradient((a_rows, b_cols, scale, bias))
-  cosines = _matmul_t(a_rows, b_cols)
+  cosines = streamed_loss.matmul_t(a_rows, b_cols)
   logits = scale * cosines + bias
   sums = {}
   if losses:
@@ -482,7 +398,7 @@ def _teacher_targets(rows: list[Array], cols: list[Array], config: LossConfig) -
   the logits and sigmoid for softmax, the labels 2 P - 1 in [-1, 1] (Apple's DistillSigLipLoss).
   """
   biases = config.teacher_biases or (0.0,) * len(config.teacher_dims)
-  logits = [tau * _matmul_t(r, c) + b
+  logits = [tau * streamed_loss.matmul_t(r, c) + b
             for tau, b, r, c in zip(config.teacher_scales, biases, rows, cols)]
   activation = (lambda x: jax.nn.softmax(x, axis=1)) if config.kind == 'softmax' else jax.nn.sigmoid
   if config.average == 'probs':
@@ -495,24 +411,3 @@ def _teacher_targets(rows: list[Array], cols: list[Array], config: LossConfig) -
 def _student_scale(logit_scale: Array) -> Array:
   """exp of the learned log scale, clamped at MAX_LOGIT_SCALE as open_clip does."""
   return jnp.exp(jnp.minimum(logit_scale, math.log(MAX_LOGIT_SCALE)))
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-  """float32, or the input dtype when wider (float64 under jax_enable_x64)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _unit(x: Array) -> Array:
-  """[N, D] -> [N, D] rows L2-normalized in float32 (F.normalize: x / max(|x|, eps))."""
-  x = x.astype(_compute_dtype(x.dtype))
-  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS**2))
-
-
-def _unit_slices(x: Array, dims: tuple[int, ...]) -> list[Array]:
-  """[N, sum(dims)] -> per-teacher [N, dims[k]] slices, each row L2-normalized."""
-  return [_unit(s) for s in jnp.split(x, np.cumsum(dims)[:-1], axis=-1)]
-
-
-def _matmul_t(a: Array, b: Array) -> Array:
-  """a [R, E] @ b[C, E]^T -> [R, C] at full float32 precision (TPUs default to one bf16 pass)."""
-  return jnp.einsum('re,ce->rc', a, b, precision=lax.Precision.HIGHEST)

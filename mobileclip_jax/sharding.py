@@ -6,12 +6,13 @@ style): by default each array larger than `min_fsdp_size` elements is split alon
 dimension divisible by the 'fsdp' size; ordered regex rules on the '/'-joined parameter path
 override that (first match wins), as in big_vision / MaxText. 'data' replicates parameters.
 """
-import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+
+from mobileclip_jax import rules as rules_lib
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = MESH_AXES
@@ -62,9 +63,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
           for k, v in local_batch.items()}
 
 
-Rule = Tuple[str, Any]  # (regex on the '/'-joined path, PartitionSpec | 'fsdp' | 'replicate').
-
-
 def _fsdp_spec(shape: Tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
@@ -76,39 +74,28 @@ def _fsdp_spec(shape: Tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def path_str(key_path) -> str:
-  """'/'-joined names of a jax tree path (dict keys, attribute names, sequence indices)."""
-  parts = []
-  for k in key_path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
-
-
-def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule] = (),
+def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[Any] = (),
                     min_fsdp_size: int = 2 ** 14) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs).
 
-  A rule's spec is a PartitionSpec, 'fsdp' (the default tactic) or 'replicate'. Scalars are
+  `rules` (config `sharding.rules`, see rules.py) map paths to 'fsdp' (the default: split along
+  the largest dimension the 'fsdp' axis divides, for arrays of at least `min_fsdp_size`
+  elements), 'replicate', or a tuple of mesh-axis names / None per dimension. Scalars are
   replicated.
   """
-  compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
   fsdp_size = mesh.shape['fsdp']
 
-  def leaf_sharding(key_path, leaf):
+  def leaf_sharding(path, leaf, tactic):
     shape = tuple(getattr(leaf, 'shape', ()))
-    path = path_str(key_path)
-    spec: Any = 'fsdp'
-    for pattern, rule_spec in compiled:
-      if pattern.search(path):
-        spec = rule_spec
-        break
-    if spec == 'replicate' or not shape:
+    if tactic == 'replicate' or not shape:
       spec = P()
-    elif spec == 'fsdp':
+    elif tactic == 'fsdp':
       spec = _fsdp_spec(shape, fsdp_size, min_fsdp_size)
+    elif isinstance(tactic, (tuple, list)) and len(tactic) == len(shape):
+      spec = P(*tactic)
+    else:
+      raise ValueError(f'sharding.rules: {path} {shape} got {tactic!r}; use \'fsdp\', '
+                       f"'replicate' or one mesh axis of {MESH_AXES} (or None) per dimension.")
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+  return rules_lib.tree_values(rules, tree, 'fsdp', 'sharding.rules', leaf_sharding)

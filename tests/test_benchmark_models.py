@@ -1,7 +1,7 @@
 """Smoke test of `launch/benchmark.py models` on a tiny config (benchmarks are not tests).
 
 Checks that one configuration runs end to end (reference weights from torch, a torch process and
-a JAX process, each fresh) and yields a row with every field, the two outputs agreeing.
+a JAX process, each fresh) and yields a row whose two outputs agree and whose timings add up.
 """
 import json
 
@@ -10,11 +10,6 @@ import pytest
 pytest.importorskip('torch')
 from mobileclip_jax.benchmark import models  # noqa: E402
 
-_FIELDS = ('variant', 'tower', 'form', 'batch', 'jax_median_s', 'jax_min_s', 'jax_compile_s',
-           'jax_peak_rss_mb', 'torch_median_s', 'torch_min_s', 'torch_peak_rss_mb', 'ratio_median',
-           'ratio_min', 'rel_l2', 'outputs_agree', 'repeats', 'jax_device', 'torch_device',
-           'torch_threads', 'jax_others_cpu_frac', 'torch_others_cpu_frac', 'attempts',
-           'load_avg_1m', 'versions')
 # A one-layer 64-wide text tower; MCi0 at 64 px (the smallest image tower timm can build, whose
 # timm build and XLA compile take most of a minute on a busy 2-core machine: slow).
 _TINY_TEXT = {'towers': 'text', 'forms': 'train-time',
@@ -33,7 +28,6 @@ def test_tiny_config_yields_a_complete_row_whose_outputs_agree(tiny):
   rows = list(models.run(options))
   assert len(rows) == 1
   row = rows[0]
-  assert set(_FIELDS) <= set(row), sorted(set(_FIELDS) - set(row))
   json.dumps(row)  # JSON-able.
   assert (row['variant'], row['tower'], row['form'], row['batch']) == (
       'MobileCLIP2-S0', options['towers'], options['forms'], 2)

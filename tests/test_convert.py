@@ -14,6 +14,7 @@ import pytest
 
 import mobileclip_jax
 from mobileclip_jax import checkpoint
+from mobileclip_jax import utils
 from mobileclip_jax.convert import apple_v1
 from mobileclip_jax.convert import files
 from mobileclip_jax.convert import open_clip as open_clip_lib
@@ -262,6 +263,7 @@ def test_state_dict_file_round_trip_is_bit_exact(tiny, tmp_path, suffix):
     assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
   _assert_trees_equal(open_clip_lib.from_open_clip(back, config), variables)
   assert os.listdir(tmp_path) == [f'model{suffix}']  # No temporary file left.
+  assert os.stat(path).st_mode & 0o777 == utils.FILE_MODE  # The umask's, not mkstemp's 0600.
   with pytest.raises(FileExistsError, match='Will not overwrite the existing .*model'):
     files.write_state_dict(state, path)
 

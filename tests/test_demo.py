@@ -17,7 +17,7 @@ from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.evaluation import runner
 from mobileclip_jax.reinforce import generate
-from mobileclip_jax.train import data as train_data
+from mobileclip_jax.train import setup
 from mobileclip_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,17 +124,16 @@ def test_config_file_names_the_roles_on_a_bad_argument():
     config_lib.load_config_file(os.path.join(ROOT, 'configs', 'demo.py:student'))
 
 
-@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(ROOT, 'configs'))
-                                        if n.endswith('.py') and n != 'demo.py'))
-def test_every_recipe_runlocal_reads_the_reinforced_demo_data(first_run, name):
+@pytest.mark.parametrize('spec', sorted(config_lib.recipe_specs().values()))
+def test_every_recipe_runlocal_reads_the_reinforced_demo_data(first_run, spec):
   """`configs/<name>:runlocal` after the demo: the DR objective on demo_world_reinforced, whatever
   the recipe's own data settings (e.g. DataCompDR's synthetic-caption key names)."""
   workdir, _, _ = first_run
-  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}:runlocal'))
+  config = config_lib.load_config_file(spec + ',runlocal')
   config.data.data_dir = os.path.join(workdir, 'tfds')  # Instead of the default demo workdir.
-  model_config = loop.model_config_from(config)
-  data = train_data.open_input(config, model_config)
-  assert (data.name, data.kind) == (demo_dataset.REINFORCED_NAME, 'reinforced')
+  model_config = setup.model_config(config)
+  data = setup.open_input(config, model_config)
+  assert (data.name, data.iterator.kind) == (demo_dataset.REINFORCED_NAME, 'reinforced')
   batch = next(data.iterator)
   size = model_config.image_size
   assert batch['image'].shape == (config.batch_size, size, size, 3)

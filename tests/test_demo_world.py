@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 
 from mobileclip_jax.data import demo_world as dw
+from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import wds
 
 _WORD = re.compile(r"[a-z][a-z\-]*")
@@ -232,7 +233,7 @@ def test_write_split_makes_readable_datacompdr_style_tars(tmp_path):
         assert np.abs(np.asarray(image, np.float32) - np.asarray(sample['image'])).mean() < 6
   assert names == [f"{s['uid']}.{ext}" for s in expected for ext in ('jpg', 'txt', 'json')]
   # The project's reader decodes them.
-  decoded = [wds.decode_sample(raw, reinforced=False)
+  decoded = [sample_codec.decode_sample(raw, reinforced=False)
              for path in paths for raw in wds.iter_samples(path)]
   assert [(d.uid, d.captions) for d in decoded] == [(s['uid'], [s['caption']]) for s in expected]
   # Same arguments, same bytes.

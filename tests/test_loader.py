@@ -15,10 +15,14 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+from mobileclip_jax import keys
 from mobileclip_jax import sharding
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
+from mobileclip_jax.data import errors
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import reinforced_tfds
+from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError
@@ -57,12 +61,12 @@ def _image_bytes(rng: np.random.Generator) -> bytes:
   return buffer.getvalue()
 
 
-def _samples(num: int = NUM_SAMPLES) -> list[wds.Sample]:
+def _samples(num: int = NUM_SAMPLES) -> list[sample_codec.Sample]:
   rng = np.random.default_rng(0)
   samples = []
   for i in range(num):
     index = np.concatenate([[j] * n for j, (_, n) in enumerate(SYN)]).astype(np.int32)
-    samples.append(wds.Sample(
+    samples.append(sample_codec.Sample(
         shard='', key=f'{i:06d}', uid=f'uid{i}', image=_image_bytes(rng), image_format='png',
         captions=[f'photo {i}'], syn_keys=tuple(key for key, _ in SYN),
         syn_captions=[f'synthetic {i} {SYN[c][0]} {j}' for j, c in enumerate(index)],
@@ -75,8 +79,8 @@ def _samples(num: int = NUM_SAMPLES) -> list[wds.Sample]:
 def _build(tmp_path, kind: str) -> str:
   with wds.ShardWriter(str(tmp_path / 'src' / '{:05d}.tar'), 10) as writer:
     for sample in _samples():
-      writer.write(sample.key, wds.encode_sample(sample))
-  reinforced_tfds.build_dataset(str(tmp_path / 'src' / '*.tar'), kind, str(tmp_path / 'data'),
+      writer.write(sample.key, sample_codec.encode_sample(sample))
+  dataset_build.build_dataset(str(tmp_path / 'src' / '*.tar'), kind, str(tmp_path / 'data'),
                                 kind=kind, augmentation=AUGMENTATION, teacher_dims=DIMS,
                                 emb_dtype='float32', progress=False)
   return str(tmp_path / 'data')
@@ -122,7 +126,7 @@ def _tokens(tokenizer, texts) -> list[bytes]:
 
 def _numbers(batch) -> list[int]:
   """The sample number of every example of a batch, from its teacher text embedding."""
-  return [_decode_row(row)[0] for row in batch[loader.TEACHER_TEXT_EMB]]
+  return [_decode_row(row)[0] for row in batch[keys.TEACHER_TEXT]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,22 +142,22 @@ def test_reinforced_rows_match_replayed_crop_and_captions(data_dir, tokenizer):
   assert replay_config == augment.AugmentConfig(image_size=32, interpolation='bicubic', p=1.0)
   seen_augmentations, seen_syn = set(), set()
   for batch in _take(iterator, 3):
-    assert set(batch) == set(loader.REINFORCED_KEYS)
+    assert set(batch) == set(keys.REINFORCED_BATCH)
     for key, (shape, dtype) in iterator.element_spec.items():
       assert batch[key].shape == (8,) + shape and batch[key].dtype == dtype, key
     for b in range(8):
-      number, a = _decode_row(batch[loader.TEACHER_IMAGE_EMB][b])
+      number, a = _decode_row(batch[keys.TEACHER_IMAGE][b])
       sample = samples[number]
       # The image is stored augmentation a, replayed at the student's size.
       image = Image.open(io.BytesIO(sample.image))
       want = augment.replay(image, sample.paug[a], SIZE, replay_config)
-      np.testing.assert_array_equal(batch[loader.IMAGE][b], want)
+      np.testing.assert_array_equal(batch[keys.IMAGE][b], want)
       # The ground-truth caption and its teacher row (row 0: C = 1).
-      assert batch[loader.TEXT][b].tobytes() == _tokens(tokenizer, sample.captions)[0]
-      assert _decode_row(batch[loader.TEACHER_TEXT_EMB][b]) == (number, 0)
+      assert batch[keys.TEXT][b].tobytes() == _tokens(tokenizer, sample.captions)[0]
+      assert _decode_row(batch[keys.TEACHER_TEXT][b]) == (number, 0)
       # The synthetic caption and its row: 1 + its index among the S flattened captions.
-      s = _tokens(tokenizer, sample.syn_captions).index(batch[loader.SYN_TEXT][b].tobytes())
-      assert _decode_row(batch[loader.TEACHER_SYN_TEXT_EMB][b]) == (number, 1 + s)
+      s = _tokens(tokenizer, sample.syn_captions).index(batch[keys.SYN_TEXT][b].tobytes())
+      assert _decode_row(batch[keys.TEACHER_SYN_TEXT][b]) == (number, 1 + s)
       seen_augmentations.add(a)
       seen_syn.add(s)
   assert seen_augmentations == set(range(K)) and seen_syn == set(range(5))
@@ -177,7 +181,7 @@ def test_choices_uniform_and_syn_key_regex(data_dir):
   only_dfn = loader.ChunkLoader(_config(data_dir, syn_key_regex='^syn_text_dfn$'), source,
                                   meta, 'reinforced', 0, 1)
   rows = [_decode_row(row)[1] - 1 for u in range(3)
-          for row in only_dfn(u)[loader.TEACHER_SYN_TEXT_EMB]]
+          for row in only_dfn(u)[keys.TEACHER_SYN_TEXT]]
   assert set(rows) == {2, 3, 4}  # dfn's captions follow coca's two.
   with pytest.raises(ValueError, match=re.escape("['syn_text_coca', 'syn_text_dfn']")):
     loader.make_train_iterator(_config(data_dir, syn_key_regex='^syn_text_blip$'), 0, 1)
@@ -189,12 +193,12 @@ def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, t
   number_of = {row: i for i, row in enumerate(_tokens(tokenizer, captions))}
   config = _config(data_dir, 'plain', global_batch_size=NUM_SAMPLES, num_epochs=2)
   batches = _take(loader.make_train_iterator(config, 0, 1), 2)
-  assert all(set(batch) == {loader.IMAGE, loader.TEXT} for batch in batches)
+  assert all(set(batch) == {keys.IMAGE, keys.TEXT} for batch in batches)
   images = []
   for batch in batches:
-    numbers = [number_of[row.tobytes()] for row in batch[loader.TEXT]]
+    numbers = [number_of[row.tobytes()] for row in batch[keys.TEXT]]
     assert sorted(numbers) == list(range(NUM_SAMPLES))  # One epoch per batch here.
-    images.append(batch[loader.IMAGE][np.argsort(numbers)])
+    images.append(batch[keys.IMAGE][np.argsort(numbers)])
   # Each epoch samples new parameters: the same image is cropped differently.
   assert all(np.any(a != b) for a, b in zip(*images))
 
@@ -202,10 +206,10 @@ def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, t
   whole = augment.AugmentConfig(scale=(1.0, 1.0), ratio=(WIDTH / HEIGHT,) * 2, p=0.0)
   batch = next(loader.make_train_iterator(
       _config(data_dir, 'plain', augmentation=whole), 0, 1))
-  for b, row in enumerate(batch[loader.TEXT]):
+  for b, row in enumerate(batch[keys.TEXT]):
     image = Image.open(io.BytesIO(samples[number_of[row.tobytes()]].image))
     want = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(batch[loader.IMAGE][b], want)
+    np.testing.assert_array_equal(batch[keys.IMAGE][b], want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ def test_processes_read_disjoint_slices_of_each_global_batch(data_dir, process_c
            for p in range(process_count)]
   for t, batch in enumerate(whole):
     local = [part[t] for part in parts]
-    assert all(len(b[loader.IMAGE]) == 16 // process_count for b in local)
+    assert all(len(b[keys.IMAGE]) == 16 // process_count for b in local)
     # Concatenated in process order, the slices are the global batch, bit for bit.
     _assert_batches_equal([{k: np.concatenate([b[k] for b in local]) for k in batch}], [batch])
   with pytest.raises(ValueError, match='not divisible'):
@@ -250,15 +254,15 @@ def test_chunks_are_the_largest_divisor_of_the_local_batch(data_dir):
   for batch, limit, processes, want in ((8, 3, 1, (2, 4)), (12, 64, 1, (12, 1)),
                                         (14, 5, 2, (1, 7)), (16, 4, 2, (4, 2))):
     last = processes - 1
-    loader = loader.ChunkLoader(_config(data_dir, global_batch_size=batch,
-                                          max_chunk_size=limit), source, meta, 'r', last,
-                                  processes)
-    assert (loader.chunk_size, loader.chunks_per_batch) == want
+    chunks = loader.ChunkLoader(_config(data_dir, global_batch_size=batch,
+                                        max_chunk_size=limit), source, meta, 'r', last,
+                                processes)
+    assert (chunks.chunk_size, chunks.chunks_per_batch) == want
     # Batches 0 and 1 of the last process: the last B / P positions of global batches 0 and 1.
     local = batch // processes
     positions = [divmod(g, NUM_SAMPLES) for t in range(2)
                  for g in range(t * batch + last * local, (t + 1) * batch)]
-    assert [p for u in range(2 * want[1]) for p in loader.stream_positions(u)] == positions
+    assert [p for u in range(2 * want[1]) for p in chunks.stream_positions(u)] == positions
 
 
 def test_global_batch_on_fake_devices(data_dir):
@@ -318,7 +322,7 @@ def _corrupt_source(data_dir):
   """(records with 3 corrupt ones, metadata, {record index: reason})."""
   source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
   records = [source[i] for i in range(len(source))]
-  bad = {2: wds.BAD_IMAGE, 5: loader.BAD_PAUG, 11: loader.EMB_NONFINITE}
+  bad = {2: errors.BAD_IMAGE, 5: errors.BAD_PAUG, 11: errors.EMB_NONFINITE}
   records[2] = {**records[2], 'image': records[2]['image'][:60]}  # Cut PNG.
   paug = json.loads(records[5]['paug'])
   paug = [[[0, 0, HEIGHT + 1, 10], ops] for _, ops in paug]  # Boxes taller than the image.
@@ -329,11 +333,11 @@ def _corrupt_source(data_dir):
   return records, meta, bad
 
 
-def _iterator(records, meta, **kwargs):
+def _iterator(records, meta, skipped_log=None, **kwargs):
   config = loader.InputConfig(dataset='reinforced', global_batch_size=8, image_size=SIZE,
-                                context_length=16, seed=3, **kwargs)
-  loader = loader.ChunkLoader(config, records, meta, 'DS', 0, 1)
-  return loader.TrainIterator(loader, num_batches=3)  # One epoch.
+                              context_length=16, seed=3, **kwargs)
+  chunks = loader.ChunkLoader(config, records, meta, 'DS', 0, 1)
+  return loader.TrainIterator(chunks, num_batches=3, skipped_log=skipped_log)  # One epoch.
 
 
 def test_corrupt_records_fail_naming_the_record(data_dir):
@@ -351,7 +355,7 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
   records, meta, bad = _corrupt_source(data_dir)
   iterator = _iterator(records, meta, error_policy='skip', error_budget='3', worker_count=0)
   batches = list(iterator)
-  assert len(batches) == 3 and all(len(b[loader.IMAGE]) == 8 for b in batches)
+  assert len(batches) == 3 and all(len(b[keys.IMAGE]) == 8 for b in batches)
   bad_numbers = {_decode_row(records[i]['image_emb'][0])[0] for i in bad}
   numbers = [n for batch in batches for n in _numbers(batch)]
   assert not bad_numbers & set(numbers)
@@ -366,6 +370,48 @@ def test_corrupt_records_skipped_counted_and_replaced(data_dir):
   assert fresh.skip_counter.skipped == iterator.skip_counter.skipped
   with pytest.raises(BudgetExceededError, match='3 skipped'):
     list(_iterator(records, meta, error_policy='skip', error_budget='2'))
+
+
+def test_skipped_records_are_listed_exactly_over_a_resume(data_dir, tmp_path):
+  records, meta, bad = _corrupt_source(data_dir)
+  kwargs = dict(error_policy='skip')
+  full = _iterator(records, meta, str(tmp_path / 'full.jsonl'), **kwargs)
+  list(full)
+  rows = list(errors.read_skip_log(str(tmp_path / 'full.jsonl')))
+  assert sorted((r['key'], r['reason']) for r in rows) == sorted(
+      (records[i]['key'].decode(), reason) for i, reason in bad.items())
+  assert all('DS train[' in r['shard'] and r['count'] == 1 for r in rows)
+  assert max(r['batch'] for r in rows) >= 1  # Some are met after the checkpoint below.
+  # A run checkpointed after batch 0 that went on to the end, then resumed from the checkpoint:
+  # the batches it meets again do not list their records twice.
+  log = str(tmp_path / 'resumed.jsonl')
+  first = _iterator(records, meta, log, **kwargs)
+  next(first)
+  state = first.get_state()
+  list(first)
+  first.close()
+  resumed = _iterator(records, meta, log, **kwargs)
+  resumed.set_state(state)
+  list(resumed)
+  resumed.close()
+  assert list(errors.read_skip_log(log)) == rows
+  assert sum(resumed.skip_counter.skipped.values()) == len(rows)
+
+
+def test_benchmark_photos_have_natural_image_statistics():
+  """The loader benchmark's source images: amplitude spectrum ~1/f as photographs have, and
+  JPEG sizes like ImageNet's (~4-5 bits per pixel at quality 90), not flat synthetic scenes."""
+  from mobileclip_jax.benchmark import data as data_benchmark  # pylint: disable=g-import-not-at-top
+  pixels = data_benchmark.photo(np.random.default_rng(0), 256, 384)
+  gray = pixels.astype(np.float64).mean(-1)
+  spectrum = np.abs(np.fft.fft2(gray - gray.mean()))
+  radius = np.hypot(*np.meshgrid(np.fft.fftfreq(384), np.fft.fftfreq(256)))
+  bands = np.geomspace(0.02, 0.4, 9)
+  amplitude = [spectrum[(radius >= lo) & (radius < hi)].mean() for lo, hi in zip(bands, bands[1:])]
+  slope = np.polyfit(np.log(np.sqrt(bands[1:] * bands[:-1])), np.log(amplitude), 1)[0]
+  bits = 8 * len(data_benchmark._jpeg(pixels)) / (256 * 384)
+  assert -1.3 < slope < -0.7, slope
+  assert 3 < bits < 6, bits
 
 
 def test_missing_dataset_says_how_to_build_it(tmp_path):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mobileclip_jax import keys
 from mobileclip_jax import losses
 from mobileclip_jax import torch_compat
 
@@ -95,11 +96,50 @@ def ref_kind(img, txt, t_img, t_txt, logit_scale, kind='softmax', logit_bias=0.0
 # Helpers.
 
 _dr_loss = jax.jit(losses.dr_loss, static_argnames=('config', 'mesh', 'batch_axes'))
-_clip_loss = jax.jit(losses.clip_loss)
-_siglip_loss = jax.jit(losses.siglip_loss)
-_distill_loss = jax.jit(losses.distill_loss, static_argnames=(
+
+
+# One term of the DR objective on ground-truth captions, as the formulas below write it.
+def clip_loss(image, text, logit_scale, mesh=None):
+  config = losses.LossConfig(kind='softmax', clip_weight=1.0, distill_weight=0.0)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.LOGIT_SCALE: logit_scale}
+  return losses.dr_loss(embeddings, config, mesh=mesh)[1]['gt/clip']
+
+
+def siglip_loss(image, text, logit_scale, logit_bias):
+  config = losses.LossConfig(kind='sigmoid', clip_weight=1.0, distill_weight=0.0)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.LOGIT_SCALE: logit_scale,
+                keys.LOGIT_BIAS: logit_bias}
+  return losses.dr_loss(embeddings, config)[1]['gt/clip']
+
+
+def distill_loss(image, text, teacher_image, teacher_text, logit_scale, teacher_scales,
+                 teacher_dims, average='probs', student_scale=None):
+  config = losses.LossConfig(kind='softmax', clip_weight=0.0, distill_weight=1.0,
+                             teacher_scales=teacher_scales, teacher_dims=teacher_dims,
+                             average=average, student_scale=student_scale)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.TEACHER_IMAGE: teacher_image,
+                keys.TEACHER_TEXT: teacher_text, keys.LOGIT_SCALE: logit_scale}
+  return losses.dr_loss(embeddings, config)[1]['gt/distill']
+
+
+def siglip_distill_loss(image, text, teacher_image, teacher_text, logit_scale, logit_bias,
+                        teacher_scales, teacher_dims, teacher_biases=None, average='probs',
+                        student_scale=None):
+  config = losses.LossConfig(kind='sigmoid', clip_weight=0.0, distill_weight=1.0,
+                             teacher_scales=teacher_scales, teacher_dims=teacher_dims,
+                             teacher_biases=teacher_biases, average=average,
+                             student_scale=student_scale)
+  embeddings = {keys.IMAGE_EMB: image, keys.TEXT_EMB: text, keys.TEACHER_IMAGE: teacher_image,
+                keys.TEACHER_TEXT: teacher_text, keys.LOGIT_SCALE: logit_scale,
+                keys.LOGIT_BIAS: logit_bias}
+  return losses.dr_loss(embeddings, config)[1]['gt/distill']
+
+
+_clip_loss = jax.jit(clip_loss)
+_siglip_loss = jax.jit(siglip_loss)
+_distill_loss = jax.jit(distill_loss, static_argnames=(
     'teacher_scales', 'teacher_dims', 'average', 'student_scale'))
-_siglip_distill_loss = jax.jit(losses.siglip_distill_loss, static_argnames=(
+_siglip_distill_loss = jax.jit(siglip_distill_loss, static_argnames=(
     'teacher_scales', 'teacher_dims', 'teacher_biases', 'average', 'student_scale'))
 
 
@@ -107,17 +147,17 @@ def _embeddings(seed, batch, width, teacher_dims, dtype=np.float32, syn=True, te
   """Random student and teacher embeddings; texts correlate with images so losses are O(1)."""
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(batch, width))
-  out = {losses.IMAGE: image, losses.TEXT: image + rng.normal(size=(batch, width)),
-         losses.LOGIT_SCALE: np.log(20.0)}
+  out = {keys.IMAGE_EMB: image, keys.TEXT_EMB: image + rng.normal(size=(batch, width)),
+         keys.LOGIT_SCALE: np.log(20.0)}
   if syn:
-    out[losses.SYN_TEXT] = image + 1.5 * rng.normal(size=(batch, width))
+    out[keys.SYN_TEXT_EMB] = image + 1.5 * rng.normal(size=(batch, width))
   if teachers:
     teacher_width = sum(teacher_dims)
     teacher_image = rng.normal(size=(batch, teacher_width))
-    out[losses.TEACHER_IMAGE] = teacher_image
-    out[losses.TEACHER_TEXT] = teacher_image + rng.normal(size=(batch, teacher_width))
+    out[keys.TEACHER_IMAGE] = teacher_image
+    out[keys.TEACHER_TEXT] = teacher_image + rng.normal(size=(batch, teacher_width))
     if syn:
-      out[losses.TEACHER_SYN_TEXT] = teacher_image + 1.5 * rng.normal(size=(batch, teacher_width))
+      out[keys.TEACHER_SYN_TEXT] = teacher_image + 1.5 * rng.normal(size=(batch, teacher_width))
   return {k: np.asarray(v, dtype) for k, v in out.items()}
 
 
@@ -138,8 +178,9 @@ def _close(actual, expected, tol):
 def test_clip_loss_matches_reference(dtype, tol):
   e = _embeddings(0, 12, 16, (8,), dtype, syn=False, teachers=False)
   with jax.enable_x64(dtype == np.float64):
-    actual = _clip_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.LOGIT_SCALE])
-  expected = ref_kind(e[losses.IMAGE], e[losses.TEXT], None, None, float(e[losses.LOGIT_SCALE]))[0]
+    actual = _clip_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.LOGIT_SCALE])
+  expected = ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], None, None,
+                      float(e[keys.LOGIT_SCALE]))[0]
   _close(actual, expected, tol)
 
 
@@ -149,11 +190,11 @@ def test_clip_loss_matches_reference(dtype, tol):
 def test_distill_loss_matches_reference(dims, scales, average):
   e = _embeddings(1, 10, 16, dims, np.float64, syn=False)
   with jax.enable_x64(True):
-    actual = _distill_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE],
-                           e[losses.TEACHER_TEXT], e[losses.LOGIT_SCALE], teacher_scales=scales,
+    actual = _distill_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE],
+                           e[keys.TEACHER_TEXT], e[keys.LOGIT_SCALE], teacher_scales=scales,
                            teacher_dims=dims, average=average)
-  expected = ref_kind(e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE],
-                      e[losses.TEACHER_TEXT], float(e[losses.LOGIT_SCALE]), scales=scales,
+  expected = ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE],
+                      e[keys.TEACHER_TEXT], float(e[keys.LOGIT_SCALE]), scales=scales,
                       dims=dims, average=average)[1]
   _close(actual, expected, 1e-10)
 
@@ -163,11 +204,11 @@ def test_distill_loss_with_fixed_student_scale_matches_reference(dtype, tol):
   dims, scales = (32, 48), (70.0, 60.0)
   e = _embeddings(2, 10, 16, dims, dtype, syn=False)
   with jax.enable_x64(dtype == np.float64):
-    actual = _distill_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE],
-                           e[losses.TEACHER_TEXT], e[losses.LOGIT_SCALE], teacher_scales=scales,
+    actual = _distill_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE],
+                           e[keys.TEACHER_TEXT], e[keys.LOGIT_SCALE], teacher_scales=scales,
                            teacher_dims=dims, student_scale=35.0)
-  expected = ref_kind(e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE],
-                      e[losses.TEACHER_TEXT], float(e[losses.LOGIT_SCALE]), scales=scales,
+  expected = ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE],
+                      e[keys.TEACHER_TEXT], float(e[keys.LOGIT_SCALE]), scales=scales,
                       dims=dims, student_scale=35.0)[1]
   _close(actual, expected, tol)
 
@@ -176,8 +217,8 @@ def test_distill_loss_with_fixed_student_scale_matches_reference(dtype, tol):
 def test_siglip_loss_matches_reference(dtype, tol):
   e = _embeddings(3, 12, 16, (8,), dtype, syn=False, teachers=False)
   with jax.enable_x64(dtype == np.float64):
-    actual = _siglip_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.LOGIT_SCALE], dtype(-3.0))
-  expected = ref_kind(e[losses.IMAGE], e[losses.TEXT], None, None, float(e[losses.LOGIT_SCALE]),
+    actual = _siglip_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.LOGIT_SCALE], dtype(-3.0))
+  expected = ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], None, None, float(e[keys.LOGIT_SCALE]),
                       kind='sigmoid', logit_bias=-3.0)[0]
   _close(actual, expected, tol)
 
@@ -189,11 +230,11 @@ def test_siglip_distill_loss_matches_reference(biases, average):
   e = _embeddings(4, 10, 16, dims, np.float64, syn=False)
   with jax.enable_x64(True):
     actual = _siglip_distill_loss(
-        e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE], e[losses.TEACHER_TEXT],
-        e[losses.LOGIT_SCALE], -2.0, teacher_scales=scales, teacher_dims=dims,
+        e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE], e[keys.TEACHER_TEXT],
+        e[keys.LOGIT_SCALE], -2.0, teacher_scales=scales, teacher_dims=dims,
         teacher_biases=biases, average=average)
-  expected = ref_kind(e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE],
-                      e[losses.TEACHER_TEXT], float(e[losses.LOGIT_SCALE]), kind='sigmoid',
+  expected = ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE],
+                      e[keys.TEACHER_TEXT], float(e[keys.LOGIT_SCALE]), kind='sigmoid',
                       logit_bias=-2.0, scales=scales, dims=dims, biases=biases,
                       average=average)[1]
   _close(actual, expected, 1e-10)
@@ -202,14 +243,14 @@ def test_siglip_distill_loss_matches_reference(biases, average):
 def _ref_dr(e, config, logit_bias=0.0):
   """Reference DR total and metrics from ref_kind, per caption kind present in `e`."""
   metrics, total = {}, 0.0
-  kinds = {'gt': (losses.TEXT, losses.TEACHER_TEXT, config.gt_weight),
-           'syn': (losses.SYN_TEXT, losses.TEACHER_SYN_TEXT, config.syn_weight)}
+  kinds = {'gt': (keys.TEXT_EMB, keys.TEACHER_TEXT, config.gt_weight),
+           'syn': (keys.SYN_TEXT_EMB, keys.TEACHER_SYN_TEXT, config.syn_weight)}
   for kind, (text_key, teacher_key, kind_weight) in kinds.items():
     if text_key not in e:
       continue
     clip, distill, agree_i2t, agree_t2i = ref_kind(
-        e[losses.IMAGE], e[text_key], e.get(losses.TEACHER_IMAGE), e.get(teacher_key),
-        float(e[losses.LOGIT_SCALE]), kind=config.kind, logit_bias=logit_bias,
+        e[keys.IMAGE_EMB], e[text_key], e.get(keys.TEACHER_IMAGE), e.get(teacher_key),
+        float(e[keys.LOGIT_SCALE]), kind=config.kind, logit_bias=logit_bias,
         scales=config.teacher_scales, dims=config.teacher_dims, biases=config.teacher_biases,
         average=config.average, student_scale=config.student_scale)
     metrics[f'{kind}/clip'] = clip
@@ -233,7 +274,7 @@ def test_dr_loss_matches_reference(kind):
       teacher_biases=(-6.0, -4.0) if kind == 'sigmoid' else None)
   e = _embeddings(5, 16, 16, config.teacher_dims, np.float64)
   if kind == 'sigmoid':
-    e[losses.LOGIT_BIAS] = np.float64(-2.0)
+    e[keys.LOGIT_BIAS] = np.float64(-2.0)
   with jax.enable_x64(True):
     total, metrics = _dr_loss(e, config)
   expected_total, expected = _ref_dr(e, config, logit_bias=-2.0)
@@ -250,9 +291,9 @@ def test_dr_loss_without_teachers_is_clip_and_without_synthetic_is_gt_only():
                              teacher_dims=(8,), teacher_scales=(50.0,))
   e = _embeddings(6, 8, 16, (8,), syn=True, teachers=False)
   total, metrics = _dr_loss(e, config)
-  gt = ref_kind(e[losses.IMAGE], e[losses.TEXT], None, None, float(e[losses.LOGIT_SCALE]))[0]
-  syn = ref_kind(e[losses.IMAGE], e[losses.SYN_TEXT], None, None,
-                 float(e[losses.LOGIT_SCALE]))[0]
+  gt = ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], None, None, float(e[keys.LOGIT_SCALE]))[0]
+  syn = ref_kind(e[keys.IMAGE_EMB], e[keys.SYN_TEXT_EMB], None, None,
+                 float(e[keys.LOGIT_SCALE]))[0]
   _close(total, 2.0 * gt + 0.5 * syn, 1e-5)
   assert not any('distill' in k or 'agreement' in k for k in metrics)
 
@@ -261,17 +302,17 @@ def test_dr_loss_without_teachers_is_clip_and_without_synthetic_is_gt_only():
   assert not any(k.startswith('syn/') for k in metrics)
   _close(total, 2.0 * metrics['gt/loss'], 1e-6)
   # None counts as absent (how a train step passes data without synthetic captions).
-  total_none, _ = _dr_loss({**e, losses.SYN_TEXT: None, losses.TEACHER_SYN_TEXT: None}, config)
+  total_none, _ = _dr_loss({**e, keys.SYN_TEXT_EMB: None, keys.TEACHER_SYN_TEXT: None}, config)
   _close(total_none, total, 0)
 
 
 def test_logit_scale_is_clamped_at_100():
   e = _embeddings(7, 8, 16, (8,), syn=False, teachers=False)
-  value_and_grad = jax.jit(jax.value_and_grad(losses.clip_loss, argnums=2))
-  at_clamp, _ = value_and_grad(e[losses.IMAGE], e[losses.TEXT], np.float32(math.log(100.0)))
-  above, grad_above = value_and_grad(e[losses.IMAGE], e[losses.TEXT], np.float32(math.log(1e3)))
-  _, grad_below = value_and_grad(e[losses.IMAGE], e[losses.TEXT], np.float32(math.log(50.0)))
-  _close(above, ref_kind(e[losses.IMAGE], e[losses.TEXT], None, None, math.log(1e3))[0], 1e-5)
+  value_and_grad = jax.jit(jax.value_and_grad(clip_loss, argnums=2))
+  at_clamp, _ = value_and_grad(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], np.float32(math.log(100.0)))
+  above, grad_above = value_and_grad(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], np.float32(math.log(1e3)))
+  _, grad_below = value_and_grad(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], np.float32(math.log(50.0)))
+  _close(above, ref_kind(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], None, None, math.log(1e3))[0], 1e-5)
   _close(above, at_clamp, 0)
   assert grad_above == 0.0 and abs(grad_below) > 1e-3
 
@@ -294,10 +335,10 @@ def test_clip_loss_matches_open_clip(open_clip_loss):
   loss_module, torch = open_clip_loss
   e = _embeddings(8, 12, 16, (8,), syn=False, teachers=False)
   expected = loss_module.ClipLoss()(
-      torch.from_numpy(_unit(np.float64(e[losses.IMAGE]))),
-      torch.from_numpy(_unit(np.float64(e[losses.TEXT]))),
-      torch.tensor(math.exp(e[losses.LOGIT_SCALE]), dtype=torch.float64))
-  actual = _clip_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.LOGIT_SCALE])
+      torch.from_numpy(_unit(np.float64(e[keys.IMAGE_EMB]))),
+      torch.from_numpy(_unit(np.float64(e[keys.TEXT_EMB]))),
+      torch.tensor(math.exp(e[keys.LOGIT_SCALE]), dtype=torch.float64))
+  actual = _clip_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.LOGIT_SCALE])
   _close(actual, expected.item(), 1e-5)
 
 
@@ -307,10 +348,10 @@ def test_distill_loss_matches_open_clip(open_clip_loss):
   t = {k: torch.from_numpy(_unit(np.float64(v))) for k, v in e.items() if np.ndim(v) == 2}
   tau = 40.0
   _, expected = loss_module.DistillClipLoss()(
-      t[losses.IMAGE], t[losses.TEXT], torch.tensor(math.exp(e[losses.LOGIT_SCALE])),
-      t[losses.TEACHER_IMAGE], t[losses.TEACHER_TEXT], torch.tensor(tau, dtype=torch.float64))
-  actual = _distill_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.TEACHER_IMAGE],
-                         e[losses.TEACHER_TEXT], e[losses.LOGIT_SCALE], teacher_scales=(tau,),
+      t[keys.IMAGE_EMB], t[keys.TEXT_EMB], torch.tensor(math.exp(e[keys.LOGIT_SCALE])),
+      t[keys.TEACHER_IMAGE], t[keys.TEACHER_TEXT], torch.tensor(tau, dtype=torch.float64))
+  actual = _distill_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.TEACHER_IMAGE],
+                         e[keys.TEACHER_TEXT], e[keys.LOGIT_SCALE], teacher_scales=(tau,),
                          teacher_dims=(24,))
   _close(actual, expected.item(), 1e-5)
 
@@ -319,11 +360,11 @@ def test_siglip_loss_matches_open_clip(open_clip_loss):
   loss_module, torch = open_clip_loss
   e = _embeddings(10, 12, 16, (8,), syn=False, teachers=False)
   expected = loss_module.SigLipLoss()(
-      torch.from_numpy(_unit(np.float64(e[losses.IMAGE]))),
-      torch.from_numpy(_unit(np.float64(e[losses.TEXT]))),
-      torch.tensor(math.exp(e[losses.LOGIT_SCALE]), dtype=torch.float64),
+      torch.from_numpy(_unit(np.float64(e[keys.IMAGE_EMB]))),
+      torch.from_numpy(_unit(np.float64(e[keys.TEXT_EMB]))),
+      torch.tensor(math.exp(e[keys.LOGIT_SCALE]), dtype=torch.float64),
       torch.tensor(-4.0, dtype=torch.float64))
-  actual = _siglip_loss(e[losses.IMAGE], e[losses.TEXT], e[losses.LOGIT_SCALE], np.float32(-4.0))
+  actual = _siglip_loss(e[keys.IMAGE_EMB], e[keys.TEXT_EMB], e[keys.LOGIT_SCALE], np.float32(-4.0))
   _close(actual, expected.item(), 1e-5)
 
 
@@ -343,13 +384,12 @@ def test_perfect_alignment_gives_known_values():
 
 def test_teacher_equal_to_student_gives_target_entropy_and_zero_gradient():
   e = _embeddings(11, 12, 16, (16,), syn=False)
-  image, text = e[losses.IMAGE], e[losses.TEXT]
+  image, text = e[keys.IMAGE_EMB], e[keys.TEXT_EMB]
   tau = 20.0
 
   def distill(image, text, logit_scale, student_scale):
-    return losses.distill_loss(image, text, e[losses.IMAGE], e[losses.TEXT], logit_scale,
-                               teacher_scales=(tau,), teacher_dims=(16,),
-                               student_scale=student_scale)
+    return distill_loss(image, text, e[keys.IMAGE_EMB], e[keys.TEXT_EMB], logit_scale,
+                        teacher_scales=(tau,), teacher_dims=(16,), student_scale=student_scale)
 
   cos = _unit(np.float64(image)) @ _unit(np.float64(text)).T
   entropy = 0.5 * sum(-np.mean(np.sum(_softmax(z) * _log_softmax(z), 1))
@@ -366,15 +406,15 @@ def test_teacher_equal_to_student_gives_target_entropy_and_zero_gradient():
 
 def test_identical_teachers_equal_one_teacher():
   e = _embeddings(12, 10, 16, (24,), syn=False)
-  args = (e[losses.IMAGE], e[losses.TEXT])
+  args = (e[keys.IMAGE_EMB], e[keys.TEXT_EMB])
   doubled = {k: np.concatenate([e[k], 2.0 * e[k]], axis=1)
-             for k in (losses.TEACHER_IMAGE, losses.TEACHER_TEXT)}
+             for k in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT)}
   for average in ('probs', 'logits'):
-    one = _distill_loss(*args, e[losses.TEACHER_IMAGE], e[losses.TEACHER_TEXT],
-                        e[losses.LOGIT_SCALE], teacher_scales=(30.0,), teacher_dims=(24,),
+    one = _distill_loss(*args, e[keys.TEACHER_IMAGE], e[keys.TEACHER_TEXT],
+                        e[keys.LOGIT_SCALE], teacher_scales=(30.0,), teacher_dims=(24,),
                         average=average)
-    two = _distill_loss(*args, doubled[losses.TEACHER_IMAGE], doubled[losses.TEACHER_TEXT],
-                        e[losses.LOGIT_SCALE], teacher_scales=(30.0, 30.0),
+    two = _distill_loss(*args, doubled[keys.TEACHER_IMAGE], doubled[keys.TEACHER_TEXT],
+                        e[keys.LOGIT_SCALE], teacher_scales=(30.0, 30.0),
                         teacher_dims=(24, 24), average=average)
     _close(two, one, 1e-6)
 
@@ -386,8 +426,8 @@ def test_embeddings_are_normalized_per_teacher_slice():
   # Per-row, per-slice factors as stored fp16 vectors would have (not exactly unit) and worse.
   factors = np.concatenate([np.repeat(rng.uniform(0.5, 2.0, (10, 1)), d, 1) for d in dims], 1)
   scaled = {k: v * factors.astype(np.float32) for k, v in e.items()
-            if k in (losses.TEACHER_IMAGE, losses.TEACHER_TEXT)}
-  scaled[losses.IMAGE] = 3.0 * e[losses.IMAGE]
+            if k in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT)}
+  scaled[keys.IMAGE_EMB] = 3.0 * e[keys.IMAGE_EMB]
   config = losses.LossConfig(clip_weight=0.5, distill_weight=0.5, teacher_scales=(70.0, 60.0),
                              teacher_dims=dims)
   _, metrics = _dr_loss(e, config)
@@ -420,10 +460,10 @@ def test_user_errors_are_explained():
   with pytest.raises(ValueError, match="needs 'logit_bias'"):
     losses.dr_loss(e, losses.LossConfig(kind='sigmoid', teacher_dims=(24,), teacher_scales=(1.,)))
   with pytest.raises(ValueError, match="unknown embedding keys \\['image'\\]"):
-    losses.dr_loss({**e, 'image': e[losses.IMAGE]}, config)
+    losses.dr_loss({**e, 'image': e[keys.IMAGE_EMB]}, config)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), losses.BATCH_AXES)
   with pytest.raises(ValueError, match='global batch 12 does not split over the 8 devices'):
-    losses.clip_loss(np.ones((12, 4)), np.ones((12, 4)), 1.0, mesh=mesh)
+    clip_loss(np.ones((12, 4)), np.ones((12, 4)), 1.0, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +479,8 @@ def _sharded(e, mesh):
   return {k: jax.device_put(v, batch_sharding) if np.ndim(v) == 2 else v for k, v in e.items()}
 
 
-_STUDENT_KEYS = (losses.IMAGE, losses.TEXT, losses.SYN_TEXT, losses.LOGIT_SCALE, losses.LOGIT_BIAS)
+_STUDENT_KEYS = (keys.IMAGE_EMB, keys.TEXT_EMB, keys.SYN_TEXT_EMB, keys.LOGIT_SCALE,
+                 keys.LOGIT_BIAS)
 
 
 def _value_and_grads(e, config, mesh):
@@ -479,14 +520,15 @@ def test_sharded_sigmoid_dr_loss_equals_single_device():
                              teacher_scales=(10.0, 20.0), teacher_dims=(16, 8),
                              teacher_biases=(-5.0, -8.0))
   e = _embeddings(17, 32, 12, config.teacher_dims)
-  e[losses.LOGIT_BIAS] = np.float32(-3.0)
+  e[keys.LOGIT_BIAS] = np.float32(-3.0)
   _assert_sharded_equals_single_device(e, config, _mesh((4, 2)))
 
 
 def test_sharded_loss_never_builds_the_global_logit_matrix():
+  # The unstreamed form; test_streamed_loss.py checks that the streamed one holds only tiles.
   global_batch, local_batch = 64, 8
   config = losses.LossConfig(clip_weight=0.5, distill_weight=0.5, teacher_scales=(70.0, 60.0),
-                             teacher_dims=(16, 8))
+                             teacher_dims=(16, 8), block_size=0)
   mesh = _mesh((4, 2))
   e = _sharded(_embeddings(18, global_batch, 12, config.teacher_dims), mesh)
   student = {k: v for k, v in e.items() if k in _STUDENT_KEYS}

@@ -197,7 +197,8 @@ def test_mct_matches_apple_reference(reparameterized):
   text_vars = {c: tree['text'] for c, tree in variables.items()}
   if reparameterized:
     text_vars = mobileclip_jax.reparameterize(text_vars)
-  tower = text_lib.TextTransformer(config.text, config.embed_dim, reparameterized=reparameterized)
+  tower = text_lib.TextTransformer(config=config.text, embed_dim=config.embed_dim,
+                                   opts=layers.Options(reparameterized=reparameterized))
   out = tower.apply(text_vars, jnp.asarray(data['tokens']))
   want = data['text_features_reparam' if reparameterized else 'text_features']
   assert _rel(out, want) <= TOL

@@ -2,6 +2,7 @@
 and a dead peer ends the run with an error instead of a hang."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,3 +83,35 @@ def test_a_dead_peer_ends_the_run_with_an_error(setup):
   assert time.time() - start < 180
   assert any(word in out.lower() for word in ('heartbeat', 'unavailable', 'coordination',
                                               'distributed', 'connection')), out[-3000:]
+
+
+@pytest.mark.slow  # Three two-process launches.
+def test_preempted_processes_agree_on_a_step_save_it_and_resume(setup):
+  # SIGTERM to one process: JAX's preemption service makes every process save the same step
+  # and exit cleanly, with no collective in the loop; rerunning both resumes from it.
+  tmp, data_dir = setup[0], str(setup[0] / 'tfds')
+  config_path = single._config_file(tmp, data_dir, total=16, every=100)  # pylint: disable=protected-access
+  one = str(tmp / 'preempt_one')
+  _finish(_launch(config_path, one, devices=4))
+  workdir = str(tmp / 'preempt_two')
+  port = portpicker.pick_unused_port()
+  procs = [_launch(config_path, workdir, devices=2, process_id=i, num_processes=2, port=port)
+           for i in range(2)]
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and max(_losses(workdir), default=0) >= 3):
+    assert procs[0].poll() is None and time.time() < deadline, procs[0].stdout.read()[-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [_finish(p, timeout=300) for p in procs]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert len(saved) == 1 and 3 <= saved[0] < 16, (saved, outs[0][-2000:])
+  assert all(f'checkpoint of step {saved[0]}' in out for out in outs)
+  port = portpicker.pick_unused_port()
+  for out in [_finish(p) for p in [_launch(config_path, workdir, devices=2, process_id=i,
+                                           num_processes=2, port=port) for i in range(2)]]:
+    assert f'at step {saved[0]}' in out and 'Resumed from' in out
+  want, got = _losses(one), _losses(workdir)
+  assert sorted(got) == list(range(1, 17))
+  for step in range(saved[0] + 1, 17):
+    assert got[step] == pytest.approx(want[step], rel=1e-5)

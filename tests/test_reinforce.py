@@ -23,9 +23,11 @@ import pytest
 
 from mobileclip_jax import checkpoint
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
+from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy
@@ -93,7 +95,7 @@ def _read_shards(out, names=('00000000.tar', '00000001.tar', '00000002.tar')):
   samples = []
   for name in names:
     for raw in wds.iter_samples(os.path.join(str(out), name)):
-      samples.append((raw, wds.decode_sample(raw, reinforced=True)))
+      samples.append((raw, sample_codec.decode_sample(raw, reinforced=True)))
   return samples
 
 
@@ -231,7 +233,7 @@ def test_output_builds_into_tfds_with_its_metadata(world, generated, tmp_path):
   assert read['teachers'] == ['ViT-B-16:teacher_a', 'ViT-B-16:teacher_b']
   assert (read['k'], read['teacher_dims']) == (GEN.k, [16, 24])
   assert augment.from_generation_config(read['augmentation']) == AUG
-  reinforced_tfds.build_dataset(out, 'via_config', str(tmp_path / 'tfds'),
+  dataset_build.build_dataset(out, 'via_config', str(tmp_path / 'tfds'),
                                 teacher_dims=read['teacher_dims'], teachers=read['teachers'],
                                 k=read['k'], augmentation=read['augmentation'], progress=False)
   # ... and so does build_tfds, with every setting from the config.

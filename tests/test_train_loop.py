@@ -12,7 +12,9 @@ import pytest
 
 from mobileclip_jax import config as config_lib
 from mobileclip_jax.data import demo_dataset
+from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import loop
+from mobileclip_jax.train import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'launch', 'train.py')
@@ -186,18 +188,38 @@ def test_durations_in_steps_epochs_and_examples():
     config_lib.parse_duration('3 weeks', 8)
 
 
-def test_every_config_file_loads_with_its_presets():
-  for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
-    if name.endswith('.py') and name != 'demo.py':  # demo.py takes a role: see test_demo.py.
-      for arg in ('', ':runlocal'):
-        config = config_lib.load_config_file(os.path.join(ROOT, 'configs', name) + arg)
-        assert loop.model_config_from(config).name == config.model.name
-  s4 = config_lib.load_config_file(os.path.join(ROOT, 'configs', 's4.py'))
+def test_every_recipe_loads_with_its_presets():
+  specs = config_lib.recipe_specs()
+  assert sorted(specs) == sorted(n for n in clip_lib.MODEL_CONFIGS if 'MobileCLIP' in n)
+  for name, spec in specs.items():
+    for presets in ('', ',runlocal', ',ablation_12m'):
+      config = config_lib.load_config_file(spec + presets)
+      assert setup.model_config(config).name == config.model.name == name
+  s4 = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mobileclip2.py:s4'))
   assert (s4.batch_size, s4.schedule.total, s4.optim.lr, s4.optim.b2) == (65536, '200000_steps',
                                                                           1e-3, 0.95)
   assert tuple(s4.loss.teacher_scales) == (70.0, 60.0) and s4.loss.distill_weight == 1.0
-  np.testing.assert_allclose(config_lib.load_config_file(
-      os.path.join(ROOT, 'configs', 'mobileclip_b.py')).loss.distill_weight, 0.75)
+  b = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mobileclip.py:b'))
+  np.testing.assert_allclose((b.loss.distill_weight, b.loss.clip_weight), (0.75, 0.25))
+  b_lt = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mobileclip.py:b_lt'))
+  assert (b_lt.schedule.kind, b_lt.schedule.total) == ('constant_cosine', '600000_steps')
+  with pytest.raises(ValueError, match=r'needs a variant first, one of s0, s2, s3, s4, b, l14'):
+    config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mobileclip2.py:runlocal'))
+  with pytest.raises(ValueError, match="Unknown config preset 'runlokal'"):
+    config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mobileclip2.py:s0,runlokal'))
+
+
+def test_evaluators_are_added_from_the_command_line():
+  argv = ['train.py', '--config=c.py', '--config.evals.demo=demo',
+          '--config.evals.demo.every_steps=100', "--config.evals.coco.source='coco'",
+          '--config.optim.lr=1']
+  rest, entries = config_lib.pop_eval_overrides(argv)
+  assert rest == ['train.py', '--config=c.py', '--config.optim.lr=1']
+  assert entries == {'demo': {'source': 'demo', 'every_steps': 100}, 'coco': {'source': 'coco'}}
+  config = config_lib.base_config()
+  config.lock()
+  config_lib.add_evals(config, entries)
+  assert config.evals.demo.every_steps == 100 and config.evals.coco.source == 'coco'
 
 
 def test_restore_onto_a_different_mesh(tmp_path, data_dir):
@@ -210,9 +232,7 @@ def test_restore_onto_a_different_mesh(tmp_path, data_dir):
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))  # As if the run had stopped at 2.
   config.mesh.data, config.mesh.fsdp = 2, 4
   loop.train(config, workdir)  # Resumes at step 2 with parameters sharded 4-way.
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f if '"loss"' in line]
-  resumed = {r['step']: r['loss'] for r in rows[len(first):]}
-  assert sorted(resumed) == [3, 4]
+  resumed = _losses(workdir)
+  assert sorted(resumed) == [1, 2, 3, 4]
   for step in (3, 4):
     assert resumed[step] == pytest.approx(first[step], rel=1e-5)

@@ -1,16 +1,17 @@
-"""The train step: sharded == single device, accumulation == full batch, open_clip's optimizer rules."""
+"""The train step as train/setup.py builds it: sharded == single device, accumulation == full
+batch, the optimizer's rules (open_clip's decay set, lr multipliers, freezing), sharding rules."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import mobileclip_jax
-from mobileclip_jax import losses
+from mobileclip_jax import config as config_lib
+from mobileclip_jax import rules
 from mobileclip_jax import sharding as sharding_lib
+from mobileclip_jax.convert import open_clip as oc_convert
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import optimizer as optimizer_lib
-from mobileclip_jax.train import step as step_lib
+from mobileclip_jax.train import setup
 
 CONTEXT = 16
 TINY_TEXT = dict(layers=1, width=32, heads=2, vocab_size=1000, context_length=CONTEXT)
@@ -23,6 +24,7 @@ TINY_MCI = dict(embed_dim=16, image=dict(depths=(1, 1), widths=(16, 64), token_m
 TINY_B = dict(embed_dim=16, image_size=32, image=dict(width=32, depth=1, heads=2), text=TINY_TEXT)
 TINY_VIT = dict(embed_dim=16, image_size=32, image=dict(width=32, depth=2, heads=2, patch_size=8),
                 text=TINY_TEXT)
+DIMS = (8, 8)
 
 
 def _tokens(rng, batch):
@@ -39,7 +41,7 @@ def _unit(x):
   return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def make_batch(batch=16, size=32, dims=(8, 8), seed=0):
+def make_batch(batch=16, size=32, dims=DIMS, seed=0):
   rng = np.random.default_rng(seed)
   teacher = lambda: np.concatenate([_unit(rng.normal(size=(batch, d))) for d in dims], -1)
   return {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
@@ -48,122 +50,169 @@ def make_batch(batch=16, size=32, dims=(8, 8), seed=0):
           'teacher_syn_text_emb': teacher()}
 
 
-def _setup(name, overrides, accum_steps=1, mesh=None, loss_config=None, total_steps=10,
-           adamw=False):
-  config = clip_lib.get_config(name, **overrides)
-  model = clip_lib.CLIP(config)
-  variables = model.init(jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config))
-  schedule = optimizer_lib.lr_schedule(1e-3, total_steps, 2)
-  if adamw:
-    tx = optimizer_lib.make_optimizer(config, variables['params'], schedule, b1=0.9, b2=0.95,
-                                      eps=None, weight_decay=0.2, grad_clip=1.0)
-  else:
-    # Equivalence tests use SGD: Adam turns float noise in exactly-zero gradients (e.g. of the
-    # attention key bias, to which softmax is invariant) into full-size +-lr updates.
-    tx = optax.sgd(lambda step: 10 * schedule(step))
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                              batch_stats=variables.get('batch_stats', {}),
-                              opt_state=tx.init(variables['params']))
-  loss_config = loss_config or losses.LossConfig(clip_weight=0.25, distill_weight=0.75,
-                                                 teacher_scales=(70.0, 60.0), teacher_dims=(8, 8))
-  step = step_lib.make_train_step(model, tx, loss_config, mesh=mesh, accum_steps=accum_steps,
-                                  use_syn=True, use_teachers=True)
-  return state, step
+def make_config(name, overrides, batch=16, accum_steps=1, total_steps=10, **optim):
+  c = config_lib.base_config()
+  c.model.name = name
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      c.model[key].update(value)
+    else:
+      c.model[key] = value
+  c.batch_size, c.accum_steps = batch, accum_steps
+  c.schedule.total, c.schedule.warmup = f'{total_steps}_steps', '2_steps'
+  # Equivalence tests: a large eps keeps Adam from turning float noise in exactly-zero
+  # gradients (e.g. of the attention key bias, to which softmax is invariant) into +-lr updates.
+  c.optim.eps = 1e-4
+  c.optim.update(optim)
+  c.loss.clip_weight, c.loss.distill_weight = 0.25, 0.75
+  c.sharding.min_fsdp_size = 64
+  return c
 
 
-def _run(state, step, batch, mesh=None, steps=2):
-  if mesh is None:
-    fn = jax.jit(step)
-  else:
-    state_sh = sharding_lib.infer_shardings(state, mesh, min_fsdp_size=64)
-    state = jax.device_put(state, state_sh)
-    fn = jax.jit(step, in_shardings=(state_sh, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding_lib.replicated(mesh)))
-    batch = sharding_lib.global_batch(batch, mesh)
+def build(config, mesh=None):
+  mesh = mesh or sharding_lib.create_mesh(devices=jax.devices()[:1])
+  spec = setup.InputSpec.synthetic(setup.model_config(config), DIMS)
+  return setup.build(config, mesh, spec=spec)
+
+
+def train(run, batch, steps=2):
+  """(final state, per-step metrics) of `steps` steps on one fixed batch."""
+  state = run.init_state()
+  batch = sharding_lib.global_batch(batch, run.mesh)
   history = []
   for _ in range(steps):
-    state, metrics = fn(state, batch)
+    state, metrics = run.step(state, batch)
     history.append(jax.device_get(metrics))
   return jax.device_get(state), history
 
 
-def _single_device(name, overrides):
-  batch = make_batch()
-  state, step = _setup(name, overrides)
-  return batch, _run(state, step, batch)
+def _assert_same_run(got, want, rtol=2e-4):
+  (got_state, got_history), (want_state, want_history) = got, want
+  for g, w in zip(got_history, want_history):
+    for key in ('loss', 'gt/distill', 'syn/clip', 'grad_norm'):
+      np.testing.assert_allclose(g[key], w[key], rtol=rtol, err_msg=key)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got_state.params)[0],
+                          jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+  for g, w in zip(jax.tree.leaves(got_state.batch_stats), jax.tree.leaves(want_state.batch_stats)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope='module')
 def single_device_b():
-  return _single_device('MobileCLIP2-B', TINY_B)
-
-
-def _check_sharded_equals_single_device(name, overrides, single, shape):
-  batch, (want_state, want_history) = single
-  mesh = sharding_lib.create_mesh(*shape)
-  state, step = _setup(name, overrides, mesh=mesh)
-  got_state, got_history = _run(state, step, batch, mesh)
-  for got, want in zip(got_history, want_history):
-    for key in ('loss', 'gt/distill', 'syn/clip', 'grad_norm'):
-      np.testing.assert_allclose(got[key], want[key], rtol=2e-4, err_msg=key)
-  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(got_state.params)[0],
-                               jax.tree.leaves(want_state.params)):
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5, err_msg=jax.tree_util.keystr(path))
-  for got, want in zip(jax.tree.leaves(got_state.batch_stats),
-                       jax.tree.leaves(want_state.batch_stats)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  return train(build(make_config('MobileCLIP2-B', TINY_B)), make_batch())
 
 
 @pytest.mark.parametrize('shape', [(8, 1), (4, 2), (1, 8)])
 def test_sharded_step_equals_single_device(single_device_b, shape):
-  _check_sharded_equals_single_device('MobileCLIP2-B', TINY_B, single_device_b, shape)
+  run = build(make_config('MobileCLIP2-B', TINY_B), sharding_lib.create_mesh(*shape))
+  if shape[1] > 1:  # The fsdp axis really splits parameters and optimizer state.
+    specs = {s.spec for s in jax.tree.leaves(run.state_shardings)}
+    assert any('fsdp' in spec for spec in specs), specs
+  _assert_same_run(train(run, make_batch()), single_device_b)
 
 
 @pytest.mark.slow
 def test_sharded_mci_step_equals_single_device():
-  single = _single_device('MobileCLIP2-S0', TINY_MCI)
-  _check_sharded_equals_single_device('MobileCLIP2-S0', TINY_MCI, single, (4, 2))
+  config = make_config('MobileCLIP2-S0', TINY_MCI)
+  _assert_same_run(train(build(config, sharding_lib.create_mesh(4, 2)), make_batch()),
+                   train(build(config), make_batch()))
 
 
 @pytest.mark.parametrize('accum_steps', [2, 4])
 def test_accumulation_keeps_all_negatives_and_equals_the_full_batch(accum_steps):
   # A BatchNorm-free model: micro-batches then see exactly the full-batch computation.
-  batch = make_batch()
-  want_state, want = _run(*_setup('ViT-B-16', TINY_VIT), batch)
-  got_state, got = _run(*_setup('ViT-B-16', TINY_VIT, accum_steps=accum_steps), batch)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g['loss'], w['loss'], rtol=1e-5)
-    np.testing.assert_allclose(g['grad_norm'], w['grad_norm'], rtol=1e-4)
-  for g, w in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  want = train(build(make_config('ViT-B-16', TINY_VIT)), make_batch())
+  got = train(build(make_config('ViT-B-16', TINY_VIT, accum_steps=accum_steps)), make_batch())
+  _assert_same_run(got, want, rtol=1e-4)
 
 
-def test_accumulation_runs_sharded_with_batchnorm_models():
-  mesh = sharding_lib.create_mesh(4, 2)
-  state, step = _setup('MobileCLIP2-B', TINY_B, accum_steps=2, mesh=mesh)
-  _, history = _run(state, step, make_batch(), mesh, steps=3)
-  assert all(np.isfinite(h['loss']) for h in history)
+def test_accumulation_with_batchnorm_is_the_same_sharded_or_not():
+  # Per micro-batch BatchNorm statistics and their running averages do not depend on the mesh.
+  config = make_config('MobileCLIP2-B', TINY_B, accum_steps=2)
+  want = train(build(config), make_batch(), steps=3)
+  _assert_same_run(train(build(config, sharding_lib.create_mesh(4, 2)), make_batch(), steps=3),
+                   want)
+  full_batch = train(build(make_config('MobileCLIP2-B', TINY_B)), make_batch(), steps=3)
+  assert not np.allclose(want[1][0]['loss'], full_batch[1][0]['loss'], rtol=1e-6)
 
 
 def test_loss_falls_on_a_fixed_batch():
-  state, step = _setup('MobileCLIP2-B', TINY_B, total_steps=40, adamw=True)
-  _, history = _run(state, step, make_batch(batch=8), steps=25)
+  config = make_config('MobileCLIP2-B', TINY_B, batch=8, total_steps=40)
+  config.optim.eps = None  # The recipe's AdamW.
+  _, history = train(build(config), make_batch(batch=8), steps=25)
   assert history[-1]['loss'] < 0.7 * history[0]['loss']
 
 
-def test_weight_decay_set_follows_open_clips_name_and_ndim_rule():
-  config = clip_lib.get_config('MobileCLIP2-S0')
-  abstract = jax.eval_shape(clip_lib.CLIP(config).init, jax.random.PRNGKey(0),
-                            *clip_lib.dummy_inputs(config))
-  mask = optimizer_lib.weight_decay_mask(config, abstract['params'])
-  p = mask['visual']
-  assert p['stages_0']['blocks_0']['layer_scale']['gamma']            # (C, 1, 1) in timm: decayed.
-  assert p['stages_0']['blocks_0']['mlp']['fc1']['kernel']
-  assert not p['stages_0']['blocks_0']['mlp']['fc1']['bias']
-  assert not p['stem_0']['conv_kxk_0']['bn']['scale']
-  assert mask['text']['token_embedding']['embedding'] and mask['text']['positional_embedding']
-  assert mask['text']['text_projection'] and not mask['logit_scale']
-  assert not mask['text']['blocks_0']['norm1']['scale']                # ln_1.weight.
+def _open_clip_decay_set(model_config):
+  """open_clip's rule on the PyTorch names and shapes: ndim >= 2 and none of bn/ln/bias/scale."""
+  decayed = set()
+  for entry in oc_convert.conversion_table(model_config):
+    name = entry.torch_key
+    if entry.collection == 'params' and len(entry.torch_shape) >= 2 and not any(
+        s in name for s in ('bn', 'ln', 'bias', 'logit_scale')):
+      decayed.add('/'.join(entry.path))
+  return decayed
+
+
+@pytest.mark.parametrize('name', sorted(clip_lib.MODEL_CONFIGS))
+def test_default_decay_rules_give_open_clips_decay_set(name):
+  model_config = clip_lib.get_config(name)
+  params = jax.eval_shape(clip_lib.CLIP(model_config).init, jax.random.PRNGKey(0),
+                          *clip_lib.dummy_inputs(model_config))['params']
+  wd_rules = rules.DEFAULT_WD_RULES
+  if model_config.image_layout == 'open_clip':
+    wd_rules = (rules.OPEN_CLIP_VIT_WD_RULE,) + wd_rules
+  mults = rules.tree_values(wd_rules, params, 1.0, 'optim.wd_rules', strict=False)
+  flat = {rules.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(mults)[0]}
+  assert {path for path, m in flat.items() if m} == _open_clip_decay_set(model_config)
+
+
+def test_lr_multipliers_and_frozen_parameters():
+  # No clipping: frozen parameters leave the global norm, which would rescale the others.
+  base = make_config('ViT-B-16', TINY_VIT, grad_clip=0.0)
+  frozen = make_config('ViT-B-16', TINY_VIT, grad_clip=0.0, freeze=(r'^text/',),
+                       lr_rules=((r'^visual/head/', 0.0), (r'^visual/', 2.0)))
+  run = build(frozen)
+  opt_leaves = jax.tree.leaves(run.abstract_state.opt_state)
+  assert len(opt_leaves) < len(jax.tree.leaves(build(base).abstract_state.opt_state))
+  start = jax.device_get(run.init_state().params)
+  state, _ = train(run, make_batch(), steps=2)
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, start)
+  assert not any(jax.tree.leaves(changed['text']))            # Frozen: not a bit moved.
+  assert not any(jax.tree.leaves(changed['visual']['head']))  # lr x 0.
+  assert changed['visual']['blocks_0']['mlp']['fc1']['kernel'] and changed['logit_scale']
+  # lr x 2 on the first step (Adam's update is lr * sign-like, weight decay aside): twice the
+  # base run's step for the same gradients.
+  one = lambda config: train(build(config), make_batch(), steps=1)[0].params
+  base_delta = one(base)['visual']['blocks_0']['mlp']['fc1']['bias'] - start['visual'][
+      'blocks_0']['mlp']['fc1']['bias']
+  got_delta = one(frozen)['visual']['blocks_0']['mlp']['fc1']['bias'] - start['visual'][
+      'blocks_0']['mlp']['fc1']['bias']
+  np.testing.assert_allclose(got_delta, 2 * base_delta, rtol=1e-4, atol=1e-9)
+
+
+def test_rules_that_match_nothing_or_are_malformed_are_refused():
+  with pytest.raises(ValueError, match=r"optim.freeze: the rule\(s\) \['\^txt/'\] match no"):
+    build(make_config('ViT-B-16', TINY_VIT, freeze=('^txt/',)))
+  with pytest.raises(ValueError, match='is not a regular expression'):
+    build(make_config('ViT-B-16', TINY_VIT, lr_rules=(('visual/(', 2.0),)))
+
+
+def test_sharding_rules_override_the_fsdp_default():
+  config = make_config('ViT-B-16', TINY_VIT)
+  config.sharding.rules = ((r'params/visual/blocks_\d+/mlp/fc1/kernel$', 'replicate'),
+                           (r'params/text/token_embedding/embedding$', ('fsdp', None)))
+  run = build(config, sharding_lib.create_mesh(4, 2))
+  params = run.state_shardings.params
+  assert params['visual']['blocks_0']['mlp']['fc1']['kernel'].spec == jax.sharding.PartitionSpec()
+  assert params['text']['token_embedding']['embedding'].spec == jax.sharding.PartitionSpec(
+      'fsdp', None)
+  # Unmatched large arrays keep the default: split along their largest divisible dimension.
+  assert 'fsdp' in params['visual']['blocks_0']['mlp']['fc2']['kernel'].spec
+  config.sharding.rules = ((r'fc1/kernel$', ('fsdp',)),)
+  with pytest.raises(ValueError, match='one mesh axis'):
+    build(config, sharding_lib.create_mesh(4, 2))
 
 
 def test_schedule_equals_open_clips_cosine_lr():
@@ -186,17 +235,32 @@ def test_schedule_equals_open_clips_cosine_lr():
 def test_eps_rule_and_logit_scale_clamp():
   assert optimizer_lib.default_eps('MobileCLIP2-L-14') == 1e-8
   assert optimizer_lib.default_eps('ViT-L-14') == 1e-6
-  clamped = optimizer_lib.clamp_logit_scale({'logit_scale': jnp.array(7.0), 'x': 1})
+  clamped = optimizer_lib.clamp_logit_scale({'logit_scale': np.array(7.0), 'x': 1})
   np.testing.assert_allclose(clamped['logit_scale'], np.log(100.0), rtol=1e-6)
 
 
 def test_objective_selection():
-  assert step_lib.select_objective(make_batch().keys(), 'auto') == (True, True)
-  assert step_lib.select_objective(['image', 'text'], 'auto') == (False, False)
-  assert step_lib.select_objective(make_batch().keys(), 'clip') == (False, False)
+  reinforced = make_batch().keys()
+  assert setup.select_objective(reinforced, 'auto') == setup.Objective(True, True)
+  assert setup.select_objective(['image', 'text'], 'auto') == setup.Objective(False, False)
+  assert setup.select_objective(reinforced, 'clip') == setup.Objective(False, False)
   with pytest.raises(ValueError, match='needs a reinforced dataset'):
-    step_lib.select_objective(['image', 'text'], 'dr')
+    setup.select_objective(['image', 'text'], 'dr')
 
 
-def test_create_model_is_the_public_entry():
-  assert isinstance(mobileclip_jax.create_model('MobileCLIP2-S4'), clip_lib.CLIP)
+def test_batch_that_does_not_split_over_the_mesh_is_refused():
+  with pytest.raises(ValueError, match='use a multiple of 16'):
+    build(make_config('ViT-B-16', TINY_VIT, batch=24, accum_steps=2),
+          sharding_lib.create_mesh(8, 1))
+
+
+def test_optimizer_state_keeps_the_layout_of_earlier_checkpoints():
+  # Checkpoints written with optax.chain(clip, optax.adamw(mask=...)) must restore: same tree.
+  run = build(make_config('ViT-B-16', TINY_VIT))
+  params = run.abstract_state.params
+  schedule = optimizer_lib.lr_schedule(1e-3, 10, 2)
+  before = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      schedule, b1=0.9, b2=0.95, eps=1e-4, weight_decay=0.2,
+      mask=jax.tree.map(lambda _: True, params)))
+  assert (jax.tree.structure(jax.eval_shape(run.tx.init, params)) ==
+          jax.tree.structure(jax.eval_shape(before.init, params)))

@@ -1,7 +1,9 @@
-"""Tests for mobileclip_jax.data.wds (tar shards) and mobileclip_jax.data.errors.
+"""Tests for the tar layer: wds (shards, manifests, the damage-tolerant reader), sample_codec,
+torch_pickle, uid_join, and errors (policy, counters, the skipped-samples list).
 
 The torch file reader is checked against torch.save/torch.load themselves; shard reading is
-checked against what Python's tarfile wrote. The sample helpers here are also used by
+checked against what Python's tarfile wrote, and a fuzz test damages tars at random and checks
+that every sample of the intact tar is accounted for. The sample helpers here are also used by
 test_build_dataset.py.
 """
 import collections
@@ -17,9 +19,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from mobileclip_jax.data import augment
+from mobileclip_jax.data import errors
+from mobileclip_jax.data import sample_codec
+from mobileclip_jax.data import torch_pickle
+from mobileclip_jax.data import uid_join
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import (BudgetExceededError, CorruptSampleError, ErrorPolicy,
-                                        SkipCounter)
+                                        SkipCounter, SkipLog)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,13 +48,14 @@ def unit_rows(rng: np.random.Generator, rows: int, dims) -> np.ndarray:
 
 
 def make_sample(rng: np.random.Generator, i: int, k: int = 3, dims=(8, 8),
-                syn_counts=(('syn_text', 2),), uid_prefix: str = 'uid') -> wds.Sample:
+                syn_counts=(('syn_text', 2),), uid_prefix: str = 'uid'
+                ) -> sample_codec.Sample:
   """A random reinforced sample with key f'{i:06d}' and uid f'{uid_prefix}{i}'."""
   syn_keys = tuple(key for key, _ in syn_counts)
   index = np.concatenate([[j] * n for j, (_, n) in enumerate(syn_counts)]).astype(np.int32)
-  paug = [[[int(a), 1, 10, 12], [[int(rng.integers(14)), float(rng.normal())], None]]
-          for a in range(k)]
-  return wds.Sample(
+  # Stored augmentations as Apple's generator draws them, for the 24 x 20 image.
+  paug = [augment.sample_params(rng, 20, 24) for _ in range(k)]
+  return sample_codec.Sample(
       shard='', key=f'{i:06d}', uid=f'{uid_prefix}{i}', image=jpeg_bytes(rng), image_format='jpg',
       captions=[f'a photo number {i} ü'], syn_keys=syn_keys,
       syn_captions=[f'synthetic {i}.{j} {syn_keys[c]}' for j, c in enumerate(index)],
@@ -58,7 +66,7 @@ def make_sample(rng: np.random.Generator, i: int, k: int = 3, dims=(8, 8),
 def to_pth_gz(members: dict[str, bytes]) -> dict[str, bytes]:
   """Replaces the 'npz' member by a gzip'd torch.save of bfloat16 tensors (DataCompDR-12M-bf16)."""
   import torch  # pylint: disable=g-import-not-at-top
-  arrays = wds.load_npz(members.pop('npz'))
+  arrays = sample_codec.load_npz(members.pop('npz'))
   buffer = io.BytesIO()
   torch.save({k: torch.from_numpy(np.asarray(v, np.float32)).to(torch.bfloat16)
               for k, v in arrays.items()}, buffer)
@@ -78,9 +86,9 @@ def tar_bytes(entries) -> bytes:
 
 
 def collect(path):
-  """(samples, errors) of a shard read with a recording error handler."""
-  errors = []
-  return list(wds.iter_samples(path, errors.append)), errors
+  """(samples, reports) of a shard read with a recording error handler."""
+  reports = []
+  return list(wds.iter_samples(path, reports.append)), reports
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +124,9 @@ def test_shard_writer_round_trip_and_layout(tmp_path):
     for key, members in samples:
       writer.write(key, members)
   assert writer.paths == [pattern.format(i) for i in range(3)]
-  assert sorted(os.listdir(tmp_path / 'out')) == ['00000.tar', '00001.tar', '00002.tar']
+  assert sorted(os.listdir(tmp_path / 'out')) == ['00000.tar', '00001.tar', '00002.tar',
+                                                  wds.MANIFEST_FILE]
+  assert [wds.manifest_count(p) for p in writer.paths] == [3, 3, 1]
   read = [(s.key, s.members) for p in writer.paths for s in wds.iter_samples(p)]
   assert read == samples
   # Standard tar members named '<key>.<ext>', as webdataset writes them.
@@ -166,10 +176,30 @@ def test_shard_writer_is_atomic(tmp_path):
         assert not os.path.exists(pattern.format(len(writer.paths) - 1))
         assert len([n for n in os.listdir(tmp_path) if n.endswith('.tmp')]) == 1
       raise RuntimeError('crash')
-  # The finished shard is complete; the unfinished one left nothing behind.
-  assert os.listdir(tmp_path) == ['000.tar']
+  # The finished shard is complete and in the manifest; the unfinished one left nothing behind.
+  assert sorted(os.listdir(tmp_path)) == ['000.tar', wds.MANIFEST_FILE]
   assert [s.key for s in wds.iter_samples(pattern.format(0))] == ['k0', 'k1']
-  assert writer.paths == [pattern.format(0)]
+  assert writer.paths == [pattern.format(0)] and wds.manifest_count(pattern.format(0)) == 2
+
+
+def test_manifest_merges_and_reads_datacompdr_and_raygen_forms(tmp_path):
+  with wds.ShardWriter(str(tmp_path / '{:05d}.tar'), 2) as writer:
+    for i in range(3):
+      writer.write(f'k{i}', {'txt': b'x'})
+  lines = (tmp_path / wds.MANIFEST_FILE).read_text().splitlines()
+  assert [json.loads(line) for line in lines] == [{'shard': '00000', 'num_samples': 2},
+                                                  {'shard': '00001', 'num_samples': 1}]
+  wds.write_manifest({str(tmp_path / '00001.tar'): 5, str(tmp_path / 'x.tar'): 1})
+  assert [wds.manifest_count(str(tmp_path / f'{n}.tar')) for n in ('00000', '00001', 'x', 'y')
+          ] == [2, 5, 1, None]
+  # RayGen's manifest spells the count num_uids.
+  (tmp_path / 'raygen').mkdir()
+  (tmp_path / 'raygen' / wds.MANIFEST_FILE).write_text('{"shard": "00000007", "num_uids": 9}\n')
+  assert wds.manifest_count(str(tmp_path / 'raygen' / '00000007.tar')) == 9
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / wds.MANIFEST_FILE).write_text('{"shard": "a"}\n')
+  with pytest.raises(ValueError, match=r'manifest.jsonl line 1 is not'):
+    wds.manifest_count(str(tmp_path / 'bad' / 'a.tar'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,15 +208,21 @@ def test_shard_writer_is_atomic(tmp_path):
 
 def test_iter_samples_groups_members_like_webdataset(tmp_path):
   path = tmp_path / 'a.tar'
+  long_key = 'deep/' * 30 + 's3'  # Past ustar's 100 + 155 name bytes: a PAX header holds it.
   path.write_bytes(tar_bytes([
       ('dir/s1.jpg', b'1'), ('dir/s1.TXT', b't1'), ('dir/s1.syn.json', b'{}'),
       ('README', b'no extension: ignored'), ('__meta__.json', b'{}'),
-      ('s2.pth.gz', b'2'), ('s2.json', b'{}'),
+      ('s2.pth.gz', b'2' * 1000), ('s2.json', b'{}'), (f'{long_key}.txt', b'3'),
   ]))
-  samples, errors = collect(str(path))
-  assert errors == []
+  samples, reports = collect(str(path))
+  assert reports == []
   assert [(s.key, sorted(s.members)) for s in samples] == [
-      ('dir/s1', ['jpg', 'syn.json', 'txt']), ('s2', ['json', 'pth.gz'])]
+      ('dir/s1', ['jpg', 'syn.json', 'txt']), ('s2', ['json', 'pth.gz']), (long_key, ['txt'])]
+  assert samples[1].members['pth.gz'] == b'2' * 1000
+  # The same as Python's tarfile reads, member by member.
+  with tarfile.open(path) as tar:
+    names = [m.name for m in tar.getmembers()]
+  assert names[-1] == f'{long_key}.txt'
 
 
 def test_iter_samples_reports_duplicates(tmp_path):
@@ -195,39 +231,170 @@ def test_iter_samples_reports_duplicates(tmp_path):
       ('a.txt', b'1'), ('a.txt', b'2'),  # the same member twice
       ('b.txt', b'3'), ('c.txt', b'4'), ('b.jpg', b'5'),  # key b split in two runs
   ]))
-  samples, errors = collect(str(path))
+  samples, reports = collect(str(path))
   assert [s.key for s in samples] == ['b', 'c']
-  assert [(e.key, e.reason) for e in errors] == [('a', wds.DUPLICATE), ('b', wds.DUPLICATE)]
+  assert [(e.key, e.reason) for e in reports] == [('a', errors.DUPLICATE),
+                                                  ('b', errors.DUPLICATE)]
   with pytest.raises(CorruptSampleError, match="sample 'a': duplicate"):
     list(wds.iter_samples(str(path)))
 
 
-@pytest.mark.parametrize('cut, kept', [
-    ('mid_member', ['s0', 's1']), ('member_boundary', ['s0', 's1']),
-    # Cut inside s2's first header: s1 may have had more members, so it is not kept either.
-    ('in_header', ['s0'])])
-def test_truncated_tar_keeps_samples_before_the_cut(tmp_path, cut, kept):
-  entries = [(f'{k}.{e}', bytes(700)) for k in ('s0', 's1', 's2') for e in ('jpg', 'txt')]
+def _six_samples(tmp_path, manifest=True):
+  """A tar of s0..s5 (jpg and txt of 700 bytes: each member is 3 blocks of 512); its bytes."""
+  entries = [(f's{i}.{e}', bytes(700)) for i in range(6) for e in ('jpg', 'txt')]
   data = tar_bytes(entries)
-  # Each member is a 512-byte header plus two 512-byte data blocks: s2 starts at 4 * 1536.
-  cut_at = {'mid_member': 4 * 1536 + 700, 'member_boundary': 5 * 1536,
-            'in_header': 4 * 1536 + 100}[cut]
-  path = tmp_path / 'cut.tar'
-  path.write_bytes(data[:cut_at])
-  samples, errors = collect(str(path))
-  # The last, possibly incomplete sample goes with the rest into one corrupt-shard event.
-  assert [s.key for s in samples] == kept
-  assert [(e.key, e.reason) for e in errors] == [('*', wds.CORRUPT_SHARD)]
-  assert f'after sample {kept[-1]!r}' in str(errors[0]) and str(path) in str(errors[0])
-  with pytest.raises(CorruptSampleError, match='corrupt_shard'):
-    list(wds.iter_samples(str(path)))
+  if manifest:
+    wds.write_manifest({str(tmp_path / 'x.tar'): 6})
+  return data
 
 
-def test_unreadable_file_is_one_corrupt_shard_event(tmp_path):
-  path = tmp_path / 'junk.tar'
-  path.write_bytes(b'this is not a tar file' * 40)
-  samples, errors = collect(str(path))
-  assert samples == [] and [e.reason for e in errors] == [wds.CORRUPT_SHARD]
+def _read_damaged(tmp_path, data):
+  path = tmp_path / 'x.tar'
+  path.write_bytes(data)
+  stats = wds.ShardStats(str(path))
+  reports = []
+  samples = list(wds.iter_samples(str(path), reports.append, stats))
+  return [s.key for s in samples], [(e.key, e.reason, e.count) for e in reports], stats
+
+
+MEMBER = 3 * 512  # One 700-byte member: its header and two data blocks.
+SAMPLE = 2 * MEMBER
+
+
+@pytest.mark.parametrize('cut_at, kept, cut_sample', [
+    (4 * SAMPLE + 700, ['s0', 's1', 's2', 's3'], 's4'),  # inside s4.jpg's data
+    (4 * SAMPLE + MEMBER, ['s0', 's1', 's2', 's3'], 's4'),  # between s4's two members
+    # Inside s4's first header: s3 may have had more members, so it is reported too.
+    (4 * SAMPLE + 100, ['s0', 's1', 's2'], 's3'),
+    (6 * SAMPLE, ['s0', 's1', 's2', 's3', 's4'], 's5'),  # before the end-of-archive marker
+    (6 * SAMPLE + 512, ['s0', 's1', 's2', 's3', 's4'], 's5'),  # inside it (2 zero blocks)
+])
+def test_cut_tar_counts_every_lost_sample(tmp_path, cut_at, kept, cut_sample):
+  data = _six_samples(tmp_path)
+  keys, reports, stats = _read_damaged(tmp_path, data[:cut_at])
+  assert keys == kept
+  lost = 6 - len(kept) - 1
+  assert reports == [(cut_sample, errors.TAR_TRUNCATED, 1),
+                     (f'({cut_sample}, end)', errors.TAR_TRUNCATED, lost)]
+  assert len(keys) + sum(r[2] for r in reports) == 6  # Every sample of the intact tar.
+  assert (stats.samples, stats.expected, stats.damaged, stats.unknown_loss) == (
+      len(kept) + 1, 6, 1, False)
+  with pytest.raises(CorruptSampleError, match='tar_truncated'):
+    list(wds.iter_samples(str(tmp_path / 'x.tar')))
+
+
+def test_cut_tar_without_manifest_is_counted_from_the_other_shards(tmp_path):
+  data = _six_samples(tmp_path, manifest=False)
+  keys, reports, stats = _read_damaged(tmp_path, data[:2 * SAMPLE + 700])
+  assert keys == ['s0', 's1'] and stats.unknown_loss
+  assert reports == [('s2', errors.TAR_TRUNCATED, 1), ('(s2, end)', errors.TAR_TRUNCATED, 0)]
+  whole = [wds.ShardStats('a.tar', samples=6), wds.ShardStats('b.tar', samples=6),
+           wds.ShardStats('c.tar', samples=3, damaged=1)]  # c was damaged: not a reference.
+  estimate = wds.estimate_cut_loss(whole + [stats])
+  assert [(e.shard, e.key, e.reason, e.count) for e in estimate] == [
+      (str(tmp_path / 'x.tar'), '(s2, end)', errors.TAR_TRUNCATED, 3)]
+  assert wds.estimate_cut_loss([stats]) == []  # No shard read whole: nothing to go by.
+
+
+def _flip(data: bytes, position: int) -> bytes:
+  return data[:position] + bytes([data[position] ^ 0x40]) + data[position + 1:]
+
+
+@pytest.mark.parametrize('manifest', [True, False])
+def test_damaged_header_resyncs_at_the_next_one(tmp_path, manifest):
+  data = _six_samples(tmp_path, manifest)
+  # One flipped bit in the name of s2.txt's header: that header fails its checksum, its data
+  # blocks are no headers, and reading resumes at s3.jpg. s2 lacks a member and s3 may lack
+  # some: both are reported by key; no whole sample was inside the stretch.
+  keys, reports, stats = _read_damaged(tmp_path, _flip(data, 2 * SAMPLE + MEMBER + 1))
+  assert keys == ['s0', 's1', 's4', 's5']
+  assert reports == [('s2', errors.TAR_DAMAGED, 1), ('s3', errors.TAR_DAMAGED, 1),
+                     ('(s2, s3)', errors.TAR_DAMAGED, 0)]
+  assert stats.damaged == 1 and not stats.unknown_loss
+
+
+@pytest.mark.parametrize('manifest', [True, False])
+def test_destroyed_stretch_counts_the_samples_inside(tmp_path, manifest):
+  data = _six_samples(tmp_path, manifest)
+  junk = np.random.default_rng(0).bytes(2 * SAMPLE)  # s2 and s3, headers and all.
+  keys, reports, _ = _read_damaged(tmp_path, data[:2 * SAMPLE] + junk + data[4 * SAMPLE:])
+  assert keys == ['s0', 's5']
+  # s1 and s4 border the stretch; s2 and s3 are lost in it, keys unreadable. Without a manifest
+  # the count is the stretch's size over the mean sample size, exact here.
+  assert reports == [('s1', errors.TAR_DAMAGED, 1), ('s4', errors.TAR_DAMAGED, 1),
+                     ('(s1, s4)', errors.TAR_DAMAGED, 2)]
+
+
+def test_damage_with_nothing_to_measure_by_is_left_to_the_other_shards(tmp_path):
+  """No manifest and no intact sample: the stretch's loss is unknown, not guessed as 0."""
+  data = _six_samples(tmp_path, manifest=False)
+  junk = np.random.default_rng(1).bytes(4 * SAMPLE)
+  keys, reports, stats = _read_damaged(tmp_path, data[:SAMPLE] + junk + data[5 * SAMPLE:])
+  assert keys == [] and stats.unknown_loss and stats.loss_key == '(s0, s5)'
+  assert reports == [('s0', errors.TAR_DAMAGED, 1), ('s5', errors.TAR_DAMAGED, 1),
+                     ('(s0, s5)', errors.TAR_DAMAGED, 0)]
+  estimate = wds.estimate_cut_loss([wds.ShardStats('a.tar', samples=6), stats])
+  assert [(e.key, e.reason, e.count) for e in estimate] == [
+      ('(s0, s5)', errors.TAR_DAMAGED, 4)]
+
+
+def test_unreadable_file_loses_what_the_manifest_lists(tmp_path):
+  wds.write_manifest({str(tmp_path / 'x.tar'): 7})
+  keys, reports, stats = _read_damaged(tmp_path, b'this is not a tar file' * 40)
+  assert keys == [] and reports == [('(start, end)', errors.TAR_TRUNCATED, 7)]
+  (tmp_path / wds.MANIFEST_FILE).unlink()
+  wds.write_manifest({})  # Clears the manifest cache.
+  _, reports, stats = _read_damaged(tmp_path, b'this is not a tar file' * 40)
+  assert reports == [('(start, end)', errors.TAR_TRUNCATED, 0)] and stats.unknown_loss
+
+
+def test_intact_tar_shorter_than_its_manifest(tmp_path):
+  data = _six_samples(tmp_path)
+  wds.write_manifest({str(tmp_path / 'x.tar'): 8})
+  keys, reports, _ = _read_damaged(tmp_path, data)
+  assert len(keys) == 6 and reports == [('*', errors.MISSING_SAMPLES, 2)]
+
+
+def test_fuzzed_tars_never_crash_and_lose_nothing_uncounted(tmp_path):
+  """Random bit flips, overwritten stretches, zeroed blocks and cuts: every sample of the intact
+  tar is yielded or counted in a report, and every yielded sample decodes or raises a
+  CorruptSampleError."""
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / 'src' / '00000.tar')
+  samples = [make_sample(rng, i) for i in range(16)]
+  with wds.ShardWriter(path.replace('00000', '{:05d}'), 100) as writer:
+    for sample in samples:
+      writer.write(sample.key, sample_codec.encode_sample(sample))
+  intact = open(path, 'rb').read()
+  outcomes = collections.Counter()
+  for trial in range(300):
+    r = np.random.default_rng([1, trial])
+    data = bytearray(intact)
+    for _ in range(int(r.integers(1, 4))):
+      kind, position = int(r.integers(4)), int(r.integers(len(data)))
+      if kind == 0:
+        data[position] ^= int(r.integers(1, 256))
+      elif kind == 1:
+        length = min(int(r.integers(1, 3000)), len(data) - position)
+        data[position:position + length] = r.bytes(length)
+      elif kind == 2:
+        block = position // 512 * 512
+        data[block:block + 512 * int(r.integers(1, 4))] = bytes(512 * int(r.integers(1, 4)))
+      else:
+        data = data[:position]
+    with open(path, 'wb') as f:
+      f.write(bytes(data))
+    reports, decoded = [], 0
+    for raw in wds.iter_samples(path, reports.append):
+      try:
+        sample_codec.decode_sample(raw, reinforced=True)
+        decoded += 1
+      except CorruptSampleError as e:
+        reports.append(e)
+    assert decoded + sum(e.count for e in reports) == len(samples), (trial, reports)
+    outcomes[min(decoded, 1)] += 1
+  # Both kinds of outcome were exercised: some damage left samples decodable, some killed all.
+  assert outcomes[0] and outcomes[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +416,7 @@ def test_load_pth_gz_equals_torch_load():
   buffer = io.BytesIO()
   torch.save(value, buffer)
   raw = buffer.getvalue()
-  got = wds.load_pth_gz(gzip.compress(raw))
+  got = torch_pickle.load_pth_gz(gzip.compress(raw))
   expected = torch.load(io.BytesIO(raw), weights_only=False)
 
   def same(a, b):
@@ -278,9 +445,9 @@ def test_load_pth_gz_refuses_other_objects():
   buffer = io.BytesIO()
   torch.save({'counts': collections.Counter('abc')}, buffer)
   with pytest.raises(pickle.UnpicklingError, match='collections.Counter is not allowed'):
-    wds.load_torch(buffer.getvalue())
+    torch_pickle.load_torch(buffer.getvalue())
   with pytest.raises(ValueError, match='zip-format'):
-    wds.load_torch(b'not a zip')
+    torch_pickle.load_torch(b'not a zip')
 
 
 def test_decode_json_accepts_json_in_a_string():
@@ -295,10 +462,10 @@ def test_decode_json_accepts_json_in_a_string():
 def test_check_image():
   rng = np.random.default_rng(0)
   data = jpeg_bytes(rng, (40, 30))
-  assert wds.check_image(data) == (40, 30)
+  assert sample_codec.check_image(data) == (40, 30)
   for bad in (data[:len(data) // 2], b'GIF89a garbage', b''):
     with pytest.raises(CorruptSampleError, match='bad_image'):
-      wds.check_image(bad, 's.tar', 'k')
+      sample_codec.check_image(bad, 's.tar', 'k')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +476,8 @@ def _raw(members: dict[str, bytes], key='000001') -> wds.RawSample:
   return wds.RawSample('s.tar', key, dict(members))
 
 
-def _assert_same_sample(got: wds.Sample, want: wds.Sample, exact_emb: bool = True):
+def _assert_same_sample(got: sample_codec.Sample, want: sample_codec.Sample,
+                        exact_emb: bool = True):
   for field in ('uid', 'image', 'image_format', 'captions', 'syn_keys', 'syn_captions', 'paug'):
     assert getattr(got, field) == getattr(want, field), field
   np.testing.assert_array_equal(got.syn_key_index, want.syn_key_index)
@@ -325,36 +493,36 @@ def _assert_same_sample(got: wds.Sample, want: wds.Sample, exact_emb: bool = Tru
 def test_encode_decode_round_trip(per_key_emb):
   rng = np.random.default_rng(1)
   sample = make_sample(rng, 1, syn_counts=(('syn_text_coca', 2), ('syn_text_dfn', 3)))
-  members = wds.encode_sample(sample, per_key_emb=per_key_emb)
-  arrays = wds.load_npz(members['npz'])
+  members = sample_codec.encode_sample(sample, per_key_emb=per_key_emb)
+  arrays = sample_codec.load_npz(members['npz'])
   if per_key_emb:
     assert arrays['text_emb'].shape == (1, 16) and arrays['syn_text_dfn_emb'].shape == (3, 16)
   else:
     assert arrays['text_emb'].shape == (6, 16) and len(arrays) == 2
-  _assert_same_sample(wds.decode_sample(_raw(members), reinforced=True), sample)
+  _assert_same_sample(sample_codec.decode_sample(_raw(members), reinforced=True), sample)
 
 
 def test_decode_pth_gz_bfloat16_and_selects_syn_keys_by_regex():
   pytest.importorskip('torch')
   rng = np.random.default_rng(2)
   sample = make_sample(rng, 2, syn_counts=(('syn_text_a', 2), ('syn_text_b', 1)))
-  members = to_pth_gz(wds.encode_sample(sample, per_key_emb=True))
-  _assert_same_sample(wds.decode_sample(_raw(members), True), sample, exact_emb=False)
-  only_b = wds.decode_sample(_raw(members), True, syn_key_regex=r'^syn_text_b$')
+  members = to_pth_gz(sample_codec.encode_sample(sample, per_key_emb=True))
+  _assert_same_sample(sample_codec.decode_sample(_raw(members), True), sample, exact_emb=False)
+  only_b = sample_codec.decode_sample(_raw(members), True, syn_key_regex=r'^syn_text_b$')
   assert only_b.syn_keys == ('syn_text_b',) and only_b.syn_captions == sample.syn_captions[2:]
   np.testing.assert_allclose(np.asarray(only_b.text_emb, np.float32),
                              sample.text_emb[[0, 3]], rtol=2**-8, atol=1e-6)
   # With both, npz (float32) is preferred, as in open_clip's DataCompDR loader.
-  members['npz'] = wds.encode_sample(sample)['npz']
-  _assert_same_sample(wds.decode_sample(_raw(members), True), sample)
+  members['npz'] = sample_codec.encode_sample(sample)['npz']
+  _assert_same_sample(sample_codec.decode_sample(_raw(members), True), sample)
 
 
 def test_paug_param_aug_may_be_a_json_string():
   rng = np.random.default_rng(3)
   sample = make_sample(rng, 3)
-  members = wds.encode_sample(sample)
+  members = sample_codec.encode_sample(sample)
   members['paug.json'] = json.dumps({'param_aug': json.dumps(sample.paug)}).encode()
-  assert wds.decode_sample(_raw(members), True).paug == sample.paug
+  assert sample_codec.decode_sample(_raw(members), True).paug == sample.paug
 
 
 def _without(members, name):
@@ -368,26 +536,26 @@ def _npz(**arrays) -> bytes:
 
 
 @pytest.mark.parametrize('edit, reason', [
-    (lambda m, s: _without(m, 'jpg'), wds.MISSING_MEMBER),
-    (lambda m, s: _without(m, 'txt'), wds.MISSING_MEMBER),
-    (lambda m, s: _without(m, 'paug.json'), wds.MISSING_MEMBER),
-    (lambda m, s: _without(m, 'npz'), wds.MISSING_MEMBER),
-    (lambda m, s: {**m, 'txt': b'\xff\xfe caption'}, wds.BAD_UTF8),
-    (lambda m, s: {**m, 'syn.json': b'{"syn_text": "not a list"}'}, wds.BAD_JSON),
-    (lambda m, s: {**m, 'paug.json': b'{"other": []}'}, wds.BAD_JSON),
-    (lambda m, s: {**m, 'npz': m['npz'][:100]}, wds.BAD_EMBEDDINGS),
-    (lambda m, s: {**m, 'npz': _npz(image_emb=s.image_emb)}, wds.BAD_EMBEDDINGS),
+    (lambda m, s: _without(m, 'jpg'), errors.MISSING_MEMBER),
+    (lambda m, s: _without(m, 'txt'), errors.MISSING_MEMBER),
+    (lambda m, s: _without(m, 'paug.json'), errors.MISSING_MEMBER),
+    (lambda m, s: _without(m, 'npz'), errors.MISSING_MEMBER),
+    (lambda m, s: {**m, 'txt': b'\xff\xfe caption'}, errors.BAD_UTF8),
+    (lambda m, s: {**m, 'syn.json': b'{"syn_text": "not a list"}'}, errors.BAD_JSON),
+    (lambda m, s: {**m, 'paug.json': b'{"other": []}'}, errors.BAD_JSON),
+    (lambda m, s: {**m, 'npz': m['npz'][:100]}, errors.BAD_EMBEDDINGS),
+    (lambda m, s: {**m, 'npz': _npz(image_emb=s.image_emb)}, errors.BAD_EMBEDDINGS),
     (lambda m, s: {**m, 'npz': _npz(image_emb=s.image_emb, text_emb=s.text_emb[:2])},
-     wds.EMB_ROWS),
+     errors.EMB_ROWS),
     (lambda m, s: {**m, 'npz': _npz(image_emb=s.image_emb, text_emb=s.text_emb[:, :5])},
-     wds.EMB_ROWS),
+     errors.EMB_ROWS),
 ])
 def test_decode_errors_name_shard_key_and_reason(edit, reason):
   rng = np.random.default_rng(4)
   sample = make_sample(rng, 4)
-  members = edit(wds.encode_sample(sample), sample)
+  members = edit(sample_codec.encode_sample(sample), sample)
   with pytest.raises(CorruptSampleError) as info:
-    wds.decode_sample(_raw(members, key='000004'), reinforced=True)
+    sample_codec.decode_sample(_raw(members, key='000004'), reinforced=True)
   assert (info.value.shard, info.value.key, info.value.reason) == ('s.tar', '000004', reason)
 
 
@@ -404,7 +572,7 @@ def test_join_by_uid(tmp_path):
   samples = [make_sample(rng, i) for i in range(6)]
   for s in samples:
     s.sha256 = f'sha{s.uid}'
-  full = {s.uid: wds.encode_sample(s) for s in samples}
+  full = {s.uid: sample_codec.encode_sample(s) for s in samples}
   reinforced = [(s.key, _without(_without(full[s.uid], 'jpg'), 'txt')) for s in samples]
   # Images: in another order, under other keys, without uid4, plus one unknown uid; the image of
   # uid5 changed since the embeddings were computed (sha256 differs).
@@ -414,17 +582,17 @@ def test_join_by_uid(tmp_path):
     images.append((f'img{n}', {'jpg': full[s.uid]['jpg'], 'txt': full[s.uid]['txt'],
                                'json': json.dumps(meta).encode()}))
   images.append(('img9', {'jpg': b'x', 'txt': b'y', 'json': b'{"uid": "unknown"}'}))
-  errors = []
-  joined = list(wds.join_by_uid(wds.iter_samples(_shard(tmp_path / 'dr', reinforced)),
-                                wds.iter_samples(_shard(tmp_path / 'img', images)),
-                                errors.append))
-  decoded = [wds.decode_sample(raw, True) for raw in joined]
+  reports = []
+  joined = list(uid_join.join_by_uid(wds.iter_samples(_shard(tmp_path / 'dr', reinforced)),
+                                     wds.iter_samples(_shard(tmp_path / 'img', images)),
+                                     reports.append))
+  decoded = [sample_codec.decode_sample(raw, True) for raw in joined]
   assert [d.uid for d in decoded] == ['uid0', 'uid1', 'uid2', 'uid3']
   for d in decoded:
     _assert_same_sample(d, samples[int(d.uid[3:])])
-  assert sorted((e.reason, e.key) for e in errors) == [
-      (wds.IMAGE_WITHOUT_SAMPLE, 'img9'), (wds.NO_IMAGE_FOR_UID, '000004'),
-      (wds.SHA256_MISMATCH, '000005')]
+  assert sorted((e.reason, e.key) for e in reports) == [
+      (errors.IMAGE_WITHOUT_SAMPLE, 'img9'), (errors.NO_IMAGE_FOR_UID, '000004'),
+      (errors.SHA256_MISMATCH, '000005')]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,6 +615,27 @@ def test_skip_counter_counts_merges_and_round_trips():
   assert len(a.examples['bad_image']) == 5 and a.examples['bad_image'][0] == 'shard.tar:k0: why'
   assert SkipCounter.from_json(json.loads(json.dumps(a.to_json()))) == a
   assert 'bad_image: 7' in a.summary() and a.num_skipped(exempt={'bad_image'}) == 1
+  # A report standing for several samples counts them all.
+  a.record(CorruptSampleError('s.tar', '(k1, k9)', 'tar_damaged', 'why', count=6))
+  assert a.skipped['tar_damaged'] == 6 and a.seen == 29
+  assert 'every skipped sample (shard, key, reason): L.jsonl' in a.summary('L.jsonl')
+
+
+def test_skip_log_lists_every_skip_and_survives_pickling(tmp_path):
+  error = CorruptSampleError('s.tar', '(k1, end)', errors.TAR_TRUNCATED, 'cut', count=4)
+  assert pickle.loads(pickle.dumps(error)).to_json() == error.to_json()
+  policy, counter = ErrorPolicy('skip'), SkipCounter()
+  with SkipLog(str(tmp_path / 'list.jsonl'), extra={'process': 0}) as log:
+    for i in range(7):  # More than the 5 examples a counter keeps per reason.
+      policy.handle(_error('bad_image', f'k{i}'), counter, log, batch=i)
+    policy.handle(error, counter, log, batch=7)
+  # A line cut by a crash is dropped.
+  with open(tmp_path / 'list.jsonl', 'a') as f:
+    f.write('{"shard": "s.tar", "key"')
+  rows = list(errors.read_skip_log(str(tmp_path / 'list.jsonl')))
+  assert [(r['key'], r['reason'], r['count'], r['batch'], r['process']) for r in rows] == [
+      (f'k{i}', 'bad_image', 1, i, 0) for i in range(7)] + [('(k1, end)', 'tar_truncated', 4, 7, 0)]
+  assert sum(r['count'] for r in rows) == sum(counter.skipped.values()) == 11
 
 
 def test_policy_fail_and_skip():

@@ -34,6 +34,21 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def torch_process_fields(device) -> Dict[str, Any]:
+  """What a torch measurement reports about its process: memory, device, threads, versions."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
+  open_clip, timm = torch_compat.import_open_clip(), torch_compat.import_timm()
+  fields = {'peak_rss_mb': round(peak_rss_mb(), 1), 'device': 'cpu'}
+  if device.type == 'cuda':
+    fields['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    fields['device'] = f'cuda:{torch.cuda.get_device_name()}'
+  fields['threads'] = torch.get_num_threads()
+  fields['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
+                        'timm': timm.__version__}
+  return fields
+
+
 def cpu_time_s() -> float:
   """CPU seconds used by this process (all threads): wall time is unreliable on a shared machine."""
   usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -47,6 +47,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.benchmark import common
 
 DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S4')
@@ -104,7 +105,10 @@ def _time_with_contention(fn, repeats: int) -> Dict[str, Any]:
     others = max(0.0, (busy_after - busy) - (own_after - own)) / (
         (wall_after - wall) * os.cpu_count())
     others = round(others, 3)
-  return {**timing, 'others_cpu_frac': others}
+  # This process's CPU seconds per call (all its threads): with one thread, the call's latency on
+  # an idle core, which the other processes' load does not inflate as it does wall time.
+  cpu_per_call = (own_after - own) / (_WARMUP + timing['repeats'])
+  return {**timing, 'others_cpu_frac': others, 'cpu_s_per_call': cpu_per_call}
 
 
 def _output_path(workdir: str, framework: str, tower: str, form: str, batch: int) -> str:
@@ -192,13 +196,12 @@ def make_reference(variant: str, towers: Sequence[str], max_batch: int, override
 
 
 def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
-                  overrides: Dict[str, Any], workdir: str) -> Dict[str, Any]:
+                  overrides: Dict[str, Any], workdir: str, threads: int = 0) -> Dict[str, Any]:
   """Times the open_clip tower with the saved weights; saves its output [batch, embed_dim]."""
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
   timm = torch_compat.import_timm()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(threads or os.cpu_count())
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   module = _torch_tower(variant, tower, overrides)
   with np.load(_weights_path(workdir, tower)) as weights:
@@ -221,15 +224,7 @@ def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
   with torch.inference_mode():
     np.save(_output_path(workdir, 'torch', tower, form, batch), call().float().cpu().numpy())
     result = _time_with_contention(call, repeats)
-  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
-  if device.type == 'cuda':
-    result['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result['device'] = f'cuda:{torch.cuda.get_device_name()}'
-  else:
-    result['device'] = 'cpu'
-  result['threads'] = torch.get_num_threads()
-  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
-                        'timm': timm.__version__}
+  result.update(common.torch_process_fields(device))
   return result
 
 
@@ -336,25 +331,21 @@ def _forms(variant: str, tower: str, forms: Sequence[str], overrides: Dict[str, 
 
 
 def _measure(function: str, kwargs: Dict[str, Any], max_others_cpu: float,
-             attempts: int) -> Dict[str, Any]:
-  """Runs a measurement in fresh processes until one was quiet enough; the quietest result.
+             attempts: int, module: str = __name__,
+             env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+  """Runs `module.function` in fresh processes until one was quiet enough; the quietest result.
 
   Its `attempts` is the number of processes run.
   """
   best = None
   for attempt in range(1, attempts + 1):
-    result = common.isolated(__name__, function, kwargs)
+    result = common.isolated(module, function, kwargs, env=env)
     others = result['others_cpu_frac']
     if best is None or (others is not None and others < best['others_cpu_frac']):
       best = result
     if others is None or others <= max_others_cpu:
       break
   return {**best, 'attempts': attempt}
-
-
-def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def _significant(x: float, digits: int = 4) -> float:
@@ -417,7 +408,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
                         workdir=workdir)
           torch_r = _measure('measure_torch', kwargs, o['max_others_cpu'], o['attempts'])
           jax_r = _measure('measure_jax', kwargs, o['max_others_cpu'], o['attempts'])
-          rel_l2 = _rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
+          rel_l2 = utils.rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
                            np.load(_output_path(workdir, 'torch', tower, form, batch)))
           yield _row(variant, tower, form, batch, ref['image_size'], jax_r, torch_r, rel_l2,
                      o['rel_l2_tol'])

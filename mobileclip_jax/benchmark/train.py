@@ -28,7 +28,7 @@ Options (all optional; defaults marked CPU / accelerator depend on where JAX run
   seed=0
 
 One row per (variant, batch). Both sides run the MobileCLIP2 recipe's step
-(`config.mobileclip2_recipe`): train-mode BatchNorm; uint8 images normalized inside the step; the
+(configs/mobileclip2.py, the variant's own or S0's for the teachers' ViTs): train-mode BatchNorm; uint8 images normalized inside the step; the
 image tower once and the ground-truth + synthetic captions through the text tower in one pass;
 the DR loss (CLIP + distillation from two 768-d teachers at scales 70 / 60, averaged after
 softmax, both directions, for both caption kinds; weighted 0 / 1 as in the recipe, but both terms
@@ -45,10 +45,10 @@ Method: each framework runs in its own fresh process (`common.isolated`), torch 
   `torch_dr_loss` below, written from the formulas of `mobileclip_jax.losses` (Apple's
   `DRClipLoss` / `DistillClipLoss`). `torch.set_num_threads(os.cpu_count())`; on CUDA TF32
   matmuls and cudnn.benchmark, as open_clip_train's main() sets them.
-- JAX: the saved weights go through `convert.from_open_clip`; the step is
-  `train.step.make_train_step` jitted as the trainer does (a mesh over all devices, state and
-  batch shardings, the state donated); compile time is lower + compile with the persistent
-  compilation cache disabled, so it is a real compile.
+- JAX: the step is the trainer's own, built by `train.setup.build` from the same config (mesh,
+  state and batch shardings, fsdp threshold, accumulation, the state donated); the saved weights
+  go through `convert.from_open_clip` into its state; compile time is lower + compile with the
+  persistent compilation cache disabled, so it is a real compile.
 - The first step's losses (total and each term) and pre-clipping gradient norms of both sides
   are recorded: same weights, same batch, both in train mode, so they must agree.
 - FLOPs and MFU: XLA's cost analysis of the compiled JAX step (`flops_per_step`, per device, the
@@ -63,7 +63,6 @@ Method: each framework runs in its own fresh process (`common.isolated`), torch 
 - A configuration whose process fails (e.g. out of memory at a large batch) yields a row with
   `error` instead of numbers, and the run goes on.
 """
-import math
 import os
 import tempfile
 import time
@@ -99,82 +98,8 @@ _VIT_OVERRIDES = ('width', 'depth', 'heads', 'patch_size')    # JAX ViTConfig na
 _OVERRIDES = ('image_size', 'embed_dim', 'text', 'image')
 _TOLERANCES = {'cpu': {'loss': 1e-4, 'grad': 1e-3}, 'accelerator': {'loss': 1e-2, 'grad': 5e-2},
                'bfloat16': {'loss': 3e-2, 'grad': 1e-1}}
-_CAPTIONS = ('a photo of a cat', 'two dogs playing in the snow on a sunny winter morning',
-             'a diagram on a whiteboard', 'an empty street at night, wet with rain',
-             'a bowl of fruit', 'a red bicycle leaning against a brick wall next to a door',
-             'mountains', 'a close-up of a hand holding a small green frog')
-_SYN_CAPTIONS = ('a tabby cat sitting on a wooden floor next to a window',
-                 'two dogs running through deep snow', 'a whiteboard with a hand-drawn diagram',
-                 'a city street at night with wet pavement reflecting lights',
-                 'a white bowl filled with apples, bananas and oranges',
-                 'a red bike parked against a brick wall', 'snow-capped mountains under a blue sky',
-                 'a person holding a tiny green frog in the palm of a hand')
+TORCH_MODULE = 'mobileclip_jax.benchmark.train_torch'  # The PyTorch side of the comparison.
 _SUBPROCESS_TIMEOUT_S = 4 * 3600  # S4's CPU compile and steps on a loaded machine take long.
-
-
-# ---------------------------------------------------------------- the PyTorch reference loss
-
-
-def torch_dr_loss(image_emb, text_emb, syn_text_emb, teacher_image_emb, teacher_text_emb,
-                  teacher_syn_text_emb, logit_scale, *, teacher_scales: Sequence[float],
-                  teacher_dims: Sequence[int], clip_weight: float, distill_weight: float,
-                  gt_weight: float, syn_weight: float):
-  """The DR objective in PyTorch (softmax kind, teachers averaged after softmax).
-
-  Written from the formulas of `mobileclip_jax.losses` (Apple's `DRClipLoss`): per caption kind,
-  clip_weight * CLIP + distill_weight * KD, summed over kinds with their weights.
-  CLIP = (CE(s U V^T, I) + CE(s V U^T, I)) / 2 with U, V the L2-normalized student image / text
-  rows and s = exp(logit_scale) (the parameter is clamped to [0, log 100] after every step).
-  KD = half the sum over directions of -mean_i sum_j P_ij log softmax_j(student logits)_ij, with
-  P = (1/K) sum_k softmax_j(tau_k T^k_a T^k_b^T) from each teacher's L2-normalized slice.
-
-  Args:
-    image_emb: [B, E] float32 student image embeddings, not normalized.
-    text_emb: [B, E] student embeddings of the ground-truth captions.
-    syn_text_emb: [B, E] student embeddings of the synthetic captions.
-    teacher_image_emb: [B, sum(teacher_dims)] concatenated teacher image embeddings.
-    teacher_text_emb: [B, sum(teacher_dims)] teacher embeddings of the ground-truth captions.
-    teacher_syn_text_emb: [B, sum(teacher_dims)] teacher embeddings of the synthetic captions.
-    logit_scale: [] learned log logit scale.
-    teacher_scales: K teacher logit scales tau_k (not logs).
-    teacher_dims: K teacher embedding widths.
-    clip_weight, distill_weight: weights of the two terms in each caption kind's loss.
-    gt_weight, syn_weight: weights of the caption kinds in the total.
-
-  Returns:
-    (total [] tensor, {'gt/clip', 'gt/distill', 'syn/clip', 'syn/distill': [] tensors}).
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-
-  def teacher_slices(x):
-    return [F.normalize(s, dim=-1) for s in torch.split(x, list(teacher_dims), dim=-1)]
-
-  def soft_cross_entropy(targets, logits):
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-  scale = logit_scale.exp()
-  image = F.normalize(image_emb, dim=-1)
-  teacher_image = teacher_slices(teacher_image_emb)
-  labels = torch.arange(image.shape[0], device=image.device)
-  total, terms = 0.0, {}
-  kinds = (('gt', text_emb, teacher_text_emb, gt_weight),
-           ('syn', syn_text_emb, teacher_syn_text_emb, syn_weight))
-  for kind, text_emb_k, teacher_text_k, kind_weight in kinds:
-    logits_per_image = scale * image @ F.normalize(text_emb_k, dim=-1).T
-    logits_per_text = logits_per_image.T
-    clip = (F.cross_entropy(logits_per_image, labels) +
-            F.cross_entropy(logits_per_text, labels)) / 2
-    with torch.no_grad():  # The stored teacher embeddings are data.
-      teacher_logits = [tau * a @ b.T for tau, a, b in
-                        zip(teacher_scales, teacher_image, teacher_slices(teacher_text_k))]
-      probs_per_image = sum(F.softmax(t, dim=1) for t in teacher_logits) / len(teacher_logits)
-      probs_per_text = sum(F.softmax(t.T, dim=1) for t in teacher_logits) / len(teacher_logits)
-    distill = (soft_cross_entropy(probs_per_image, logits_per_image) +
-               soft_cross_entropy(probs_per_text, logits_per_text)) / 2
-    terms[f'{kind}/clip'], terms[f'{kind}/distill'] = clip, distill
-    total = total + kind_weight * (clip_weight * clip + distill_weight * distill)
-  return total, terms
 
 
 # ---------------------------------------------------------------- shared by the worker processes
@@ -216,165 +141,6 @@ def _timed_steps(step, warmup: int, repeats: int, max_others_cpu: float,
   return {**best, 'sections': section}
 
 
-# ---------------------------------------------------------------- torch side (own processes)
-
-
-def _torch_model(variant: str, overrides: Dict[str, Any]):
-  """`open_clip.create_model(variant)` (random init) with `overrides` in open_clip's terms."""
-  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
-  cfg = open_clip.get_model_config(variant)
-  if cfg is None:
-    raise ValueError(f'open_clip has no model config {variant!r}; the train benchmark compares '
-                     f'variants both frameworks build, e.g. '
-                     f'{", ".join(DEFAULTS["accelerator"]["variants"])}.')
-  vision_cfg = dict(cfg['vision_cfg'])
-  if 'image_size' in overrides:
-    vision_cfg['image_size'] = overrides['image_size']
-  vit = overrides.get('image', {})
-  if vit:
-    vision_cfg.update({k: vit[j] for j, k in (('width', 'width'), ('depth', 'layers'),
-                                              ('patch_size', 'patch_size')) if j in vit})
-    if 'heads' in vit:
-      vision_cfg['head_width'] = vision_cfg['width'] // vit['heads']
-  kwargs = dict(vision_cfg=vision_cfg, text_cfg=dict(cfg['text_cfg'], **overrides.get('text', {})))
-  if 'embed_dim' in overrides:
-    kwargs['embed_dim'] = overrides['embed_dim']
-  return open_clip.create_model(variant, pretrained=None, **kwargs)
-
-
-def _write_reference(model, variant: str, batch: int, image_size: int, workdir: str,
-                     seed: int) -> None:
-  """Gives `model` seeded non-trivial normalization; writes `weights.npz` and `batch.npz`.
-
-  weights.npz: the whole model's state_dict. batch.npz: image uint8 [batch, S, S, 3]; text,
-  syn_text int32 [batch, L] (open_clip's tokenizer); teacher_image_emb, teacher_text_emb,
-  teacher_syn_text_emb float32 [batch, sum(TEACHER_DIMS)], each teacher's slice a unit vector.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
-  _randomize_normalization_(model, torch.Generator().manual_seed(seed + 1))
-  np.savez(_weights_path(workdir), **{k: v.numpy() for k, v in model.state_dict().items()})
-  rng = np.random.default_rng(seed)
-  tokenizer = open_clip.get_tokenizer(variant)
-
-  def tokens(captions):
-    return tokenizer([captions[i % len(captions)] for i in range(batch)]).numpy().astype(np.int32)
-
-  def unit_slices(x):
-    parts = np.split(x, np.cumsum(TEACHER_DIMS)[:-1], axis=-1)
-    return np.concatenate([p / np.linalg.norm(p, axis=-1, keepdims=True) for p in parts], -1)
-
-  # Caption embeddings near their image's, so that the teacher targets peak like real ones.
-  teacher_image = unit_slices(rng.standard_normal((batch, sum(TEACHER_DIMS))))
-  near_image = lambda: unit_slices(teacher_image + rng.standard_normal(teacher_image.shape))
-  np.savez(_batch_path(workdir),
-           image=rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
-           text=tokens(_CAPTIONS), syn_text=tokens(_SYN_CAPTIONS),
-           teacher_image_emb=teacher_image.astype(np.float32),
-           teacher_text_emb=near_image().astype(np.float32),
-           teacher_syn_text_emb=near_image().astype(np.float32))
-
-
-def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_size: int,
-                  recipe: Dict[str, Any], mean: Sequence[float], std: Sequence[float],
-                  workdir: str, seed: int, warmup: int, repeats: int, max_others_cpu: float,
-                  attempts: int, mode: str, dtype: str, write_reference: bool) -> Dict[str, Any]:
-  """Builds the model, runs the DR step in PyTorch; returns first-step values, timings, memory.
-
-  write_reference: write the weights and batch (`_write_reference`); else read them from there.
-  mode: 'eager', or 'compile' (`torch.compile(model)`, as open_clip_train's --torchcompile; the
-  first step, which compiles, is timed as `compile_s`). dtype 'bfloat16': the forward pass and
-  the loss under `torch.autocast` (open_clip_train's --precision amp_bf16).
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
-  open_clip = torch_compat.import_open_clip()
-  timm = torch_compat.import_timm()
-  from open_clip_train import scheduler as scheduler_lib  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  if device.type == 'cuda':  # As open_clip_train's main() sets them.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-  torch.manual_seed(seed)
-  model = _torch_model(variant, overrides)
-  if write_reference:
-    _write_reference(model, variant, batch, image_size, workdir, seed)
-  else:
-    with np.load(_weights_path(workdir)) as weights:
-      model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
-  parameters = sum(p.numel() for p in model.parameters())
-  model = model.to(device).train()
-  forward = torch.compile(model) if mode == 'compile' else model
-  autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
-                                    enabled=dtype == 'bfloat16')
-  with np.load(_batch_path(workdir)) as data:
-    inputs = {k: torch.from_numpy(data[k]).to(device) for k in data.files}
-  num_examples = inputs['image'].shape[0]
-  tokens = torch.cat([inputs['text'], inputs['syn_text']]).long()  # [gt; syn]: one text pass.
-  mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-  std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-  # open_clip_train main(): no weight decay for gains, biases and the logit scale.
-  exclude = lambda n, p: p.ndim < 2 or 'bn' in n or 'ln' in n or 'bias' in n or 'logit_scale' in n
-  named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(
-      [{'params': [p for n, p in named if exclude(n, p)], 'weight_decay': 0.0},
-       {'params': [p for n, p in named if not exclude(n, p)],
-        'weight_decay': recipe['weight_decay']}],
-      lr=recipe['lr'], betas=(recipe['b1'], recipe['b2']), eps=recipe['eps'])
-  schedule = scheduler_lib.cosine_lr(optimizer, recipe['lr'], recipe['warmup_steps'],
-                                     recipe['total_steps'])
-  count = [0]
-
-  def train_step():
-    schedule(count[0])
-    optimizer.zero_grad()
-    # NCHW contiguous, as open_clip's data pipeline hands them over (torch's CPU backward of
-    # these convolutions crashes on the channels-last strides that the permute leaves).
-    images = (inputs['image'].permute(0, 3, 1, 2).contiguous().float() / 255 - mean) / std
-    with autocast():
-      # open_clip's forward (what torch.compile compiles): unit embeddings of both towers.
-      image_emb, text_emb = forward(images, tokens)[:2]
-      gt_emb, syn_emb = text_emb.split(num_examples)
-      loss, terms = torch_dr_loss(
-          image_emb, gt_emb, syn_emb, inputs['teacher_image_emb'], inputs['teacher_text_emb'],
-          inputs['teacher_syn_text_emb'], model.logit_scale, teacher_dims=TEACHER_DIMS,
-          **recipe['loss'])
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['grad_clip'])
-    optimizer.step()
-    with torch.no_grad():
-      model.logit_scale.clamp_(0, math.log(100))
-    if device.type == 'cuda':
-      torch.cuda.synchronize()
-    count[0] += 1
-    return loss, terms, grad_norm
-
-  start = time.perf_counter()
-  loss, terms, grad_norm = train_step()
-  first_step_s = time.perf_counter() - start
-  first = {'loss': loss.item(), 'grad_norm': grad_norm.item(),
-           **{k: v.item() for k, v in terms.items()}}
-  result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
-  result['first_step'] = first
-  if mode == 'compile':
-    result['compile_s'] = round(first_step_s, 3)
-  result['parameters'] = parameters
-  result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
-  if device.type == 'cuda':
-    result['peak_device_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result['device'] = f'cuda:{torch.cuda.get_device_name()}'
-  else:
-    result['device'] = 'cpu'
-  result['threads'] = torch.get_num_threads()
-  result['versions'] = {'torch': torch.__version__, 'open_clip': open_clip.__version__,
-                        'timm': timm.__version__}
-  return result
-
-
 # ---------------------------------------------------------------- JAX side (own processes)
 
 
@@ -384,68 +150,73 @@ def jax_platform() -> Dict[str, str]:
   return {'platform': jax.default_backend()}
 
 
-def measure_jax(variant: str, overrides: Dict[str, Any], recipe: Dict[str, Any], workdir: str,
-                warmup: int, repeats: int, max_others_cpu: float, attempts: int,
-                seed: int, dtype: str) -> Dict[str, Any]:
-  """Compiles and runs the trainer's jitted DR step on the saved weights and batch.
+def training_config(variant: str, batch: int, overrides: Dict[str, Any],
+                    dtype: str = 'float32'):
+  """The config both sides run: MobileCLIP2's recipe (configs/mobileclip2.py) for `variant` at
+  `batch`, with the model overrides and compute dtype; JAX builds its step from it through
+  train/setup.py."""
+  from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax import rules  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  specs = config_lib.recipe_specs()
+  c = config_lib.load_config_file(specs.get(variant, specs['MobileCLIP2-S0']))
+  c.model.name = variant
+  if clip_lib.get_config(variant).image_layout == 'open_clip':
+    c.optim.wd_rules = (rules.OPEN_CLIP_VIT_WD_RULE,) + tuple(c.optim.wd_rules)
+  c.batch_size = batch
+  c.model.dtype = dtype
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      c.model[key].update(value)
+    else:
+      c.model[key] = value
+  return c
+
+
+def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: str, warmup: int,
+                repeats: int, max_others_cpu: float, attempts: int, seed: int,
+                dtype: str) -> Dict[str, Any]:
+  """Builds the trainer's step (train/setup.py) and runs it on the saved weights and batch.
 
   dtype: the model's compute dtype (parameters stay float32). The step's FLOPs are XLA's cost
   analysis of the compiled executable that is timed (per device).
   """
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import convert  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax import losses  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.train import setup  # pylint: disable=g-import-not-at-top
   # A cache hit would make the compile time a cache read.
   jax.config.update('jax_enable_compilation_cache', False)
-  config = clip_lib.get_config(variant, **overrides, dtype=dtype)
+  config = training_config(variant, batch, overrides, dtype)
+  config.seed = seed
+  mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+  model_config = setup.model_config(config)
+  run = setup.build(config, mesh, spec=setup.InputSpec.synthetic(model_config, TEACHER_DIMS))
   with np.load(_weights_path(workdir)) as weights:
-    variables = convert.from_open_clip(weights, config)
-  model = clip_lib.CLIP(config)
-  schedule = optimizer_lib.lr_schedule(recipe['lr'], recipe['total_steps'], recipe['warmup_steps'])
-  tx = optimizer_lib.make_optimizer(
-      config, variables['params'], schedule, b1=recipe['b1'], b2=recipe['b2'], eps=recipe['eps'],
-      weight_decay=recipe['weight_decay'], grad_clip=recipe['grad_clip'])
-  loss_config = losses.LossConfig(teacher_dims=TEACHER_DIMS, **recipe['loss'])
-  mesh = sharding_lib.create_mesh(-1, 1)
+    variables = convert.from_open_clip(weights, model_config)
   with np.load(_batch_path(workdir)) as data:
-    batch = {k: data[k] for k in data.files}
-  if batch['image'].shape[0] % sharding_lib.num_batch_shards(mesh):
-    raise ValueError(f'batch {batch["image"].shape[0]} does not split over the '
-                     f'{sharding_lib.num_batch_shards(mesh)} JAX devices: use a multiple.')
-  batch = sharding_lib.global_batch(batch, mesh)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                              batch_stats=variables.get('batch_stats', {}),
-                              opt_state=tx.init(variables['params']))
+    batch_arrays = sharding_lib.global_batch({k: data[k] for k in data.files}, mesh)
+  state = run.init_state()
+  state = state.replace(
+      params=jax.device_put(variables['params'], run.state_shardings.params),
+      batch_stats=jax.device_put(variables.get('batch_stats', {}), run.state_shardings.batch_stats))
   del variables
-  state_shardings = sharding_lib.infer_shardings(state, mesh)
-  state = jax.device_put(state, state_shardings)
-  step_fn = step_lib.make_train_step(model, tx, loss_config, mesh=mesh, use_syn=True,
-                                     use_teachers=True, seed=seed)
-  start = time.perf_counter()
-  compiled = jax.jit(step_fn, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                     donate_argnums=(0,)).lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  compiled = run.step
   compile_peak_rss_mb = common.peak_rss_mb()  # Loading and compiling, before any step ran.
   holder = {'state': state}
   del state  # Donated by the first step; only `holder` may refer to it.
 
   def train_step():
-    holder['state'], metrics = compiled(holder['state'], batch)
+    holder['state'], metrics = compiled(holder['state'], batch_arrays)
     return jax.block_until_ready(metrics)
 
   metrics = jax.device_get(train_step())
   first = {k: float(metrics[k]) for k in ('loss', 'grad_norm') + LOSS_TERMS}
   result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
   result['first_step'] = first
-  result['compile_s'] = round(compile_s, 3)
+  result['compile_s'] = round(run.lower_seconds + run.compile_seconds, 3)  # Lower + compile.
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   result['compile_peak_rss_mb'] = round(compile_peak_rss_mb, 1)
   cost = compiled.cost_analysis()
@@ -471,11 +242,11 @@ def measure_jax(variant: str, overrides: Dict[str, Any], recipe: Dict[str, Any],
 # ---------------------------------------------------------------- orchestration (runs no model)
 
 
-def recipe_settings(variant: str, batch: int) -> Dict[str, Any]:
-  """MobileCLIP2's optimizer, schedule and loss settings (JSON-able, handed to both sides)."""
+def recipe_settings(variant: str, batch: int, overrides: Dict[str, Any]) -> Dict[str, Any]:
+  """The training config's optimizer, schedule and loss settings, for the torch side (JSON)."""
   from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.mobileclip2_recipe(variant)
+  c = training_config(variant, batch, overrides)
   loss = c.loss
   # torch_dr_loss implements this form of the objective; a recipe that changes it needs both.
   if loss.kind != 'softmax' or loss.average != 'probs' or loss.student_scale is not None:
@@ -483,6 +254,9 @@ def recipe_settings(variant: str, batch: int) -> Dict[str, Any]:
                      f'softmax and the learned student scale; the recipe now has '
                      f'kind={loss.kind!r}, average={loss.average!r}, '
                      f'student_scale={loss.student_scale}.')
+  if c.accum_steps != 1 or c.optim.lr_rules or c.optim.freeze:
+    raise ValueError('The torch side runs one micro-batch, no lr multipliers and no frozen '
+                     'parameters; the recipe asks for them.')
   return {
       'lr': c.optim.lr, 'b1': c.optim.b1, 'b2': c.optim.b2,
       'eps': c.optim.eps if c.optim.eps is not None else optimizer_lib.default_eps(variant),
@@ -564,6 +338,8 @@ def _defaults(o: Dict[str, Any]) -> Dict[str, Any]:
       o[key] = value if isinstance(value, str) else list(value[:1] if o['quick'] and key in (
           'variants', 'batch') else value)
   return o
+
+
 
 
 def _model_config(variant: str, overrides: Dict[str, Any]):
@@ -685,7 +461,8 @@ def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def _isolated(function: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-  return common.isolated(__name__, function, kwargs, timeout=_SUBPROCESS_TIMEOUT_S)
+  module = TORCH_MODULE if function == 'measure_torch' else __name__
+  return common.isolated(module, function, kwargs, timeout=_SUBPROCESS_TIMEOUT_S)
 
 
 def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
@@ -713,13 +490,13 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   for variant in o['variants']:
     config = configs[variant]
     for batch in o['batch']:
-      recipe = recipe_settings(variant, batch)
+      recipe = recipe_settings(variant, batch, o['overrides'])
       with tempfile.TemporaryDirectory(prefix='mobileclip_bench_train_') as workdir:
-        common_kwargs = dict(variant=variant, overrides=o['overrides'], recipe=recipe,
+        common_kwargs = dict(variant=variant, overrides=o['overrides'], batch=batch,
                              workdir=workdir, seed=o['seed'], warmup=o['warmup'],
                              repeats=o['repeats'], max_others_cpu=o['max_others_cpu'],
                              attempts=o['attempts'], dtype=o['dtype'])
-        torch_kwargs = dict(common_kwargs, batch=batch, image_size=config.image_size,
+        torch_kwargs = dict(common_kwargs, recipe=recipe, image_size=config.image_size,
                             mean=list(config.mean), std=list(config.std))
         try:
           torch_rs = {'eager': _isolated('measure_torch', dict(torch_kwargs, mode='eager',

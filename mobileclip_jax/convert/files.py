@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from mobileclip_jax import checkpoint as checkpoint_lib
+from mobileclip_jax import utils
 from mobileclip_jax.convert import apple_v1
 from mobileclip_jax.convert import open_clip as open_clip_lib
 from mobileclip_jax.models import clip as clip_lib
@@ -197,6 +198,7 @@ def write_files(writers: Mapping[str, Callable[[str], None]], overwrite: bool = 
         os.close(fd)
         temps.append((tmp, path))
         writer(tmp)
+        os.chmod(tmp, utils.FILE_MODE)  # mkstemp's 0600 would stick to the result.
       for tmp, path in temps:
         os.replace(tmp, path)
     except BaseException:
@@ -436,6 +438,7 @@ def import_checkpoint(torch_checkpoint: str, out: str,
     tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(out)}.')
     try:
       checkpoint_lib.save_variables(tmp, variables, config)
+      os.chmod(tmp, utils.DIR_MODE)  # mkdtemp's 0700 would stick to the result.
       os.replace(tmp, out)
     finally:
       if os.path.exists(tmp):

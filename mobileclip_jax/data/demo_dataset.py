@@ -7,6 +7,7 @@ seconds), through the same DataCompDR-tar -> TFDS path as real data. The reinfor
 import logging
 import os
 
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import reinforced_tfds
 
@@ -34,5 +35,5 @@ def ensure_plain_dataset(data_dir: str, num_samples: int = 4096, image_size: int
            image_size, data_dir)
   tars = os.path.join(data_dir, f'{PLAIN_NAME}.tars')
   shards = demo_world.write_split(tars, 'train', num_samples, image_size, samples_per_shard, seed)
-  reinforced_tfds.build_dataset(shards, PLAIN_NAME, data_dir, kind='plain', progress=False)
+  dataset_build.build_dataset(shards, PLAIN_NAME, data_dir, kind='plain', progress=False)
   return PLAIN_NAME

@@ -1,44 +1,104 @@
-"""Corrupt-sample errors, the skip/fail policy and the counter that accounts for every skip.
+"""Corrupt-sample errors, their reasons, the skip/fail policy, and the records of every skip.
 
 Used wherever samples are read: building a TFDS dataset from tar shards and loading it for
-training. The rule is that no sample disappears without being counted: a reader that finds a
-bad sample raises `CorruptSampleError`; the caller hands it to `ErrorPolicy.handle`, which
-either re-raises it (mode 'fail') or records it in a `SkipCounter` (mode 'skip') and raises
-`BudgetExceededError` once more samples were skipped than the budget allows. Counters are plain
-picklable objects that merge across worker processes and serialize to JSON, so per-shard counts
-survive a crash and a resumed run still reports the total.
+training. The rule is that no sample disappears without being counted and named: a reader that
+finds a bad sample (or an unreadable stretch of a shard) raises `CorruptSampleError`; the caller
+hands it to `ErrorPolicy.handle`, which either re-raises it (mode 'fail') or records it in a
+`SkipCounter` and a `SkipLog` (mode 'skip') and raises `BudgetExceededError` once more samples
+were skipped than the budget allows. Counters are plain picklable objects that merge across
+worker processes and serialize to JSON, so per-shard counts survive a crash and a resumed run
+still reports the total; the log is the full list, one JSON line per skip.
 """
 import collections
 import dataclasses
-from typing import Any, Iterable
+import json
+import os
+from typing import Any, Iterable, Iterator
 
-# First examples kept per reason: enough to find the bad files, bounded for huge datasets.
+# First examples kept per reason for the summary; the full list is the SkipLog file.
 _EXAMPLES_PER_REASON = 5
+
+# Reasons (CorruptSampleError.reason) raised by the data layer, with what each means.
+MISSING_MEMBER = 'missing_member'
+BAD_UTF8 = 'bad_utf8'
+BAD_JSON = 'bad_json'
+BAD_EMBEDDINGS = 'bad_embeddings'
+EMB_ROWS = 'emb_rows'
+BAD_IMAGE = 'bad_image'
+DUPLICATE = 'duplicate'
+TAR_DAMAGED = 'tar_damaged'
+TAR_TRUNCATED = 'tar_truncated'
+MISSING_SAMPLES = 'missing_samples'
+NO_IMAGE_FOR_UID = 'no_image_for_uid'
+IMAGE_WITHOUT_SAMPLE = 'image_without_sample'
+SHA256_MISMATCH = 'sha256_mismatch'
+EMPTY_CAPTION = 'empty_caption'
+EMB_WIDTH = 'emb_width'
+EMB_NONFINITE = 'emb_nonfinite'
+EMB_NORM = 'emb_norm'
+TOO_FEW_AUGMENTATIONS = 'too_few_augmentations'
+SYN_MISMATCH = 'syn_mismatch'
+BAD_PAUG = 'bad_paug'
+REASONS = {
+    MISSING_MEMBER: 'a member the sample needs (image, txt, syn.json, paug.json, npz/pth.gz) '
+                    'is absent',
+    BAD_UTF8: 'a text member is not valid UTF-8',
+    BAD_JSON: 'a JSON member does not parse or lacks its fields',
+    BAD_EMBEDDINGS: 'the npz/pth.gz member does not load or lacks image_emb/text_emb',
+    EMB_ROWS: 'embedding rows do not match the captions (or the caption count is wrong)',
+    BAD_IMAGE: 'the image does not decode',
+    DUPLICATE: 'a member or a key appears twice in a shard',
+    TAR_DAMAGED: 'samples in or next to an unreadable stretch of a tar (the reader resyncs at '
+                 'the next valid header)',
+    TAR_TRUNCATED: 'samples after the point where a tar is cut short',
+    MISSING_SAMPLES: "samples the shard's manifest.jsonl lists that the tar does not hold",
+    NO_IMAGE_FOR_UID: 'a reinforced sample whose uid has no image in the image shard',
+    IMAGE_WITHOUT_SAMPLE: 'an image whose uid has no reinforced sample',
+    SHA256_MISMATCH: 'the image changed since its embeddings were computed',
+    EMPTY_CAPTION: 'a caption is empty',
+    EMB_WIDTH: "embeddings are not the dataset's width",
+    EMB_NONFINITE: 'embeddings hold NaN/Inf',
+    EMB_NORM: 'a per-teacher embedding slice is not unit-norm',
+    TOO_FEW_AUGMENTATIONS: 'fewer stored augmentations than k',
+    SYN_MISMATCH: "synthetic captions per key differ from the dataset's",
+    BAD_PAUG: 'a stored augmentation is malformed or does not fit the image',
+}
 
 
 class CorruptSampleError(ValueError):
-  """A sample (or a whole shard, key '*') that cannot be used, with where it is and why.
+  """A sample (or a stretch of a shard) that cannot be used, with where it is and why.
 
   Attributes:
     shard: the file the sample came from.
-    key: the sample key inside the shard ('*' for a shard-level problem such as a cut tar).
-    reason: a short machine-readable category, e.g. 'bad_image'; counters aggregate by it.
+    key: the sample key inside the shard, or for samples whose keys are unreadable the open
+      range of keys around them, e.g. '(000004, 000009)' ('start' / 'end' at the edges).
+    reason: a short machine-readable category (see `REASONS`); counters aggregate by it.
     detail: a human-readable explanation.
+    count: the samples this error stands for (0 for a damaged stretch that lost no whole
+      sample: the samples around it are counted under their own keys).
   """
 
-  def __init__(self, shard: str, key: str, reason: str, detail: str = ''):
+  def __init__(self, shard: str, key: str, reason: str, detail: str = '', count: int = 1):
     self.shard, self.key, self.reason, self.detail = str(shard), str(key), reason, detail
+    self.count = int(count)
     message = f'{self.shard}: sample {self.key!r}: {reason}'
+    if self.count != 1:
+      message += f' ({self.count} samples)'
     super().__init__(f'{message}: {detail}' if detail else message)
 
   def __reduce__(self):
-    # Exceptions pickle through their args; keep all four fields across process boundaries.
-    return (CorruptSampleError, (self.shard, self.key, self.reason, self.detail))
+    # Exceptions pickle through their args; keep all fields across process boundaries.
+    return (CorruptSampleError, (self.shard, self.key, self.reason, self.detail, self.count))
 
   @property
   def where(self) -> str:
     """'shard:key', the form used in reports."""
     return f'{self.shard}:{self.key}'
+
+  def to_json(self) -> dict[str, Any]:
+    """One line of the skipped-samples list."""
+    return {'shard': self.shard, 'key': self.key, 'reason': self.reason, 'count': self.count,
+            'detail': self.detail}
 
 
 class BudgetExceededError(RuntimeError):
@@ -61,8 +121,8 @@ class SkipCounter:
     self.accepted += n
 
   def record(self, error: CorruptSampleError) -> None:
-    """Counts one skipped sample under `error.reason` and keeps it as an example if early."""
-    self.skipped[error.reason] += 1
+    """Counts `error.count` skipped samples under `error.reason`; keeps early examples."""
+    self.skipped[error.reason] += error.count
     shown = self.examples.setdefault(error.reason, [])
     if len(shown) < _EXAMPLES_PER_REASON:
       shown.append(f'{error.where}: {error.detail}' if error.detail else error.where)
@@ -84,12 +144,14 @@ class SkipCounter:
     exempt = set(exempt)
     return sum(n for reason, n in self.skipped.items() if reason not in exempt)
 
-  def summary(self) -> str:
-    """Multi-line report: totals, then one line per reason with its first locations."""
+  def summary(self, log_path: str | None = None) -> str:
+    """Multi-line report: totals, one line per reason with its first locations, the list."""
     lines = [f'{self.accepted} samples accepted, {sum(self.skipped.values())} skipped '
              f'(of {self.seen} seen)']
     for reason, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
       lines.append(f'  {reason}: {n}, e.g. ' + '; '.join(self.examples.get(reason, [])))
+    if log_path and self.skipped:
+      lines.append(f'  every skipped sample (shard, key, reason): {log_path}')
     return '\n'.join(lines)
 
   def to_json(self) -> dict[str, Any]:
@@ -101,6 +163,42 @@ class SkipCounter:
     return cls(accepted=int(data['accepted']),
                skipped=collections.Counter({k: int(v) for k, v in data['skipped'].items()}),
                examples={k: list(v) for k, v in data['examples'].items()})
+
+
+class SkipLog:
+  """The full list of skipped samples: one JSON object per line (`CorruptSampleError.to_json`
+  plus any `extra` fields), appended as skips happen and flushed after each.
+
+  One writer per file: worker processes write their own files and the caller joins them.
+  """
+
+  def __init__(self, path: str, extra: dict[str, Any] | None = None):
+    self.path = path
+    self.extra = dict(extra or {})
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    self._file = open(path, 'a', encoding='utf-8')
+
+  def write(self, error: CorruptSampleError, **extra: Any) -> None:
+    self._file.write(json.dumps({**error.to_json(), **self.extra, **extra}) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+  def __enter__(self) -> 'SkipLog':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def read_skip_log(path: str) -> Iterator[dict[str, Any]]:
+  """The rows of a skipped-samples list; a line cut by a crash (the last) is dropped."""
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if line.endswith('\n'):
+        yield json.loads(line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +252,9 @@ class ErrorPolicy:
     return cls(mode=mode, max_count=int(value), **kwargs)
 
   def handle(self, error: CorruptSampleError, counter: SkipCounter,
-             check_budget: bool = True) -> None:
-    """Re-raises `error` (mode 'fail', unless exempt) or records it and checks the budget.
+             log: SkipLog | None = None, check_budget: bool = True, **log_extra: Any) -> None:
+    """Re-raises `error` (mode 'fail', unless exempt) or records it (and logs it) and checks
+    the budget.
 
     Workers whose counters are merged elsewhere pass `check_budget=False` and leave the check
     to the merging process, which sees the totals.
@@ -163,10 +262,12 @@ class ErrorPolicy:
     if self.mode == 'fail' and error.reason not in self.exempt:
       raise error
     counter.record(error)
+    if log is not None:
+      log.write(error, **log_extra)
     if check_budget:
       self.check(counter)
 
-  def check(self, counter: SkipCounter, final: bool = False) -> None:
+  def check(self, counter: SkipCounter, final: bool = False, log_path: str | None = None) -> None:
     """Raises `BudgetExceededError` (with `counter.summary()`) if the budget is exceeded."""
     skipped, seen = counter.num_skipped(self.exempt), counter.seen
     if self.mode == 'fail':
@@ -178,8 +279,8 @@ class ErrorPolicy:
     if over:
       raise BudgetExceededError(
           f'Too many corrupt samples: {skipped} skipped of {seen} seen exceeds the budget '
-          f'({self.describe()}).\n{counter.summary()}\nFix or remove the files named above, '
-          'or raise the budget (e.g. --max_corrupt).')
+          f'({self.describe()}).\n{counter.summary(log_path)}\nFix or remove the files named '
+          'above, or raise the budget (e.g. --max_corrupt).')
 
   def describe(self) -> str:
     if self.mode == 'fail':
@@ -187,5 +288,3 @@ class ErrorPolicy:
     limits = ([f'at most {self.max_count}'] if self.max_count is not None else []) + (
         [f'at most {self.max_fraction:.4%}'] if self.max_fraction is not None else [])
     return 'skip ' + (' and '.join(limits) if limits else 'without limit')
-
-

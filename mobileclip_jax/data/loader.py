@@ -20,9 +20,10 @@ text_emb[c] and text_emb[C + s]. A plain example draws c, then fresh augmentatio
 
 Bad records (undecodable image, invalid paug entry, NaN/Inf in a teacher row used) are found
 while loading. Their CorruptSampleError travels with the data to the main process, where the
-`ErrorPolicy` raises it (naming the dataset, record index, key and uid) or counts it; a skipped
-record is replaced by a record drawn from the same generator, so the batch stays full and
-deterministic.
+`ErrorPolicy` raises it (naming the dataset, record index, key and uid) or counts it (and lists
+it in the `skipped_log` file); a skipped record is replaced by a record drawn from the same
+generator, so the batch stays full and deterministic. The builder ran the same paug validator
+and stricter embedding checks on every record, so this happens only for damaged files.
 
 Work is split into chunks of at most `max_chunk_size` consecutive examples of the process's
 stream, so that a worker holds a few chunks rather than whole pod-size local batches: a Grain
@@ -35,6 +36,7 @@ counts, saved per process by Grain's Orbax handler (`grain.checkpoint.Checkpoint
 import dataclasses
 import io
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -44,22 +46,16 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mobileclip_jax import keys
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import errors
 from mobileclip_jax.data import reinforced_tfds
+from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
-from mobileclip_jax.data import wds
-from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
+from mobileclip_jax.data.errors import (CorruptSampleError, ErrorPolicy, SkipCounter, SkipLog,
+                                        read_skip_log)
 
-IMAGE, TEXT, SYN_TEXT = 'image', 'text', 'syn_text'
-TEACHER_IMAGE_EMB = 'teacher_image_emb'
-TEACHER_TEXT_EMB = 'teacher_text_emb'
-TEACHER_SYN_TEXT_EMB = 'teacher_syn_text_emb'
-PLAIN_KEYS = (IMAGE, TEXT)
-REINFORCED_KEYS = PLAIN_KEYS + (SYN_TEXT, TEACHER_IMAGE_EMB, TEACHER_TEXT_EMB, TEACHER_SYN_TEXT_EMB)
-
-# CorruptSampleError reasons found at load time (bad images reuse wds.BAD_IMAGE).
-BAD_PAUG = 'bad_paug'
-EMB_NONFINITE = reinforced_tfds.EMB_NONFINITE
 # Records tried for one example before giving up: only a dataset that is mostly corrupt gets here.
 MAX_ATTEMPTS = 32
 _ERRORS = '_corrupt'  # Chunk entry carrying the load-time errors to the main process.
@@ -100,7 +96,7 @@ class InputConfig:
   image_size: int = 256
   tokenizer: str | None = None
   context_length: int = tokenizer_lib.DEFAULT_CONTEXT_LENGTH
-  syn_key_regex: str = wds.DEFAULT_SYN_KEY_REGEX
+  syn_key_regex: str = sample_codec.DEFAULT_SYN_KEY_REGEX
   seed: int = 0
   num_epochs: int | None = None
   worker_count: int = 0
@@ -227,14 +223,14 @@ class ChunkLoader:
   def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-example (shape, dtype) of each batch entry; a batch adds a leading [B_local]."""
     size, length = self.config.image_size, self.config.context_length
-    spec = {IMAGE: ((size, size, 3), np.dtype(np.uint8)),
-            TEXT: ((length,), np.dtype(np.int32))}
+    spec = {keys.IMAGE: ((size, size, 3), np.dtype(np.uint8)),
+            keys.TEXT: ((length,), np.dtype(np.int32))}
     if self.reinforced:
       dim = self.meta.embed_dim
-      spec.update({SYN_TEXT: ((length,), np.dtype(np.int32)),
-                   TEACHER_IMAGE_EMB: ((dim,), np.dtype(np.float32)),
-                   TEACHER_TEXT_EMB: ((dim,), np.dtype(np.float32)),
-                   TEACHER_SYN_TEXT_EMB: ((dim,), np.dtype(np.float32))})
+      spec.update({keys.SYN_TEXT: ((length,), np.dtype(np.int32)),
+                   keys.TEACHER_IMAGE: ((dim,), np.dtype(np.float32)),
+                   keys.TEACHER_TEXT: ((dim,), np.dtype(np.float32)),
+                   keys.TEACHER_SYN_TEXT: ((dim,), np.dtype(np.float32))})
     return spec
 
   def stream_positions(self, u: int) -> list[tuple[int, int]]:
@@ -260,35 +256,37 @@ class ChunkLoader:
       return image
     except Exception as e:  # pylint: disable=broad-except
       # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on damaged input.
-      raise self._corrupt(index, record, wds.BAD_IMAGE, f'{type(e).__name__}: {e}') from None
+      raise self._corrupt(index, record, errors.BAD_IMAGE, f'{type(e).__name__}: {e}') from None
 
   def _replay(self, index: int, record: dict[str, Any], image: Image.Image,
               params: Any) -> np.ndarray:
     try:
       return augment.replay(image, params, self.config.image_size, self._augment_config)
     except ValueError as e:
-      raise self._corrupt(index, record, BAD_PAUG, str(e)) from None
+      raise self._corrupt(index, record, errors.BAD_PAUG, str(e)) from None
 
   def _reinforced_example(self, index: int, record: dict[str, Any],
                           rng: np.random.Generator) -> dict[str, Any]:
     a, c, s = self._choices.draw(rng)
-    rows = {TEACHER_IMAGE_EMB: ('image_emb', a), TEACHER_TEXT_EMB: ('text_emb', c),
-            TEACHER_SYN_TEXT_EMB: ('text_emb', self.meta.num_captions + s)}
+    rows = {keys.TEACHER_IMAGE: ('image_emb', a), keys.TEACHER_TEXT: ('text_emb', c),
+            keys.TEACHER_SYN_TEXT: ('text_emb', self.meta.num_captions + s)}
     embeddings = {}
     for key, (name, row) in rows.items():
       # Only the rows used are checked: the whole record costs 10x more (float16 math).
       embeddings[key] = record[name][row].astype(np.float32)
       if not np.isfinite(embeddings[key]).all():
-        raise self._corrupt(index, record, EMB_NONFINITE, f'{name}[{row}] has NaN/Inf values')
+        raise self._corrupt(index, record, errors.EMB_NONFINITE,
+                            f'{name}[{row}] has NaN/Inf values')
     try:
       entries = json.loads(record['paug'])
       params = entries[a]
     except (ValueError, TypeError, IndexError, KeyError) as e:
-      raise self._corrupt(index, record, BAD_PAUG,
+      raise self._corrupt(index, record, errors.BAD_PAUG,
                           f'no augmentation {a} of k={self.meta.k} ({type(e).__name__}: '
                           f'{e})') from None
     image = self._replay(index, record, self._image(index, record), params)
-    return {IMAGE: image, TEXT: record['captions'][c], SYN_TEXT: record['syn_captions'][s],
+    return {keys.IMAGE: image, keys.TEXT: record['captions'][c],
+            keys.SYN_TEXT: record['syn_captions'][s],
             **embeddings}
 
   def _plain_example(self, index: int, record: dict[str, Any],
@@ -296,11 +294,12 @@ class ChunkLoader:
     c = int(rng.integers(self.meta.num_captions))
     image = self._image(index, record)
     params = augment.sample_params(rng, image.height, image.width, self._augment_config)
-    return {IMAGE: self._replay(index, record, image, params), TEXT: record['captions'][c]}
+    return {keys.IMAGE: self._replay(index, record, image, params),
+            keys.TEXT: record['captions'][c]}
 
   def example(self, epoch: int, position: int) -> tuple[dict[str, Any], list[CorruptSampleError]]:
     """The example at (epoch, position): (raw fields, errors of the records it replaced)."""
-    errors = []
+    replaced = []
     for attempt in range(MAX_ATTEMPTS):
       rng = np.random.default_rng([self.config.seed, epoch, position, attempt])
       # A replacement record is drawn at random: the next one in any order would often be a
@@ -310,28 +309,29 @@ class ChunkLoader:
       record = self._source[index]
       try:
         if self.reinforced:
-          return self._reinforced_example(index, record, rng), errors
-        return self._plain_example(index, record, rng), errors
+          return self._reinforced_example(index, record, rng), replaced
+        return self._plain_example(index, record, rng), replaced
       except CorruptSampleError as e:
-        errors.append(e)
+        replaced.append(e)
     raise RuntimeError(f'{MAX_ATTEMPTS} records in a row were corrupt (epoch {epoch}, position '
-                       f'{position}) in {self._path}; the last: {errors[-1]}')
+                       f'{position}) in {self._path}; the last: {replaced[-1]}')
 
   def __call__(self, u: int) -> dict[str, Any]:
-    examples, errors = [], []
+    examples, replaced = [], []
     for epoch, position in self.stream_positions(int(u)):
-      example, example_errors = self.example(epoch, position)
+      example, example_replaced = self.example(epoch, position)
       examples.append(example)
-      errors.extend(example_errors)
+      replaced.extend(example_replaced)
     length = self.config.context_length
-    images = np.stack([e[IMAGE] for e in examples])
-    batch = {IMAGE: images,
-             TEXT: self._tokenizer([e[TEXT].decode('utf-8') for e in examples], length)}
+    images = np.stack([e[keys.IMAGE] for e in examples])
+    batch = {keys.IMAGE: images,
+             keys.TEXT: self._tokenizer([e[keys.TEXT].decode('utf-8') for e in examples], length)}
     if self.reinforced:
-      batch[SYN_TEXT] = self._tokenizer([e[SYN_TEXT].decode('utf-8') for e in examples], length)
-      for key in (TEACHER_IMAGE_EMB, TEACHER_TEXT_EMB, TEACHER_SYN_TEXT_EMB):
+      batch[keys.SYN_TEXT] = self._tokenizer(
+          [e[keys.SYN_TEXT].decode('utf-8') for e in examples], length)
+      for key in (keys.TEACHER_IMAGE, keys.TEACHER_TEXT, keys.TEACHER_SYN_TEXT):
         batch[key] = np.stack([e[key] for e in examples])
-    batch[_ERRORS] = errors
+    batch[_ERRORS] = replaced
     return batch
 
 
@@ -354,11 +354,13 @@ class TrainIterator(grain.DatasetIterator):
   Attributes:
     metadata: the dataset's `DatasetMetadata` (kind, teacher dims, ...).
     skip_counter: examples accepted and corrupt records skipped so far, by reason.
+    skipped_log: the file listing every skipped record (see `make_train_iterator`), or None.
     num_examples: records in the split.
     num_batches: batches in `num_epochs` epochs; None when repeating forever.
   """
 
-  def __init__(self, loader: ChunkLoader, num_batches: int | None):
+  def __init__(self, loader: ChunkLoader, num_batches: int | None,
+               skipped_log: str | None = None):
     super().__init__()
     self._loader = loader
     self._policy = loader.config.policy
@@ -366,6 +368,8 @@ class TrainIterator(grain.DatasetIterator):
     self.num_examples = loader.num_examples
     self.num_batches = num_batches
     self.skip_counter = SkipCounter()
+    self.skipped_log = skipped_log
+    self._log: SkipLog | None = None  # Opened at the first batch: see _open_log.
     self._next_batch = 0
     self._inner = self._make_inner(0)
 
@@ -397,10 +401,12 @@ class TrainIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._inner)
-    errors = batch.pop(_ERRORS)
+    replaced = batch.pop(_ERRORS)
     self.skip_counter.ok(self._loader.local_batch_size)
-    for error in errors:
-      self._policy.handle(error, self.skip_counter)
+    if self.skipped_log is not None and self._log is None:
+      self._open_log()
+    for error in replaced:
+      self._policy.handle(error, self.skip_counter, self._log, batch=self._next_batch)
     self._next_batch += 1
     return batch
 
@@ -430,21 +436,41 @@ class TrainIterator(grain.DatasetIterator):
   def start_prefetch(self) -> None:
     self._inner.start_prefetch()
 
+  def _open_log(self) -> None:
+    """Opens the skipped-records list, first dropping the rows of batches from here on.
+
+    Those were written by a run that went further than the checkpoint this one resumed from (or
+    by an earlier run, for a fresh start): they are met again, so the list stays exact.
+    """
+    if os.path.exists(self.skipped_log):
+      with utils.atomic_write(self.skipped_log, encoding='utf-8') as f:
+        f.writelines(json.dumps(row) + '\n' for row in read_skip_log(self.skipped_log)
+                     if row['batch'] < self._next_batch)
+    self._log = SkipLog(self.skipped_log)
+
   def close(self) -> None:
     if not self._closed:
       self._closed = True
+      if self._log is not None:
+        self._log.close()
       if hasattr(self, '_inner'):  # Not yet set if __init__ failed.
         self._inner.close()
 
 
 def make_train_iterator(config: InputConfig, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+                        process_count: int | None = None,
+                        skipped_log: str | None = None) -> TrainIterator:
   """Opens the dataset and returns this process's batch iterator (see the module docstring).
 
   Args:
     config: the input settings.
     process_index, process_count: this process's slice of every global batch; default
       `jax.process_index()` and `jax.process_count()`.
+    skipped_log: a local file (one per process, e.g. WORKDIR/skipped_records.p0.jsonl) that
+      lists every corrupt record this process skips, one JSON line each: shard (dataset, split
+      and record index), key, reason, count, detail, batch. Kept exact over resumes: rows of
+      batches at or after the restored one are dropped when the first batch is read. None:
+      counted only.
 
   Returns:
     A `TrainIterator` of dicts: 'image' uint8 [B, H, W, 3] (normalized on the device by the
@@ -479,4 +505,4 @@ def make_train_iterator(config: InputConfig, process_index: int | None = None,
     flags.FLAGS.mark_as_parsed()
   loader = ChunkLoader(config, source, meta, str(source.dataset_info.data_dir), process_index,
                        process_count)
-  return TrainIterator(loader, num_batches)
+  return TrainIterator(loader, num_batches, skipped_log)

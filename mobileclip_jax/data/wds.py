@@ -1,65 +1,56 @@
-"""DataCompDR-style webdataset tar shards: write, read, decode members, normalize embeddings.
+"""Webdataset tar shards: shard lists, manifests, the writer, and a reader that survives damage.
 
 A shard is a plain tar. Members are grouped into samples the webdataset way: the key is the
 member path up to the first '.' of its basename, the extension is the rest ('jpg', 'txt', 'json',
 'syn.json', 'paug.json', 'npz', 'pth.gz'), and a sample is a run of consecutive members with the
-same key. Reinforced members (spec section 5):
+same key (see sample_codec.py for what the members of a DataCompDR sample hold).
 
-  jpg|jpeg|png|webp  encoded image (kept encoded; `check_image` decodes it once on demand)
-  txt                ground-truth caption, UTF-8
-  json               {"uid": ..., "sha256": ...}
-  syn.json           {"syn_text": [S strings]} or several keys "syn_text_<captioner>"
-  paug.json          {"param_aug": [k entries]} (the list may itself be a JSON string)
-  npz | pth.gz       "image_emb" [k, D], "text_emb" [C+S, D] (v1, rows: C ground-truth captions
-                     then the synthetic ones in key order) or "text_emb" [C, D] plus one
-                     "<syn key>_emb" [S_key, D] per synthetic key (DFNDR); pth.gz is a gzip'd
-                     `torch.save` dict, read here without torch.
+A folder of shards may have a `manifest.jsonl` (DataCompDR's and RayGen's; `ShardWriter` and
+launch/reinforce.py write one): a line {"shard": "<name without .tar>", "num_samples": N} per
+shard (RayGen spells the count "num_uids"). The reader uses it to count exactly what a cut or
+damaged tar lost.
 
-`decode_sample` turns a raw sample into a `Sample` with one layout for all of these variants.
-DataCompDR-12M ships no images and no captions: `join_by_uid` joins its shards with the
-DataComp-12M image shards, shard by shard, on the uid.
+The reader walks the tar block by block (tar_blocks.py) so that a damaged stretch does not end
+the shard: it resyncs at the next valid header, reports the samples next to the damage (their
+members may be incomplete) by key, and the samples inside it, whose keys are unreadable, by the
+range of keys around it with their number: exact from the manifest, else estimated from the
+stretch's size (see `iter_samples`).
 """
 import collections
 import dataclasses
+import functools
 import glob
-import gzip
 import io
 import json
 import os
-import pickle
 import re
-import sys
 import tarfile
-import zipfile
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import ml_dtypes
-import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from etils import epath
 
+from mobileclip_jax import utils
+from mobileclip_jax.data import errors
+from mobileclip_jax.data import tar_blocks
 from mobileclip_jax.data.errors import CorruptSampleError
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 EMB_EXTS = ('npz', 'pth.gz')  # npz (float32) is preferred when a sample has both.
-DEFAULT_SYN_KEY_REGEX = r'^syn_text.*$'
-
-# Reasons for CorruptSampleError raised here (counters aggregate by them).
-MISSING_MEMBER = 'missing_member'
-BAD_UTF8 = 'bad_utf8'
-BAD_JSON = 'bad_json'
-BAD_EMBEDDINGS = 'bad_embeddings'
-EMB_ROWS = 'emb_rows'
-BAD_IMAGE = 'bad_image'
-DUPLICATE = 'duplicate'
-CORRUPT_SHARD = 'corrupt_shard'
-NO_IMAGE_FOR_UID = 'no_image_for_uid'
-IMAGE_WITHOUT_SAMPLE = 'image_without_sample'
-SHA256_MISMATCH = 'sha256_mismatch'
+MANIFEST_FILE = 'manifest.jsonl'
 
 ErrorHandler = Callable[[CorruptSampleError], None]
 
 # Fixed member mtime (2000-01-01): the same samples give byte-identical shards.
 _MTIME = 946684800
+
+
+def _is_url(path: str) -> bool:
+  return '://' in path
+
+
+def open_file(path: str, mode: str = 'rb'):
+  """A local path with `open`, a URL (gs://, s3://, ...) through etils.epath."""
+  return epath.Path(path).open(mode) if _is_url(path) else open(path, mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,23 +74,38 @@ def expand_braces(pattern: str) -> list[str]:
   return [p for option in options for p in expand_braces(head + option + tail)]
 
 
+def _find(path: str) -> list[str]:
+  """Files matching one brace-free pattern: a glob, a folder (its '*.tar', recursively), a file."""
+  if _is_url(path):
+    if glob.has_magic(path):
+      parts = path.split('/')
+      first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+      root = epath.Path('/'.join(parts[:first]))
+      return sorted(os.fspath(p) for p in root.glob('/'.join(parts[first:])))
+    url = epath.Path(path)
+    if url.is_dir():
+      return sorted(os.fspath(p) for p in url.rglob('*.tar'))
+    return [path] if url.exists() else []
+  if glob.has_magic(path):
+    return sorted(glob.glob(path))
+  if os.path.isdir(path):
+    return sorted(glob.glob(os.path.join(path, '**', '*.tar'), recursive=True))
+  return [path] if os.path.isfile(path) else []
+
+
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
   """Shard paths from patterns; '::' separates several patterns in one string.
 
   Each pattern may use braces ('shards/{00000000..00000063}.tar'), globs ('shards/*.tar') or
-  name a directory (all '*.tar' under it, recursively, sorted). Raises FileNotFoundError for a
-  pattern that matches nothing and ValueError if a shard is listed twice.
+  name a directory (all '*.tar' under it, recursively, sorted); URLs (gs://...) work the same.
+  Raises FileNotFoundError for a pattern that matches nothing and ValueError if a shard is
+  listed twice.
   """
   patterns = spec.split('::') if isinstance(spec, str) else list(spec)
   paths = []
   for pattern in patterns:
-    for path in expand_braces(os.path.expanduser(pattern)):
-      if glob.has_magic(path):
-        found = sorted(glob.glob(path))
-      elif os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, '**', '*.tar'), recursive=True))
-      else:
-        found = [path] if os.path.isfile(path) else []
+    for path in expand_braces(pattern if _is_url(pattern) else os.path.expanduser(pattern)):
+      found = _find(path)
       if not found:
         raise FileNotFoundError(f'No shard found for {path!r} (from pattern {pattern!r}): check '
                                 'the path, or quote the pattern so the shell does not expand it.')
@@ -111,6 +117,60 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Manifests.
+
+
+def _shard_name(path: str) -> str:
+  base = os.path.basename(path)
+  return base[:-len('.tar')] if base.endswith('.tar') else base
+
+
+@functools.lru_cache(maxsize=256)
+def _read_manifest(folder: str) -> dict[str, int]:
+  path = os.path.join(folder, MANIFEST_FILE)
+  try:
+    with open_file(path, 'r') as f:
+      lines = f.read().splitlines()
+  except (FileNotFoundError, NotADirectoryError):
+    return {}
+  counts = {}
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line)
+      count = entry['num_samples'] if 'num_samples' in entry else entry['num_uids']
+      counts[str(entry['shard'])] = int(count)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{path} line {number} is not {{"shard": NAME, "num_samples": N}} '
+                       f'({type(e).__name__}: {e}); fix or remove the manifest.') from None
+  return counts
+
+
+def manifest_count(path: str) -> int | None:
+  """The sample count of shard `path` in its folder's manifest.jsonl, or None."""
+  return _read_manifest(os.path.dirname(path)).get(_shard_name(path))
+
+
+def write_manifest(counts: Mapping[str, int]) -> None:
+  """Records {shard path: samples} in the manifest.jsonl of each shard's folder.
+
+  Lines of other shards are kept; the file is replaced atomically. One writer per folder at a
+  time (the read-modify-write is not locked).
+  """
+  by_folder = collections.defaultdict(dict)
+  for path, count in counts.items():
+    by_folder[os.path.dirname(os.path.abspath(path))][_shard_name(path)] = int(count)
+  for folder, entries in by_folder.items():
+    _read_manifest.cache_clear()
+    merged = {**_read_manifest(folder), **entries}
+    with utils.atomic_write(os.path.join(folder, MANIFEST_FILE), encoding='utf-8') as f:
+      f.writelines(json.dumps({'shard': name, 'num_samples': merged[name]}) + '\n'
+                   for name in sorted(merged))
+  _read_manifest.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing.
 
 
@@ -119,18 +179,20 @@ class ShardWriter:
 
   `pattern` names shard i with `pattern.format(i)`, e.g. '/out/{:08d}.tar'. A shard is written
   under a temporary name and renamed when it is complete, so a crash never leaves a partial
-  shard under a final name. Use as a context manager or call `close()`; leaving the context
-  with an exception drops the unfinished shard.
+  shard under a final name; with `manifest`, the finished shards' sample counts go into their
+  folder's manifest.jsonl, so a reader can count what a later cut loses. Use as a context
+  manager or call `close()`; leaving the context with an exception drops the unfinished shard.
   """
 
-  def __init__(self, pattern: str, max_samples: int):
+  def __init__(self, pattern: str, max_samples: int, manifest: bool = True):
     if max_samples < 1:
       raise ValueError(f'max_samples must be >= 1, got {max_samples}.')
     if pattern.format(0) == pattern.format(1):
       raise ValueError(f'Shard pattern {pattern!r} needs a field for the shard index, '
                        "e.g. '/out/{:08d}.tar'.")
-    self.pattern, self.max_samples = pattern, max_samples
+    self.pattern, self.max_samples, self.manifest = pattern, max_samples, manifest
     self.paths: list[str] = []
+    self._counts: dict[str, int] = {}
     self._tar: tarfile.TarFile | None = None
     self._keys: set[str] = set()
 
@@ -161,19 +223,20 @@ class ShardWriter:
   def close(self) -> list[str]:
     """Finishes the last shard; returns the paths of all shards written."""
     self._finish_shard()
+    if self.manifest and self._counts:
+      write_manifest(self._counts)
     return list(self.paths)
 
   def __enter__(self) -> 'ShardWriter':
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is None:
-      self.close()
-    elif self._tar is not None:
+    if exc_type is not None and self._tar is not None:
       self._tar.close()
       os.remove(self._tar.name)
       self.paths.pop()
       self._tar = None
+    self.close()
 
   def _start_shard(self) -> None:
     path = self.pattern.format(len(self.paths))
@@ -187,6 +250,7 @@ class ShardWriter:
       tmp = self._tar.name
       self._tar.close()
       os.replace(tmp, self.paths[-1])
+      self._counts[self.paths[-1]] = len(self._keys)
       self._tar = None
 
 
@@ -201,11 +265,39 @@ class RawSample:
   key: str
   members: dict[str, bytes]
 
+  def member(self, *names: str) -> tuple[str, bytes]:
+    """(extension, bytes) of the first of `names` present; else 'missing_member'."""
+    for name in names:
+      if name in self.members:
+        return name, self.members[name]
+    raise CorruptSampleError(self.shard, self.key, errors.MISSING_MEMBER,
+                             f'no {" or ".join(names)} member (has {sorted(self.members)})')
 
-def _report(on_error: ErrorHandler | None, error: CorruptSampleError) -> None:
-  if on_error is None:
-    raise error
-  on_error(error)
+
+@dataclasses.dataclass
+class ShardStats:
+  """What reading one shard found; `iter_samples` fills it in.
+
+  Attributes:
+    samples: samples read, good or reported (the keys the reader saw).
+    expected: the shard's sample count in its manifest, if any.
+    damaged: stretches of the tar that could not be read (a cut counts as one).
+    unknown_loss: damaged with no manifest and nothing to measure the loss by (a cut; a
+      stretch in a shard with no intact sample): not counted here (`estimate_cut_loss` counts
+      it from the other shards).
+    loss_key: the key range reported for that loss, e.g. '(000123, end)'.
+    lost: samples the reports of damaged stretches counted (beyond `samples`).
+  """
+  path: str
+  samples: int = 0
+  expected: int | None = None
+  damaged: int = 0
+  unknown_loss: bool = False
+  loss_key: str | None = None
+  lost: int = 0
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -217,65 +309,218 @@ def split_member_name(name: str) -> tuple[str, str] | None:
   return (os.path.join(head, stem) if head else stem), ext.lower()
 
 
-def iter_samples(path: str, on_error: ErrorHandler | None = None) -> Iterator[RawSample]:
-  """Yields the samples of one tar shard in order.
+def report(on_error: ErrorHandler | None, error: CorruptSampleError) -> None:
+  """Hands `error` to `on_error`, or raises it when there is no handler."""
+  if on_error is None:
+    raise error
+  on_error(error)
 
-  Problems are passed to `on_error` (raised if it is None) and the iteration goes on:
-  a sample with a repeated member or a key seen before in the shard is reported as
-  'duplicate'; a tar that is cut short or unreadable yields every sample before the damage and
-  then reports one 'corrupt_shard' event (key '*') for the rest. The end-of-archive marker is
-  checked, so a tar cut exactly at a member boundary is caught too.
+
+@dataclasses.dataclass
+class _Region:
+  """An unreadable stretch of a shard: bytes [start, end) (end None: cut), between keys."""
+  start: int
+  end: int | None
+  after: str | None
+  before: str | None = None
+
+  @property
+  def key(self) -> str:
+    return f'({self.after or "start"}, {self.before or "end"})'
+
+
+def _share(total: int, weights: list[float]) -> list[int]:
+  """`total` split in proportion to `weights` (largest remainders); equal if all are 0."""
+  if not weights:
+    return []
+  if sum(weights) <= 0:
+    weights = [1.0] * len(weights)
+  exact = [total * w / sum(weights) for w in weights]
+  shares = [int(x) for x in exact]
+  for i in sorted(range(len(exact)), key=lambda i: shares[i] - exact[i])[:total - sum(shares)]:
+    shares[i] += 1
+  return shares
+
+
+def iter_samples(path: str, on_error: ErrorHandler | None = None,
+                 stats: ShardStats | None = None) -> Iterator[RawSample]:
+  """Yields the samples of one tar shard in order; every sample it cannot yield is reported.
+
+  Problems go to `on_error` (raised if it is None) and the reading goes on:
+  - a sample with a repeated member, or a key seen before in the shard: 'duplicate';
+  - an unreadable stretch (a damaged header; the reader resyncs at the next valid one): the
+    samples on either side of it are reported by key ('tar_damaged': their members may be
+    incomplete), and the samples inside it, whose keys are lost, as one report keyed by the
+    range of keys around it, e.g. '(000004, 000009)', with their number in `count`;
+  - a cut (no end-of-archive marker; a tar cut at a member boundary too): the sample being
+    read is reported by key and the rest as '(<last key>, end)' ('tar_truncated').
+  How many samples a stretch or a cut held: with a manifest.jsonl entry for the shard, exactly
+  what the manifest has and the tar lacks (shared among several stretches by their size);
+  otherwise a stretch's size over the shard's mean sample size, and a cut's loss is unknown
+  (count 0 and `stats.unknown_loss`). Reports of stretches come when the shard is read to its
+  end, since their counts need the whole shard. Samples the manifest lists and an intact tar
+  lacks are one 'missing_samples' report keyed '*'.
+
+  Args:
+    path: the shard (a local path or a URL).
+    on_error: receives every `CorruptSampleError`; None raises the first.
+    stats: filled in with what the reading found (see `ShardStats`).
   """
+  stats = ShardStats(path) if stats is None else stats
+  stats.expected = manifest_count(path)
+  regions: list[_Region] = []
   done_keys: set[str] = set()
-  key, members, duplicate = None, {}, None
-  last_good = None
+  current: dict[str, Any] | None = None  # key, members, duplicate, suspect, start, end
+  suspect_next = False  # The sample after a damaged stretch may have lost its first members.
+  last_key: str | None = None
+  whole_bytes, whole = 0, 0  # Bytes and number of the samples read without problems.
 
-  def finished() -> RawSample | None:
-    nonlocal last_good
-    if key is None:
-      return None
-    problem = duplicate or ('key also used by an earlier sample in the shard'
-                            if key in done_keys else None)
+  def finish(cut: bool = False) -> RawSample | None:
+    nonlocal whole_bytes, whole
+    key = current['key']
+    stats.samples += 1
+    problem = current['duplicate'] or ('key also used by an earlier sample in the shard'
+                                       if key in done_keys else None)
     done_keys.add(key)
-    if problem:
-      _report(on_error, CorruptSampleError(path, key, DUPLICATE, problem))
-      return None
-    last_good = key
-    return RawSample(path, key, members)
+    if cut:
+      report(on_error, CorruptSampleError(
+          path, key, errors.TAR_TRUNCATED, f'the tar is cut at byte {current["end"]} inside or '
+          'after this sample, so some of its members may be missing'))
+    elif current['suspect']:
+      report(on_error, CorruptSampleError(
+          path, key, errors.TAR_DAMAGED, 'next to an unreadable stretch of the tar (bytes '
+          f'{current["suspect"]}), so some of its members may be missing'))
+    elif problem:
+      report(on_error, CorruptSampleError(path, key, errors.DUPLICATE, problem))
+    else:
+      whole_bytes += current['end'] - current['start']
+      whole += 1
+      return RawSample(path, key, current['members'])
+    return None
 
-  with open(path, 'rb') as f:
-    try:
-      with tarfile.open(fileobj=f, mode='r|') as tar:
-        for info in tar:
-          split = split_member_name(info.name) if info.isreg() else None
-          if split is None:
-            continue
-          if split[0] != key:  # A new key ends the previous sample, even if this member is cut.
-            sample = finished()
+  with open_file(path) as f:
+    for event in tar_blocks.scan(f):
+      if event[0] == 'member':
+        _, name, data, start, end = event
+        split = split_member_name(name)
+        if split is None:
+          continue
+        if regions and regions[-1].before is None and regions[-1].end is not None:
+          regions[-1].before = split[0]
+        if current is None or split[0] != current['key']:
+          if current is not None:
+            sample = finish()
             if sample is not None:
               yield sample
-            key, members, duplicate = split[0], {}, None
-          if split[1] in members:
-            duplicate = f'member {split[1]!r} appears twice'
-          members[split[1]] = tar.extractfile(info).read()
-        end = tar.offset
-      f.seek(end)
-      if f.read(512) != bytes(512):
-        raise tarfile.ReadError('no end-of-archive marker (the file was cut at a member '
-                                'boundary)')
-    except (tarfile.TarError, EOFError, OSError) as e:
-      after = f'after sample {last_good!r}' if last_good is not None else 'before any sample'
-      _report(on_error, CorruptSampleError(
-          path, '*', CORRUPT_SHARD, f'unreadable {after}; the rest of the shard is skipped '
-          f'({e})'))
-      return
-  sample = finished()
-  if sample is not None:
-    yield sample
+          current = {'key': split[0], 'members': {}, 'duplicate': None, 'start': start,
+                     'suspect': suspect_next}
+        suspect_next = False  # Set again only by the next stretch.
+        if split[1] in current['members']:
+          current['duplicate'] = f'member {split[1]!r} appears twice'
+        current['members'][split[1]] = data
+        current['end'], last_key = end, split[0]
+      elif event[0] == 'gap':
+        _, start, end = event
+        regions.append(_Region(start, end, last_key))
+        if current is not None:
+          current['suspect'] = current['suspect'] or f'{start}-{end}'
+        suspect_next = f'{start}-{end}'
+      else:  # cut
+        _, start, name = event
+        split = split_member_name(name) if name else None
+        if split and current is not None and split[0] != current['key']:
+          sample = finish()  # Complete: the cut member starts the next sample.
+          if sample is not None:
+            yield sample
+          current = {'key': split[0], 'members': {}, 'duplicate': None, 'start': start,
+                     'end': start, 'suspect': suspect_next}
+        regions.append(_Region(start, None, current['key'] if current else last_key))
+  if current is not None:
+    cut = bool(regions) and regions[-1].end is None
+    sample = finish(cut=cut)
+    if sample is not None:
+      yield sample
+  stats.damaged = len(regions)
+  for error in _region_errors(path, regions, stats, whole_bytes / whole if whole else None):
+    stats.lost += error.count
+    report(on_error, error)
+
+
+def _region_errors(path: str, regions: list[_Region], stats: ShardStats,
+                   mean: float | None) -> list[CorruptSampleError]:
+  """The reports of the unreadable stretches, with the samples each held (see iter_samples).
+
+  `mean` is the mean size in bytes of the shard's intact samples (None if there is none).
+  """
+  sizes = [(r.end - r.start) / mean if r.end is not None and mean else 0.0 for r in regions]
+  if stats.expected is not None:
+    lost = max(0, stats.expected - stats.samples)
+    if not regions:
+      return [CorruptSampleError(
+          path, '*', errors.MISSING_SAMPLES, f'the tar holds {stats.samples} samples but '
+          f'{MANIFEST_FILE} lists {stats.expected}', count=lost)] if lost else []
+    if regions[-1].end is None:  # Stretches by their size, the cut the rest.
+      counts = []
+      for size in sizes[:-1]:
+        counts.append(min(int(size), lost - sum(counts)))
+      counts.append(lost - sum(counts))
+    else:
+      counts = _share(lost, sizes)
+    how = (f'{MANIFEST_FILE} lists {stats.expected} samples, the tar holds {stats.samples}'
+           + ('; shared among the damaged stretches by size' if len(regions) > 1 else ''))
+  else:
+    counts = [int(s) for s in sizes]  # A stretch also holds parts of its neighbours.
+    how = ('estimated from the stretch\'s size over the mean sample size (no '
+           f'{MANIFEST_FILE} entry gives the shard\'s count)')
+  out = []
+  for region, count in zip(regions, counts):
+    unknown = stats.expected is None and (region.end is None or mean is None)
+    if unknown:
+      stats.unknown_loss, stats.loss_key = True, region.key
+    if region.end is None:
+      if unknown:
+        out.append(CorruptSampleError(
+            path, region.key, errors.TAR_TRUNCATED, f'the tar is cut at byte {region.start}; '
+            f'how many samples followed is unknown without a {MANIFEST_FILE} entry for the '
+            'shard (not counted here)', count=0))
+      else:
+        out.append(CorruptSampleError(path, region.key, errors.TAR_TRUNCATED,
+                                      f'the tar is cut at byte {region.start}: {count} samples '
+                                      f'lost after it ({how})', count=count))
+    elif unknown:
+      out.append(CorruptSampleError(
+          path, region.key, errors.TAR_DAMAGED, f'bytes {region.start}-{region.end} are '
+          'unreadable; how many samples they held is unknown: no intact sample to measure by '
+          f'and no {MANIFEST_FILE} entry (not counted here)', count=0))
+    else:
+      out.append(CorruptSampleError(
+          path, region.key, errors.TAR_DAMAGED, f'bytes {region.start}-{region.end} are '
+          f'unreadable: {count} whole samples lost in them ({how})', count=count))
+  return out
+
+
+def estimate_cut_loss(stats: Sequence[ShardStats]) -> list[CorruptSampleError]:
+  """Counts, for damaged shards with no manifest (`ShardStats.unknown_loss`), the samples lost
+  from the other shards.
+
+  The estimate is the median sample count of the shards read without damage, less what the
+  damaged shard held (webdataset shard sets are written with one count per shard; the last
+  shard may be shorter, which this overestimates). Returns one report per such shard, keyed as
+  the loss it completes (nothing if no shard was read whole).
+  """
+  whole = sorted(s.samples for s in stats if not s.damaged)
+  if not whole:
+    return []
+  median = whole[len(whole) // 2]
+  return [CorruptSampleError(
+      s.path, s.loss_key, errors.TAR_TRUNCATED if s.loss_key.endswith('end)') else
+      errors.TAR_DAMAGED, f'estimated: shards read whole hold a median of {median} samples, '
+      f'this one {s.samples} read and {s.lost} counted lost',
+      count=max(0, median - s.samples - s.lost)) for s in stats if s.unknown_loss]
 
 
 # ----------------------------------------------------------------------------------------------
-# Members.
+# Member values.
 
 
 def decode_text(data: bytes, shard: str = '', key: str = '', what: str = 'txt') -> str:
@@ -283,7 +528,8 @@ def decode_text(data: bytes, shard: str = '', key: str = '', what: str = 'txt') 
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise CorruptSampleError(shard, key, BAD_UTF8, f'{what} is not valid UTF-8 ({e})') from None
+    raise CorruptSampleError(shard, key, errors.BAD_UTF8,
+                             f'{what} is not valid UTF-8 ({e})') from None
 
 
 def decode_json(data: bytes, shard: str = '', key: str = '', what: str = 'json') -> Any:
@@ -293,386 +539,6 @@ def decode_json(data: bytes, shard: str = '', key: str = '', what: str = 'json')
     if isinstance(value, str):
       value = json.loads(value)
   except json.JSONDecodeError as e:
-    raise CorruptSampleError(shard, key, BAD_JSON, f'{what} is not valid JSON ({e})') from None
+    raise CorruptSampleError(shard, key, errors.BAD_JSON,
+                             f'{what} is not valid JSON ({e})') from None
   return value
-
-
-def check_image(data: bytes, shard: str = '', key: str = '') -> tuple[int, int]:
-  """Decodes an encoded image once; returns (width, height) or raises 'bad_image'."""
-  truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
-  ImageFile.LOAD_TRUNCATED_IMAGES = False  # A truncated image must fail, not be padded.
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      return image.size
-  except UnidentifiedImageError:
-    raise CorruptSampleError(shard, key, BAD_IMAGE, 'not an image format PIL can read') from None
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on damaged input.
-    raise CorruptSampleError(shard, key, BAD_IMAGE, f'{type(e).__name__}: {e}') from None
-  finally:
-    ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-
-
-def load_npz(data: bytes) -> dict[str, np.ndarray]:
-  """All arrays of an .npz file (no pickled objects)."""
-  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-    return {name: npz[name] for name in npz.files}
-
-
-_TORCH_STORAGE_DTYPES = {
-    'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
-    'BoolStorage': np.bool_, 'ComplexFloatStorage': np.complex64,
-    'ComplexDoubleStorage': np.complex128, 'UntypedStorage': np.uint8,
-}
-_TORCH_DTYPES = {
-    'float64': np.float64, 'float32': np.float32, 'float16': np.float16,
-    'bfloat16': ml_dtypes.bfloat16, 'int64': np.int64, 'int32': np.int32, 'int16': np.int16,
-    'int8': np.int8, 'uint8': np.uint8, 'uint16': np.uint16, 'uint32': np.uint32,
-    'uint64': np.uint64, 'bool': np.bool_, 'complex64': np.complex64,
-    'complex128': np.complex128, 'float8_e4m3fn': ml_dtypes.float8_e4m3fn,
-    'float8_e5m2': ml_dtypes.float8_e5m2, 'float8_e4m3fnuz': ml_dtypes.float8_e4m3fnuz,
-    'float8_e5m2fnuz': ml_dtypes.float8_e5m2fnuz,
-}
-_NUMPY_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray',
-                  '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
-                  ('numpy._core.multiarray', 'scalar'), ('numpy', 'ndarray'), ('numpy', 'dtype'),
-                  # Pickle protocol 2 (torch.save's) spells a bytes object as _codecs.encode.
-                  ('_codecs', 'encode')}
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  dtype: Any
-
-
-def _strided(storage: np.ndarray, offset: int, size: Sequence[int], stride: Sequence[int],
-             metadata: Any = None) -> np.ndarray:
-  """A torch tensor (storage, offset, size, stride in elements) as an owned numpy array."""
-  if metadata:
-    raise pickle.UnpicklingError(f'tensors with conj/neg bits are not supported ({metadata})')
-  size, stride = tuple(size), tuple(stride)
-  if 0 in size:
-    return np.zeros(size, storage.dtype)
-  extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
-  if offset < 0 or min(stride, default=0) < 0 or extent > storage.size:
-    raise pickle.UnpicklingError(f'tensor view (offset {offset}, size {size}, stride {stride}) '
-                                 f'lies outside its storage of {storage.size} elements')
-  item = storage.dtype.itemsize
-  return np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride]).copy()
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
-  del requires_grad, hooks
-  return _strided(storage, offset, size, stride, metadata)
-
-
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype,
-                       metadata=None):
-  # v3 (dtypes without a legacy storage class) stores an untyped byte storage plus the dtype.
-  del requires_grad, hooks
-  return _strided(storage.view(dtype), offset, size, stride, metadata)
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  """Rebuilds torch.save'd tensors as numpy arrays; any other global is refused."""
-
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
-    super().__init__(file)
-    self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
-    self._storages: dict[str, np.ndarray] = {}
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) == ('collections', 'OrderedDict'):
-      return collections.OrderedDict
-    if module == 'torch._utils' and name in ('_rebuild_tensor_v2', '_rebuild_tensor_v3'):
-      return {'_rebuild_tensor_v2': _rebuild_tensor_v2,
-              '_rebuild_tensor_v3': _rebuild_tensor_v3}[name]
-    if module in ('torch', 'torch.storage') and name in _TORCH_STORAGE_DTYPES:
-      return _StorageType(np.dtype(_TORCH_STORAGE_DTYPES[name]))
-    if module == 'torch' and name in _TORCH_DTYPES:
-      return np.dtype(_TORCH_DTYPES[name])
-    if (module, name) in _NUMPY_GLOBALS:
-      return super().find_class(module, name)
-    raise pickle.UnpicklingError(f'{module}.{name} is not allowed in an embedding file')
-
-  def persistent_load(self, pid: Any) -> np.ndarray:
-    kind, storage_type, key, _, numel = pid
-    if kind != 'storage' or not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f'unexpected persistent id {pid!r}')
-    if key not in self._storages:
-      dtype = storage_type.dtype
-      raw = self._archive.read(f'{self._prefix}data/{key}')
-      if len(raw) != numel * dtype.itemsize:
-        raise pickle.UnpicklingError(f'storage {key} has {len(raw)} bytes, expected '
-                                     f'{numel} x {dtype.itemsize}')
-      storage = np.frombuffer(raw, dtype).copy()
-      self._storages[key] = storage if self._byteorder == sys.byteorder else storage.byteswap()
-    return self._storages[key]
-
-
-def load_torch(data: bytes) -> Any:
-  """Loads a `torch.save` file (zip format, torch >= 1.6) without torch; tensors -> numpy.
-
-  bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays. Only containers, tensors and
-  numpy arrays are accepted: the restricted unpickler refuses every other global.
-  """
-  if not zipfile.is_zipfile(io.BytesIO(data)):
-    raise ValueError('not a zip-format torch.save file (files from torch < 1.6 are not '
-                     'supported: re-save them with a recent torch)')
-  with zipfile.ZipFile(io.BytesIO(data)) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
-    if len(pickles) != 1:
-      raise ValueError(f'expected one data.pkl in the torch file, found {pickles}')
-    prefix = pickles[0][:-len('data.pkl')]
-    names = set(archive.namelist())
-    byteorder = (archive.read(f'{prefix}byteorder').decode()
-                 if f'{prefix}byteorder' in names else sys.byteorder)
-    with archive.open(pickles[0]) as f:
-      return _TorchUnpickler(f, archive, prefix, byteorder).load()
-
-
-def load_pth_gz(data: bytes) -> Any:
-  """Loads a gzip'd `torch.save` file (the 'pth.gz' member) without torch."""
-  return load_torch(gzip.decompress(data))
-
-
-def load_embeddings(data: bytes, ext: str, shard: str = '', key: str = '') -> dict[str, Any]:
-  """The dict stored in an 'npz' or 'pth.gz' member; unreadable data raises 'bad_embeddings'."""
-  try:
-    value = load_npz(data) if ext == 'npz' else load_pth_gz(data)
-  except Exception as e:  # pylint: disable=broad-except
-    # zip/gzip/pickle/numpy each raise their own error types on damaged bytes.
-    raise CorruptSampleError(shard, key, BAD_EMBEDDINGS,
-                             f'cannot read {ext}: {type(e).__name__}: {e}') from None
-  if not isinstance(value, dict):
-    raise CorruptSampleError(shard, key, BAD_EMBEDDINGS,
-                             f'{ext} holds a {type(value).__name__}, expected a dict')
-  return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Samples in one layout.
-
-
-@dataclasses.dataclass
-class Sample:
-  """A decoded sample. Reinforced fields are None for a plain image-caption sample.
-
-  Attributes:
-    shard, key: where it came from.
-    uid: the 'uid' of the json member, else the key.
-    image: encoded image bytes (not decoded); image_format: its member extension.
-    captions: the C ground-truth captions.
-    sha256: the 'sha256' of the json member, if any.
-    syn_keys: the synthetic-caption keys of this sample, in syn.json order.
-    syn_captions: the S synthetic captions, all keys flattened in key order.
-    syn_key_index: int32 [S], index into `syn_keys` of each synthetic caption.
-    paug: the k stored augmentation entries (JSON values).
-    image_emb: [k, D] teacher image embeddings, one row per augmentation, stored dtype.
-    text_emb: [C+S, D] teacher text embeddings: ground-truth rows, then synthetic rows.
-  """
-  shard: str
-  key: str
-  uid: str
-  image: bytes
-  image_format: str
-  captions: list[str]
-  sha256: str | None = None
-  syn_keys: tuple[str, ...] | None = None
-  syn_captions: list[str] | None = None
-  syn_key_index: np.ndarray | None = None
-  paug: list[Any] | None = None
-  image_emb: np.ndarray | None = None
-  text_emb: np.ndarray | None = None
-
-
-def sample_ids(raw: RawSample) -> tuple[str, str | None]:
-  """(uid, sha256) of a raw sample from its json member; the key when it has none."""
-  if 'json' not in raw.members:
-    return raw.key, None
-  meta = decode_json(raw.members['json'], raw.shard, raw.key, 'json')
-  if not isinstance(meta, dict):
-    return raw.key, None
-  uid = meta.get('uid')
-  return (raw.key if uid is None else str(uid)), meta.get('sha256')
-
-
-def _member(raw: RawSample, *names: str) -> tuple[str, bytes]:
-  for name in names:
-    if name in raw.members:
-      return name, raw.members[name]
-  raise CorruptSampleError(raw.shard, raw.key, MISSING_MEMBER,
-                           f'no {" or ".join(names)} member (has {sorted(raw.members)})')
-
-
-def _as_matrix(value: Any, name: str, raw: RawSample) -> np.ndarray:
-  if not isinstance(value, np.ndarray) or value.ndim != 2:
-    shape = getattr(value, 'shape', type(value).__name__)
-    raise CorruptSampleError(raw.shard, raw.key, BAD_EMBEDDINGS,
-                             f'{name} must be a 2-D array, got {shape}')
-  return value
-
-
-def decode_sample(raw: RawSample, reinforced: bool,
-                  syn_key_regex: str = DEFAULT_SYN_KEY_REGEX) -> Sample:
-  """Decodes and normalizes one sample; raises CorruptSampleError naming shard and key.
-
-  Args:
-    raw: the stored sample.
-    reinforced: also decode synthetic captions, augmentation parameters and embeddings.
-    syn_key_regex: which syn.json keys are synthetic captions (as open_clip's
-      --dataset-reinforcement-syn-text-key-regex).
-
-  Returns:
-    A `Sample` whose `text_emb` rows are the C ground-truth captions then the S synthetic
-    captions of `syn_keys` in order, from either the v1 combined 'text_emb' or the DFNDR
-    per-key '<key>_emb' arrays.
-  """
-  shard, key = raw.shard, raw.key
-  image_format, image = _member(raw, *IMAGE_EXTS)
-  captions = [decode_text(_member(raw, 'txt')[1], shard, key, 'txt')]
-  uid, sha256 = sample_ids(raw)
-  sample = Sample(shard, key, uid, image, image_format, captions, sha256)
-  if not reinforced:
-    return sample
-
-  syn = decode_json(_member(raw, 'syn.json')[1], shard, key, 'syn.json')
-  if not isinstance(syn, dict):
-    raise CorruptSampleError(shard, key, BAD_JSON, 'syn.json is not a JSON object')
-  sample.syn_keys = tuple(k for k in syn if re.match(syn_key_regex, k))
-  sample.syn_captions, index = [], []
-  for i, syn_key in enumerate(sample.syn_keys):
-    texts = syn[syn_key]
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-      raise CorruptSampleError(shard, key, BAD_JSON,
-                               f'syn.json[{syn_key!r}] is not a list of strings')
-    sample.syn_captions.extend(texts)
-    index.extend([i] * len(texts))
-  sample.syn_key_index = np.asarray(index, np.int32)
-
-  paug = decode_json(_member(raw, 'paug.json')[1], shard, key, 'paug.json')
-  paug = paug.get('param_aug') if isinstance(paug, dict) else None
-  try:
-    sample.paug = json.loads(paug) if isinstance(paug, str) else paug
-  except json.JSONDecodeError as e:
-    raise CorruptSampleError(shard, key, BAD_JSON, f'paug.json param_aug: {e}') from None
-  if not isinstance(sample.paug, list):
-    raise CorruptSampleError(shard, key, BAD_JSON, 'paug.json has no "param_aug" list')
-
-  ext, data = _member(raw, *EMB_EXTS)
-  emb = load_embeddings(data, ext, shard, key)
-  for name in ('image_emb', 'text_emb'):
-    if name not in emb:
-      raise CorruptSampleError(shard, key, BAD_EMBEDDINGS,
-                               f'{ext} has no {name!r} (has {sorted(emb)})')
-  sample.image_emb = _as_matrix(emb['image_emb'], 'image_emb', raw)
-  text_emb = _as_matrix(emb['text_emb'], 'text_emb', raw)
-  num_gt, num_syn = len(captions), len(sample.syn_captions)
-  if len(text_emb) > num_gt:  # v1: one array for ground-truth and synthetic captions.
-    parts = [('text_emb', text_emb, num_gt + num_syn)]
-  else:  # DFNDR: ground truth in text_emb, each synthetic key in '<key>_emb'.
-    parts = [('text_emb', text_emb, num_gt)]
-    for i, syn_key in enumerate(sample.syn_keys):
-      if f'{syn_key}_emb' not in emb:
-        raise CorruptSampleError(shard, key, BAD_EMBEDDINGS, f'{ext} has no {syn_key}_emb for '
-                                 f'the captions of syn.json[{syn_key!r}]')
-      parts.append((f'{syn_key}_emb', _as_matrix(emb[f'{syn_key}_emb'], syn_key, raw),
-                    int(np.sum(sample.syn_key_index == i))))
-  for name, array, rows in parts:
-    if len(array) != rows or array.shape[1] != sample.image_emb.shape[1]:
-      raise CorruptSampleError(shard, key, EMB_ROWS, f'{name} has shape {array.shape}, expected '
-                               f'({rows}, {sample.image_emb.shape[1]}) for {num_gt} ground-truth '
-                               f'and {num_syn} synthetic captions')
-  sample.text_emb = np.concatenate([array for _, array, _ in parts]) if len(parts) > 1 else (
-      text_emb)
-  return sample
-
-
-def encode_sample(sample: Sample, per_key_emb: bool = False) -> dict[str, bytes]:
-  """Members of a sample in the DataCompDR format, the inverse of `decode_sample`.
-
-  Embeddings go to 'npz' (in their dtype), either as v1 (one 'text_emb' for ground-truth and
-  synthetic captions) or, with `per_key_emb`, as DFNDR ('text_emb' for the ground truth and
-  '<key>_emb' per synthetic key).
-  """
-  if len(sample.captions) != 1:
-    raise ValueError(f'Sample {sample.key!r} has {len(sample.captions)} captions; the tar '
-                     'format stores exactly one (txt).')
-  members = {sample.image_format: sample.image, 'txt': sample.captions[0].encode('utf-8')}
-  meta = {'uid': sample.uid} if sample.sha256 is None else {'uid': sample.uid,
-                                                           'sha256': sample.sha256}
-  members['json'] = json.dumps(meta).encode('utf-8')
-  if sample.syn_keys is None:
-    return members
-  index = np.asarray(sample.syn_key_index)
-  members['syn.json'] = json.dumps({
-      key: [c for c, j in zip(sample.syn_captions, index) if j == i]
-      for i, key in enumerate(sample.syn_keys)}).encode('utf-8')
-  members['paug.json'] = json.dumps({'param_aug': sample.paug}).encode('utf-8')
-  arrays = {'image_emb': sample.image_emb}
-  if per_key_emb:
-    num_gt = len(sample.captions)
-    arrays['text_emb'] = sample.text_emb[:num_gt]
-    for i, key in enumerate(sample.syn_keys):
-      arrays[f'{key}_emb'] = sample.text_emb[num_gt:][index == i]
-  else:
-    arrays['text_emb'] = sample.text_emb
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  members['npz'] = buffer.getvalue()
-  return members
-
-
-def join_by_uid(samples: Iterable[RawSample], images: Iterable[RawSample],
-                on_error: ErrorHandler | None = None) -> Iterator[RawSample]:
-  """Adds image and caption members from `images` to `samples` with the same uid.
-
-  This is the DataCompDR-12M layout: its shards hold only the reinforcement, and shard i joins
-  with shard i of DataComp-12M on the json uid. Both are read in one pass; image samples that
-  come before the one needed are held in memory (at most one image shard). A sample whose uid
-  has no image is reported as 'no_image_for_uid', an unused image as 'image_without_sample',
-  and differing sha256 in the two json members as 'sha256_mismatch'. A caption in the sample
-  itself wins over the one of the image shard.
-  """
-  pending: dict[str, tuple[RawSample, str | None]] = {}
-  image_iter = iter(images)
-
-  def ids_or_report(raw: RawSample) -> tuple[str, str | None] | None:
-    try:
-      return sample_ids(raw)
-    except CorruptSampleError as e:
-      _report(on_error, e)
-      return None
-
-  for sample in samples:
-    ids = ids_or_report(sample)
-    if ids is None:
-      continue
-    uid, sha256 = ids
-    while uid not in pending:
-      image = next(image_iter, None)
-      if image is None:
-        break
-      image_ids = ids_or_report(image)
-      if image_ids is not None:
-        pending[image_ids[0]] = (image, image_ids[1])
-    if uid not in pending:
-      _report(on_error, CorruptSampleError(sample.shard, sample.key, NO_IMAGE_FOR_UID,
-                                           f'uid {uid} is not in the image shards'))
-      continue
-    image, image_sha256 = pending.pop(uid)
-    if sha256 and image_sha256 and sha256 != image_sha256:
-      _report(on_error, CorruptSampleError(
-          sample.shard, sample.key, SHA256_MISMATCH, f'uid {uid}: sha256 {sha256} but the image '
-          f'in {image.shard}:{image.key} has {image_sha256}; the image changed since the '
-          'embeddings were computed'))
-      continue
-    members = {e: d for e, d in image.members.items() if e in IMAGE_EXTS or e == 'txt'}
-    members.update(sample.members)
-    yield RawSample(sample.shard, sample.key, members)
-  for image in [raw for raw, _ in pending.values()] + list(image_iter):
-    _report(on_error, CorruptSampleError(image.shard, image.key, IMAGE_WITHOUT_SAMPLE,
-                                         'no reinforced sample has its uid'))

@@ -1,4 +1,4 @@
-"""Sharded, padding-safe embedding of evaluation data, and the base class of the evaluators.
+"""Batch plans and image loading of evaluation data, and the base class of the evaluators.
 
 A stream of N items (images or prompts, known to every process) over P processes with global
 batch B (a multiple of the mesh's batch shards): batch b holds items b*B .. b*B + B - 1, and
@@ -7,35 +7,30 @@ past N are padding (index -1): they are embedded like any row (zeros) and droppe
 gathered result, so they never enter a metric. A process-local stream (each process's own
 captions in retrieval) runs max_p ceil(N_p / (B/P)) batches on every process.
 
-Embeddings are computed by one jitted function per (model, tower, mesh): inputs arrive as global
-arrays split over the mesh's batch axes (`sharding.global_batch`, images as uint8 and normalized
-on device), embeddings are L2-normalized in float32 and stay sharded. At the end of a stream they
-are brought to host on every process together with their integer key columns (an explicit
-replicating jit and `jax.device_get`, so `jax.transfer_guard('disallow')` is respected), padding
-rows are dropped and rows are sorted by key: results do not depend on the number of processes,
-devices or the batch size.
+Embeddings come from the package's one embedding engine (mobileclip_jax/embedding.py): inputs
+arrive as global arrays split over the mesh's batch axes (images as uint8, normalized on device),
+embeddings are L2-normalized in float32; at the end of a stream they are brought to host on every
+process together with their integer key columns, padding rows are dropped and rows are sorted by
+key: results do not depend on the number of processes, devices or the batch size.
 """
 import collections
 import concurrent.futures
-import functools
 import io
 import logging
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import numpy as np
 from PIL import Image
 
+from mobileclip_jax import embedding
 from mobileclip_jax import sharding
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.evaluation import datasets
 
-IMAGE = 'encode_image'
-TEXT = 'encode_text'
 _PREFETCH_BATCHES = 2
 
 
@@ -79,72 +74,7 @@ def global_max(value: int, mesh: Mesh) -> int:
   """The largest of every process's `value` (all processes must call it)."""
   rows = sharding.num_batch_shards(mesh) // jax.process_count()
   array = sharding.global_batch({'v': np.full((rows,), value, np.int32)}, mesh)['v']
-  return int(to_host(array).max())
-
-
-# ----------------------------------------------------------------------------------------------
-# Device <-> host.
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array's whole value as numpy, on every process (explicit transfers only)."""
-  if not x.is_fully_addressable:
-    x = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
-    return np.asarray(jax.device_get(x.addressable_data(0)))
-  return np.asarray(jax.device_get(x))
-
-
-def place_variables(variables: Mapping[str, Any], mesh: Mesh) -> Any:
-  """Leaves that are not jax Arrays yet (numpy) are put on the mesh, replicated, once."""
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, replicated),
-                      dict(variables))
-
-
-@functools.lru_cache(maxsize=64)
-def _encoder(model, method: str, mesh: Mesh, mean: Optional[tuple], std: Optional[tuple]):
-  """jit(variables, inputs [B, ...]) -> unit embeddings [B, D] float32, split over the batch."""
-
-  def encode(variables, inputs):
-    if method == IMAGE:  # uint8 crosses to the device; the same normalize, traced.
-      inputs = preprocess.normalize(inputs, mean, std)
-    emb = model.apply(variables, inputs, method=method).astype(jnp.float32)
-    # F.normalize(x, dim=-1): x / max(|x|, 1e-12).
-    return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-
-  return jax.jit(encode, out_shardings=sharding.batch_sharding(mesh))
-
-
-def encode(model, variables: Any, mesh: Mesh, method: str,
-           batches: Iterable[Mapping[str, np.ndarray]], keys: Sequence[str],
-           mean: Optional[Sequence[float]] = None,
-           std: Optional[Sequence[float]] = None) -> Dict[str, np.ndarray]:
-  """Embeds a stream of process-local batches and gathers the result on every process.
-
-  Args:
-    model: a Flax module with `encode_image` / `encode_text`.
-    variables: its variables, already on the mesh (`place_variables`).
-    mesh: the device mesh.
-    method: IMAGE or TEXT.
-    batches: dicts with 'inputs' (uint8 [Bl, S, S, 3] images or int32 [Bl, L] tokens) and int32
-      columns with a leading [Bl] axis; a row is padding when `keys[0]` is -1.
-    keys: the column names rows are sorted by (lexicographically).
-    mean, std: image normalization (IMAGE only).
-
-  Returns:
-    'embeddings' float32 [N, D] (unit rows) and every column, padding rows dropped, sorted.
-  """
-  fn = _encoder(model, method, mesh, tuple(mean) if mean else None, tuple(std) if std else None)
-  embedded: List[Dict[str, jax.Array]] = []
-  for batch in batches:
-    arrays = sharding.global_batch(batch, mesh)
-    arrays['embeddings'] = fn(variables, arrays.pop('inputs'))
-    embedded.append(arrays)  # Dispatched asynchronously; the host goes on loading.
-  host = {name: np.concatenate([to_host(b[name]) for b in embedded]) for name in embedded[0]}
-  valid = host[keys[0]] >= 0
-  host = {name: value[valid] for name, value in host.items()}
-  order = np.lexsort([host[k] for k in reversed(keys)])
-  return {name: value[order] for name, value in host.items()}
+  return int(embedding.to_host(array).max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +149,7 @@ class EvaluatorBase:
     """
     self._check_model(model)
     start = time.perf_counter()
-    metrics = self._evaluate(model, place_variables(variables, self.mesh))
+    metrics = self._evaluate(model, embedding.place_variables(variables, self.mesh))
     logging.info('Evaluator %s: %d examples of %s in %.1f s.', self.name,
                  len(self.data.examples), self.data.description, time.perf_counter() - start)
     return metrics
@@ -287,6 +217,5 @@ class EvaluatorBase:
 
   def encode_images(self, model, variables, columns, column_shapes) -> Dict[str, np.ndarray]:
     """Unit image 'embeddings' [N, D] of the whole dataset, 'index' and columns, in index order."""
-    c = self.model_config
-    return encode(model, variables, self.mesh, IMAGE, self.image_batches(columns, column_shapes),
-                  ('index',), c.mean, c.std)
+    return embedding.embed_stream(model, variables, self.mesh, embedding.IMAGE,
+                                  self.image_batches(columns, column_shapes), ('index',))

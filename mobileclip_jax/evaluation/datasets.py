@@ -44,7 +44,6 @@ takes `limit` (evaluate only the first N examples, 0 = all). Unknown fields are 
 Class names and templates take the specs of `templates.py` (None = what the dataset ships).
 """
 import dataclasses
-import difflib
 import glob
 import json
 import os
@@ -55,6 +54,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 from PIL import Image
 
+from mobileclip_jax import utils
 from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import wds
 from mobileclip_jax.evaluation import templates as templates_lib
@@ -465,11 +465,6 @@ _TYPES = {'jsonl': (RETRIEVAL,), 'caption_folder': (RETRIEVAL,),
 KINDS = tuple(_FIELDS)
 
 
-def _nearest(key: str, valid: Sequence[str]) -> str:
-  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-  return f' Did you mean {", ".join(close)}?' if close else f' Valid: {", ".join(valid)}.'
-
-
 class _Limited(Examples):
   def __init__(self, examples: Examples, limit: int):
     super().__init__(min(limit, len(examples)), examples.__getitem__)
@@ -499,7 +494,7 @@ def open_source(spec: Mapping[str, Any], eval_type: str, image_size: int) -> Eva
   for key in spec:
     if key not in _FIELDS[kind]:
       raise ValueError(f'Unknown field {key!r} for a {kind!r} source.'
-                       f'{_nearest(key, _FIELDS[kind])}')
+                       f'{utils.did_you_mean(key, _FIELDS[kind])}')
   missing = [k for k in _REQUIRED[kind] if not spec.get(k)]
   if missing:
     raise ValueError(f'A {kind!r} source needs {missing} (got {spec}).')

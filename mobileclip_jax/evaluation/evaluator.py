@@ -26,11 +26,11 @@ Config (`config.evals`, a ConfigDict of name -> entry; every key but `source` ha
   cache            keep this process's preprocessed images in host memory between runs
   num_workers      image-decoding threads per process
 """
-import difflib
 from typing import Any, Dict, List, Mapping, Protocol
 
 from jax.sharding import Mesh
 
+from mobileclip_jax import utils
 from mobileclip_jax.evaluation import registry
 from mobileclip_jax.evaluation import retrieval
 from mobileclip_jax.evaluation import datasets
@@ -65,10 +65,8 @@ def build_evaluator(name: str, entry: Mapping[str, Any], model_config, mesh: Mes
   entry = dict(_plain(entry))
   for key in entry:
     if key not in ENTRY_DEFAULTS:
-      close = difflib.get_close_matches(key, list(ENTRY_DEFAULTS), n=3, cutoff=0.5)
-      hint = f' Did you mean {", ".join(close)}?' if close else ''
-      raise ValueError(f'Unknown key {key!r} in evals.{name}.{hint} '
-                       f'Keys: {sorted(ENTRY_DEFAULTS)}.')
+      raise ValueError(f'Unknown key {key!r} in evals.{name}.'
+                       f'{utils.did_you_mean(key, ENTRY_DEFAULTS)}')
   entry = {**ENTRY_DEFAULTS, **entry}
   source, eval_type = _plain(entry['source']), entry['type']
   if isinstance(source, str):

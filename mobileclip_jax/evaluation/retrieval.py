@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from mobileclip_jax import embedding
 from mobileclip_jax.evaluation import metrics as metrics_lib
 from mobileclip_jax.evaluation import base
 from mobileclip_jax.evaluation import datasets
@@ -58,8 +59,8 @@ class RetrievalEvaluator(base.EvaluatorBase):
     if self._caption_batches is None:
       self._captions = []  # A failed earlier run may have left some.
     images = self.encode_images(model, variables, self._collect_captions, {})
-    texts = base.encode(model, variables, self.mesh, base.TEXT, self._caption_stream(),
-                            ('image', 'caption'))
+    texts = embedding.embed_stream(model, variables, self.mesh, embedding.TEXT,
+                                   self._caption_stream(), ('image', 'caption'))
     recall = metrics_lib.retrieval_recall(images['embeddings'], texts['embeddings'],
                                           texts['image'], RECALL_K)
     group = f'{self.prefix}/{self.name}'

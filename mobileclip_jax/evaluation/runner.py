@@ -8,9 +8,7 @@ Results are written as JSON through a temporary file and a rename, only after ev
 has finished.
 """
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -21,7 +19,7 @@ from mobileclip_jax import checkpoint
 from mobileclip_jax import convert
 from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.models import clip
-from mobileclip_jax.sharding import path_str
+from mobileclip_jax.rules import path_str
 
 
 def check_variables(model: clip.CLIP, variables: Mapping[str, Any], source: str) -> None:
@@ -100,19 +98,3 @@ def format_table(metrics: Mapping[str, float]) -> str:
   """Metrics as an aligned two-column table (percentages)."""
   width = max((len(k) for k in metrics), default=0)
   return '\n'.join(f'{name:<{width}}  {100 * value:6.2f}' for name, value in metrics.items())
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it over `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(value, f, indent=1, sort_keys=True)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-

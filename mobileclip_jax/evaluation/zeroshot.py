@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from mobileclip_jax import embedding
 from mobileclip_jax.evaluation import metrics as metrics_lib
 from mobileclip_jax.evaluation import base
 from mobileclip_jax.evaluation import datasets
@@ -55,8 +56,8 @@ class ZeroShotEvaluator(base.EvaluatorBase):
     return {'labels': np.asarray(example.labels, np.int32)}
 
   def _evaluate(self, model, variables) -> Dict[str, float]:
-    text = base.encode(model, variables, self.mesh, base.TEXT, self._prompt_stream(),
-                           ('index',))['embeddings']
+    text = embedding.embed_stream(model, variables, self.mesh, embedding.TEXT,
+                                  self._prompt_stream(), ('index',))['embeddings']
     images = self.encode_images(model, variables, self._labels,
                                 {'labels': (len(self.data.tasks),)})
     metrics, start = {}, 0

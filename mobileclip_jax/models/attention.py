@@ -18,7 +18,6 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import layers
 
-Dtype = Any
 ATTENTION_KINDS = ('softmax', 'sigmoid')
 
 
@@ -51,31 +50,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention over [B, N, C] tokens -> [B, N, C]."""
+  """Self-attention over [B, N, C] tokens -> [B, N, C]; kind and QK-norm from `opts`."""
   num_heads: int
   qkv_bias: bool = True
-  attention: str = 'softmax'
-  qk_norm: bool = False
   is_causal: bool = False
   qkv_init: Any = layers.trunc_normal_02
   proj_init: Any = layers.trunc_normal_02
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     b, n, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'width {c} is not divisible by {self.num_heads} heads.')
-    head_dim = c // self.num_heads
-    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=self.qkv_init, dtype=self.dtype,
+    head_dim, dtype = c // self.num_heads, self.opts.dtype
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=self.qkv_init, dtype=dtype,
                    name='qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
-    if self.qk_norm:
-      q = layers.LayerNorm(dtype=self.dtype, name='q_norm')(q)
-      k = layers.LayerNorm(dtype=self.dtype, name='k_norm')(k)
-    out = dot_product_attention(q, k, v, kind=self.attention, mask=mask, is_causal=self.is_causal)
-    return nn.Dense(c, kernel_init=self.proj_init, dtype=self.dtype, name='proj')(
-        out.reshape(b, n, c))
+    if self.opts.qk_norm:
+      q = layers.LayerNorm(dtype=dtype, name='q_norm')(q)
+      k = layers.LayerNorm(dtype=dtype, name='k_norm')(k)
+    out = dot_product_attention(q, k, v, kind=self.opts.attention, mask=mask,
+                                is_causal=self.is_causal)
+    return nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
 
 
 class TransformerBlock(nn.Module):
@@ -87,8 +84,6 @@ class TransformerBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   qkv_bias: bool = True
-  attention: str = 'softmax'
-  qk_norm: bool = False
   is_causal: bool = False
   layer_scale_init: Optional[float] = None
   hybrid_norm: bool = False
@@ -99,23 +94,25 @@ class TransformerBlock(nn.Module):
   proj_init: Any = layers.trunc_normal_02
   fc1_init: Any = layers.trunc_normal_02
   fc2_init: Any = layers.trunc_normal_02
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                train: bool = False) -> jax.Array:
-    norm = lambda name: layers.LayerNorm(self.norm_eps, self.dtype, name=name)
-    y = MultiHeadAttention(self.num_heads, self.qkv_bias, self.attention, self.qk_norm,
-                           self.is_causal, self.qkv_init, self.proj_init, self.dtype,
+    dtype = self.opts.dtype
+    norm = lambda name: layers.LayerNorm(epsilon=self.norm_eps, dtype=dtype, name=name)
+    y = MultiHeadAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+                           is_causal=self.is_causal, qkv_init=self.qkv_init,
+                           proj_init=self.proj_init, opts=self.opts,
                            name='attn')(norm('norm1')(x), mask)
     if self.hybrid_norm:
       y = norm('attn_norm')(y)
     if self.layer_scale_init is not None:
-      y = layers.LayerScale(self.layer_scale_init, name='ls_1')(y)
-    x = x + layers.DropPath(self.drop_path, name='drop_path1')(y, train)
+      y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_1')(y)
+    x = x + layers.DropPath(rate=self.drop_path, name='drop_path1')(y, train)
 
-    y = layers.Mlp(self.mlp_dim, self.act, self.fc1_init, self.fc2_init, self.dtype,
-                   name='mlp')(norm('norm2')(x))
+    y = layers.Mlp(hidden=self.mlp_dim, act=self.act, fc1_init=self.fc1_init,
+                   fc2_init=self.fc2_init, dtype=dtype, name='mlp')(norm('norm2')(x))
     if self.layer_scale_init is not None:
-      y = layers.LayerScale(self.layer_scale_init, name='ls_2')(y)
-    return x + layers.DropPath(self.drop_path, name='drop_path2')(y, train)
+      y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_2')(y)
+    return x + layers.DropPath(rate=self.drop_path, name='drop_path2')(y, train)

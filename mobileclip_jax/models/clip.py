@@ -5,7 +5,6 @@
 the variant's mean/std; tokens are [B, 77] int32. Embeddings come back unnormalized, float32.
 """
 import dataclasses
-import difflib
 import math
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -14,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.models import attention as attn_lib
+from mobileclip_jax.models import layers
 from mobileclip_jax.models import mci
 from mobileclip_jax.models import text as text_lib
 from mobileclip_jax.models import vit
@@ -62,6 +63,13 @@ class ModelConfig:
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
+  @property
+  def options(self) -> layers.Options:
+    """The options every block of both towers shares."""
+    return layers.Options(attention=self.attention, qk_norm=self.qk_norm,
+                          reparameterized=self.reparameterized, bn_group_size=self.bn_group_size,
+                          dtype=self.compute_dtype)
+
 
 class CLIP(nn.Module):
   """Image tower `visual`, text tower `text` and the learned `logit_scale` (log of the scale)."""
@@ -69,14 +77,12 @@ class CLIP(nn.Module):
 
   def setup(self):
     c = self.config
-    common = dict(attention=c.attention, qk_norm=c.qk_norm, bn_group_size=c.bn_group_size,
-                  dtype=c.compute_dtype)
     if isinstance(c.image, mci.MCiConfig):
-      self.visual = mci.MCi(c.image, c.embed_dim, reparameterized=c.reparameterized, **common)
+      self.visual = mci.MCi(config=c.image, embed_dim=c.embed_dim, opts=c.options)
     else:
-      self.visual = vit.ViT(c.image, c.embed_dim, c.image_size, **common)
-    self.text = text_lib.TextTransformer(c.text, c.embed_dim, reparameterized=c.reparameterized,
-                                         **common)
+      self.visual = vit.ViT(config=c.image, embed_dim=c.embed_dim, image_size=c.image_size,
+                            opts=c.options)
+    self.text = text_lib.TextTransformer(config=c.text, embed_dim=c.embed_dim, opts=c.options)
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(c.init_logit_scale), (),
                                   jnp.float32)
     if c.init_logit_bias is not None:
@@ -169,16 +175,11 @@ def config_from_dict(d: Dict[str, Any]) -> ModelConfig:
   return ModelConfig(**tuples(d))
 
 
-def _nearest(key: str, valid) -> str:
-  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-  return f' Did you mean {", ".join(close)}?' if close else f' Valid: {", ".join(sorted(valid))}.'
-
-
 def _replace(obj, overrides: Dict[str, Any], what: str):
   fields = {f.name for f in dataclasses.fields(obj)}
   for key in overrides:
     if key not in fields:
-      raise ValueError(f'Unknown {what} override {key!r}.{_nearest(key, fields)}')
+      raise ValueError(f'Unknown {what} override {key!r}.{utils.did_you_mean(key, fields)}')
   return dataclasses.replace(obj, **overrides)
 
 
@@ -190,7 +191,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
   (`image=dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128))`, `text=dict(layers=2)`).
   """
   if name not in MODEL_CONFIGS:
-    raise ValueError(f'Unknown model {name!r}.{_nearest(name, MODEL_CONFIGS)}')
+    raise ValueError(f'Unknown model {name!r}.{utils.did_you_mean(name, MODEL_CONFIGS)}')
   config = MODEL_CONFIGS[name]
   nested = {k: overrides.pop(k) for k in ('image', 'text') if isinstance(overrides.get(k), dict)}
   for key, value in nested.items():

@@ -6,6 +6,7 @@ renames and transposes (see `mobileclip_jax.convert`). Every block has a train-t
 form and, with `reparameterized=True`, the single-conv inference form that
 `mobileclip_jax.models.reparam` produces from the train-time parameters.
 """
+import dataclasses
 import functools
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -16,6 +17,24 @@ import numpy as np
 
 Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What every block of a tower shares; one value per model (set from its ModelConfig).
+
+  attention: 'softmax' | 'sigmoid' in every attention layer; qk_norm: LayerNorm on q and k;
+  reparameterized: the single-conv inference form of the MobileOne/RepMixer blocks;
+  bn_group_size: examples per BatchNorm statistics group (0 = the global batch);
+  dtype: compute dtype (parameters stay float32).
+  """
+  attention: str = 'softmax'
+  qk_norm: bool = False
+  reparameterized: bool = False
+  bn_group_size: int = 0
+  dtype: Optional[Dtype] = None
+
 
 # PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -348,14 +367,14 @@ class ConvBN(nn.Module):
   stride: int = 1
   groups: int = 1
   padding: Optional[Sequence[int]] = None
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: Options = Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, self.stride, self.groups, use_bias=False,
-             padding=self.padding, dtype=self.dtype, name='conv')(x)
-    return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name='bn')(x, train)
+    x = Conv(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
+             groups=self.groups, use_bias=False, padding=self.padding, dtype=self.opts.dtype,
+             name='conv')(x)
+    return BatchNorm(group_size=self.opts.bn_group_size, dtype=self.opts.dtype, name='bn')(x, train)
 
 
 class LayerScale(nn.Module):
@@ -380,8 +399,8 @@ class SqueezeExcite(nn.Module):
     c = x.shape[-1]
     rd = make_divisible(c * self.rd_ratio, self.rd_divisor)
     s = x.astype(jnp.float32).mean((1, 2), keepdims=True).astype(x.dtype)
-    s = nn.relu(Conv(rd, 1, dtype=self.dtype, name='fc1')(s))
-    s = Conv(c, 1, dtype=self.dtype, name='fc2')(s)
+    s = nn.relu(Conv(features=rd, kernel_size=1, dtype=self.dtype, name='fc1')(s))
+    s = Conv(features=c, kernel_size=1, dtype=self.dtype, name='fc2')(s)
     return x * jax.nn.sigmoid(s)
 
 
@@ -402,28 +421,26 @@ class MobileOneBlock(nn.Module):
   use_scale_branch: bool = True
   num_conv_branches: int = 1
   padding: Optional[Sequence[int]] = None
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: Options = Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = dict(kernel_size=self.kernel_size, stride=self.stride, groups=self.groups,
-                padding=self.padding, dtype=self.dtype)
-    if self.reparameterized:
-      out = Conv(self.features, use_bias=True, name='reparam_conv', **conv)(x)
+    conv = dict(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
+                groups=self.groups, padding=self.padding)
+    if self.opts.reparameterized:
+      out = Conv(use_bias=True, dtype=self.opts.dtype, name='reparam_conv', **conv)(x)
     else:
-      bn = dict(bn_group_size=self.bn_group_size)
       out = 0
       if self.features == x.shape[-1] and self.stride == 1:
-        out = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name='identity')(x, train)
+        out = BatchNorm(group_size=self.opts.bn_group_size, dtype=self.opts.dtype,
+                        name='identity')(x, train)
       if max(pair(self.kernel_size)) > 1 and self.use_scale_branch:
         scale = dict(conv, kernel_size=1, padding=None)
-        out = out + ConvBN(self.features, name='conv_scale', **scale, **bn)(x, train)
+        out = out + ConvBN(opts=self.opts, name='conv_scale', **scale)(x, train)
       for i in range(self.num_conv_branches):
-        out = out + ConvBN(self.features, name=f'conv_kxk_{i}', **conv, **bn)(x, train)
+        out = out + ConvBN(opts=self.opts, name=f'conv_kxk_{i}', **conv)(x, train)
     if self.use_se:
-      out = SqueezeExcite(rd_divisor=1, dtype=self.dtype, name='se')(out)
+      out = SqueezeExcite(rd_divisor=1, dtype=self.opts.dtype, name='se')(out)
     return gelu(out) if self.use_act else out
 
 
@@ -436,40 +453,38 @@ class RepMixer(nn.Module):
   kernel_size: KernelSize = 3
   use_scale_branch: bool = True
   layer_scale_init: float = 1e-5
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: Options = Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     pad = tuple(k // 2 for k in pair(self.kernel_size))
-    common = dict(kernel_size=self.kernel_size, groups=c, use_act=False, padding=pad,
-                  bn_group_size=self.bn_group_size, dtype=self.dtype)
-    if self.reparameterized:
-      return Conv(c, self.kernel_size, groups=c, padding=pad, dtype=self.dtype,
-                  name='reparam_conv')(x)
-    mixed = MobileOneBlock(c, use_scale_branch=self.use_scale_branch, name='mixer', **common)(x, train)
-    normed = MobileOneBlock(c, use_scale_branch=False, num_conv_branches=0, name='norm',
+    if self.opts.reparameterized:
+      return Conv(features=c, kernel_size=self.kernel_size, groups=c, padding=pad,
+                  dtype=self.opts.dtype, name='reparam_conv')(x)
+    common = dict(features=c, kernel_size=self.kernel_size, groups=c, use_act=False, padding=pad,
+                  opts=self.opts)
+    mixed = MobileOneBlock(use_scale_branch=self.use_scale_branch, name='mixer', **common)(x, train)
+    normed = MobileOneBlock(use_scale_branch=False, num_conv_branches=0, name='norm',
                             **common)(x, train)
-    return x + LayerScale(self.layer_scale_init, name='layer_scale')(mixed - normed)
+    return x + LayerScale(init_value=self.layer_scale_init, name='layer_scale')(mixed - normed)
 
 
 class ConvMlp(nn.Module):
   """FastViT ConvFFN: dw conv+BN -> 1x1 conv (ratio x) -> GELU -> 1x1 conv. No pre-norm."""
   hidden: int
   kernel_size: KernelSize = 7
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: Options = Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     pad = tuple(k // 2 for k in pair(self.kernel_size))
-    x = ConvBN(c, self.kernel_size, groups=c, padding=pad, bn_group_size=self.bn_group_size,
-               dtype=self.dtype, name='conv')(x, train)
-    x = gelu(Conv(self.hidden, 1, kernel_init=trunc_normal_02, dtype=self.dtype, name='fc1')(x))
-    return Conv(c, 1, kernel_init=trunc_normal_02, dtype=self.dtype, name='fc2')(x)
+    x = ConvBN(features=c, kernel_size=self.kernel_size, groups=c, padding=pad, opts=self.opts,
+               name='conv')(x, train)
+    dense = dict(kernel_size=1, kernel_init=trunc_normal_02, dtype=self.opts.dtype)
+    x = gelu(Conv(features=self.hidden, name='fc1', **dense)(x))
+    return Conv(features=c, name='fc2', **dense)(x)
 
 
 class RepMixerBlock(nn.Module):
@@ -479,17 +494,16 @@ class RepMixerBlock(nn.Module):
   mlp_kernel_size: KernelSize = 7
   use_scale_branch: bool = True
   layer_scale_init: float = 1e-5
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: Options = Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = RepMixer(self.kernel_size, self.use_scale_branch, self.layer_scale_init,
-                 self.reparameterized, self.bn_group_size, self.dtype, name='token_mixer')(x, train)
-    y = ConvMlp(int(x.shape[-1] * self.mlp_ratio), self.mlp_kernel_size, self.bn_group_size,
-                self.dtype, name='mlp')(x, train)
-    return x + LayerScale(self.layer_scale_init, name='layer_scale')(y)
+    x = RepMixer(kernel_size=self.kernel_size, use_scale_branch=self.use_scale_branch,
+                 layer_scale_init=self.layer_scale_init, opts=self.opts,
+                 name='token_mixer')(x, train)
+    y = ConvMlp(hidden=int(x.shape[-1] * self.mlp_ratio), kernel_size=self.mlp_kernel_size,
+                opts=self.opts, name='mlp')(x, train)
+    return x + LayerScale(init_value=self.layer_scale_init, name='layer_scale')(y)
 
 
 class Mlp(nn.Module):

@@ -5,7 +5,7 @@ Structure and names follow timm's `fastvit_mci*` (timm/models/fastvit.py): `stem
 CLIP embedding is `head/fc` (Linear with bias), as in open_clip's timm towers.
 """
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -13,8 +13,6 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
-
-Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,57 +64,50 @@ class ReparamLargeKernelConv(nn.Module):
   small_kernel: int = 3
   stride: int = 2
   use_se: bool = False
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    groups = x.shape[-1]
-    if self.reparameterized:
-      out = layers.Conv(self.features, self.kernel_size, self.stride, groups, dtype=self.dtype,
-                        name='reparam_conv')(x)
+    conv = dict(features=self.features, stride=self.stride, groups=x.shape[-1])
+    if self.opts.reparameterized:
+      out = layers.Conv(kernel_size=self.kernel_size, dtype=self.opts.dtype, name='reparam_conv',
+                        **conv)(x)
     else:
-      conv = lambda k, name: layers.ConvBN(self.features, k, self.stride, groups,
-                                           bn_group_size=self.bn_group_size, dtype=self.dtype,
-                                           name=name)(x, train)
-      out = conv(self.kernel_size, 'large_conv') + conv(self.small_kernel, 'small_conv')
+      branch = lambda k, name: layers.ConvBN(kernel_size=k, opts=self.opts, name=name, **conv)(
+          x, train)
+      out = branch(self.kernel_size, 'large_conv') + branch(self.small_kernel, 'small_conv')
     if self.use_se:
-      out = layers.SqueezeExcite(rd_ratio=0.25, dtype=self.dtype, name='se')(out)
+      out = layers.SqueezeExcite(rd_ratio=0.25, dtype=self.opts.dtype, name='se')(out)
     return layers.gelu(out)
 
 
 class RepCPE(nn.Module):
   """Conditional positional encoding x + dwconv7x7(x); inference form folds the identity in."""
   kernel_size: int = 7
-  reparameterized: bool = False
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    pad = (self.kernel_size // 2,) * 2
-    if self.reparameterized:
-      return layers.Conv(c, self.kernel_size, groups=c, padding=pad, dtype=self.dtype,
-                         name='reparam_conv')(x)
-    return x + layers.Conv(c, self.kernel_size, groups=c, padding=pad, dtype=self.dtype,
-                           name='pos_enc')(x)
+    conv = dict(features=c, kernel_size=self.kernel_size, groups=c,
+                padding=(self.kernel_size // 2,) * 2, dtype=self.opts.dtype)
+    if self.opts.reparameterized:
+      return layers.Conv(name='reparam_conv', **conv)(x)
+    return x + layers.Conv(name='pos_enc', **conv)(x)
 
 
 class PatchEmbed(nn.Module):
   """Stage downsampling: `proj_0` ReparamLargeKernelConv (stride 2), `proj_1` 1x1 MobileOne."""
   features: int
   use_se: bool = False
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    common = dict(reparameterized=self.reparameterized, bn_group_size=self.bn_group_size,
-                  dtype=self.dtype)
-    x = ReparamLargeKernelConv(self.features, use_se=self.use_se, name='proj_0', **common)(x, train)
-    return layers.MobileOneBlock(self.features, 1, name='proj_1', **common)(x, train)
+    x = ReparamLargeKernelConv(features=self.features, use_se=self.use_se, opts=self.opts,
+                               name='proj_0')(x, train)
+    return layers.MobileOneBlock(features=self.features, kernel_size=1, opts=self.opts,
+                                 name='proj_1')(x, train)
 
 
 class AttentionBlock(nn.Module):
@@ -124,56 +115,50 @@ class AttentionBlock(nn.Module):
   mlp_ratio: float
   head_dim: int = 32
   norm: str = 'batchnorm'
-  attention: str = 'softmax'
-  qk_norm: bool = False
   layer_scale_init: float = 1e-5
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     b, h, w, c = x.shape
     if self.norm == 'batchnorm':
-      y = layers.BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name='norm')(x, train)
+      y = layers.BatchNorm(group_size=self.opts.bn_group_size, dtype=self.opts.dtype,
+                           name='norm')(x, train)
     else:
-      y = layers.LayerNorm(dtype=self.dtype, name='norm')(x)
-    y = attn_lib.MultiHeadAttention(c // self.head_dim, qkv_bias=False, attention=self.attention,
-                                    qk_norm=self.qk_norm, dtype=self.dtype,
+      y = layers.LayerNorm(dtype=self.opts.dtype, name='norm')(x)
+    y = attn_lib.MultiHeadAttention(num_heads=c // self.head_dim, qkv_bias=False, opts=self.opts,
                                     name='token_mixer')(y.reshape(b, h * w, c))
-    x = x + layers.LayerScale(self.layer_scale_init, name='layer_scale_1')(y.reshape(b, h, w, c))
-    y = layers.ConvMlp(int(c * self.mlp_ratio), bn_group_size=self.bn_group_size, dtype=self.dtype,
-                       name='mlp')(x, train)
-    return x + layers.LayerScale(self.layer_scale_init, name='layer_scale_2')(y)
+    scale = lambda name: layers.LayerScale(init_value=self.layer_scale_init, name=name)
+    x = x + scale('layer_scale_1')(y.reshape(b, h, w, c))
+    y = layers.ConvMlp(hidden=int(c * self.mlp_ratio), opts=self.opts, name='mlp')(x, train)
+    return x + scale('layer_scale_2')(y)
 
 
 class Stage(nn.Module):
   """One FastViT stage: optional `downsample`, optional `pos_emb`, then `blocks_{j}`."""
   config: MCiConfig
   index: int
-  attention: str = 'softmax'
-  qk_norm: bool = False
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     cfg, i = self.config, self.index
-    common = dict(reparameterized=self.reparameterized, bn_group_size=self.bn_group_size,
-                  dtype=self.dtype)
     width = cfg.widths[i]
     if x.shape[-1] != width:
-      x = PatchEmbed(width, cfg.se_downsample[i], name='downsample', **common)(x, train)
+      x = PatchEmbed(features=width, use_se=cfg.se_downsample[i], opts=self.opts,
+                     name='downsample')(x, train)
     if cfg.pos_emb[i]:
-      x = RepCPE(reparameterized=self.reparameterized, dtype=self.dtype, name='pos_emb')(x)
+      x = RepCPE(opts=self.opts, name='pos_emb')(x)
     for j in range(cfg.depths[i]):
       if cfg.token_mixers[i] == 'repmixer':
-        x = layers.RepMixerBlock(cfg.mlp_ratio, layer_scale_init=cfg.layer_scale_init,
-                                 name=f'blocks_{j}', **common)(x, train)
+        block = layers.RepMixerBlock(mlp_ratio=cfg.mlp_ratio,
+                                     layer_scale_init=cfg.layer_scale_init, opts=self.opts,
+                                     name=f'blocks_{j}')
       else:
-        x = AttentionBlock(cfg.mlp_ratio, cfg.head_dim, cfg.attn_norm, self.attention,
-                           self.qk_norm, cfg.layer_scale_init, self.bn_group_size, self.dtype,
-                           name=f'blocks_{j}')(x, train)
+        block = AttentionBlock(mlp_ratio=cfg.mlp_ratio, head_dim=cfg.head_dim,
+                               norm=cfg.attn_norm, layer_scale_init=cfg.layer_scale_init,
+                               opts=self.opts, name=f'blocks_{j}')
+      x = block(x, train)
     return x
 
 
@@ -184,27 +169,22 @@ class MCi(nn.Module):
   """
   config: MCiConfig
   embed_dim: int
-  attention: str = 'softmax'
-  qk_norm: bool = False
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    cfg = self.config
-    common = dict(reparameterized=self.reparameterized, bn_group_size=self.bn_group_size,
-                  dtype=self.dtype)
+    cfg, opts = self.config, self.opts
     c0 = cfg.widths[0]
-    stem = dict(use_scale_branch=cfg.stem_scale_branch, **common)
-    x = layers.MobileOneBlock(c0, 3, stride=2, name='stem_0', **stem)(images, train)
-    x = layers.MobileOneBlock(c0, 3, stride=2, groups=c0, name='stem_1', **stem)(x, train)
-    x = layers.MobileOneBlock(c0, 1, name='stem_2', **common)(x, train)
+    stem = dict(features=c0, kernel_size=3, stride=2, use_scale_branch=cfg.stem_scale_branch,
+                opts=opts)
+    x = layers.MobileOneBlock(name='stem_0', **stem)(images, train)
+    x = layers.MobileOneBlock(groups=c0, name='stem_1', **stem)(x, train)
+    x = layers.MobileOneBlock(features=c0, kernel_size=1, opts=opts, name='stem_2')(x, train)
     for i in range(len(cfg.depths)):
-      x = Stage(cfg, i, self.attention, self.qk_norm, name=f'stages_{i}', **common)(x, train)
+      x = Stage(config=cfg, index=i, opts=opts, name=f'stages_{i}')(x, train)
     c_last = x.shape[-1]
-    x = layers.MobileOneBlock(int(c_last * cfg.final_ratio), 3, groups=c_last, use_se=True,
-                              name='final_conv', **common)(x, train)
+    x = layers.MobileOneBlock(features=int(c_last * cfg.final_ratio), kernel_size=3,
+                              groups=c_last, use_se=True, opts=opts, name='final_conv')(x, train)
     pooled = x.astype(jnp.float32).mean((1, 2)).astype(x.dtype)
-    return nn.Dense(self.embed_dim, kernel_init=layers.trunc_normal_02, dtype=self.dtype,
+    return nn.Dense(self.embed_dim, kernel_init=layers.trunc_normal_02, dtype=opts.dtype,
                     name='head')(pooled)

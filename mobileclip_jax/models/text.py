@@ -7,7 +7,7 @@ attended to, as the weights expect); only the B variants and the CLIP teachers a
 """
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
 
-Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +44,11 @@ class TextTransformer(nn.Module):
   """tokens [B, L] int32 (L <= context_length) -> embeddings [B, embed_dim]."""
   config: TextConfig
   embed_dim: int
-  attention: str = 'softmax'
-  qk_norm: bool = False
-  reparameterized: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-    cfg = self.config
+    cfg, dtype = self.config, self.opts.dtype
     b, seq_len = tokens.shape
     if seq_len > cfg.context_length or (cfg.variant == 'mct' and seq_len != cfg.context_length):
       raise ValueError(f'{cfg.variant} text tower expects {cfg.context_length} tokens per text, '
@@ -63,35 +58,34 @@ class TextTransformer(nn.Module):
                  name='token_embedding')(tokens)
     pos = self.param('positional_embedding', nn.initializers.normal(0.01),
                      (cfg.context_length, width), jnp.float32)
-    x = (x + pos[:seq_len]).astype(self.dtype or jnp.float32)
+    x = (x + pos[:seq_len]).astype(dtype or jnp.float32)
 
     # open_clip's initialization of the text transformer.
     proj_std = width ** -0.5 * (2 * cfg.layers) ** -0.5
     block = dict(
-        attention=self.attention, qk_norm=self.qk_norm, is_causal=cfg.causal,
-        layer_scale_init=cfg.layer_scale_init, hybrid_norm=cfg.hybrid_norm, act=cfg.act,
-        norm_eps=cfg.norm_eps, qkv_init=nn.initializers.normal(width ** -0.5),
-        proj_init=nn.initializers.normal(proj_std), fc1_init=nn.initializers.normal((2 * width) ** -0.5),
-        fc2_init=nn.initializers.normal(proj_std), dtype=self.dtype)
+        num_heads=cfg.heads, is_causal=cfg.causal, layer_scale_init=cfg.layer_scale_init,
+        hybrid_norm=cfg.hybrid_norm, act=cfg.act, norm_eps=cfg.norm_eps,
+        qkv_init=nn.initializers.normal(width ** -0.5), proj_init=nn.initializers.normal(proj_std),
+        fc1_init=nn.initializers.normal((2 * width) ** -0.5),
+        fc2_init=nn.initializers.normal(proj_std), opts=self.opts)
     if cfg.variant == 'base':
       mlp_dim = int(width * cfg.mlp_ratio)
       for i in range(cfg.layers):
-        x = attn_lib.TransformerBlock(cfg.heads, mlp_dim, name=f'blocks_{i}', **block)(x, train=train)
+        x = attn_lib.TransformerBlock(mlp_dim=mlp_dim, name=f'blocks_{i}', **block)(x, train=train)
     else:
       # Apple's MCt: FFN width rounded up to a multiple of 16; blocks 0 and L+1 are RepMixer
       # blocks running 1 x k depthwise convs along the sequence ([B, L, D] as [B, 1, L, D]).
       mlp_dim = int(math.ceil(width * cfg.mlp_ratio / 16.0) * 16)
       repmixer = lambda i: layers.RepMixerBlock(
-          cfg.mlp_ratio, kernel_size=(1, cfg.repmixer_kernel),
-          mlp_kernel_size=(1, cfg.repmixer_kernel), use_scale_branch=False,
-          reparameterized=self.reparameterized, bn_group_size=self.bn_group_size,
-          dtype=self.dtype, name=f'blocks_{i}')
+          mlp_ratio=cfg.mlp_ratio, kernel_size=(1, cfg.repmixer_kernel),
+          mlp_kernel_size=(1, cfg.repmixer_kernel), use_scale_branch=False, opts=self.opts,
+          name=f'blocks_{i}')
       x = repmixer(0)(x[:, None], train)[:, 0]
       for i in range(1, cfg.layers + 1):
-        x = attn_lib.TransformerBlock(cfg.heads, mlp_dim, name=f'blocks_{i}', **block)(x, train=train)
+        x = attn_lib.TransformerBlock(mlp_dim=mlp_dim, name=f'blocks_{i}', **block)(x, train=train)
       x = repmixer(cfg.layers + 1)(x[:, None], train)[:, 0]
 
-    x = layers.LayerNorm(cfg.norm_eps, self.dtype, name='ln_final')(x)
+    x = layers.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name='ln_final')(x)
     pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
     proj = self.param('text_projection', nn.initializers.normal(width ** -0.5),
                       (width, self.embed_dim), jnp.float32)

@@ -7,7 +7,6 @@ modules through the conversion tables.
 """
 import dataclasses
 import math
-from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -15,8 +14,6 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
-
-Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,19 +45,18 @@ class ConvStem(nn.Module):
   """MobileCLIP-B stem: conv4x4/s4+BN+GELU, conv2x2/s2+BN+GELU, conv2x2/s2 (bias): stride 16."""
   width: int
   first_padding: int = 0
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     mid = self.width // 4
     for i, (k, c) in enumerate(((4, mid), (2, mid))):
       pad = (self.first_padding,) * 2 if i == 0 else (0, 0)
-      x = layers.ConvBN(c, k, stride=k, padding=pad, bn_group_size=self.bn_group_size,
-                        dtype=self.dtype, name=f'backbone_{i}')(x, train)
+      x = layers.ConvBN(features=c, kernel_size=k, stride=k, padding=pad, opts=self.opts,
+                        name=f'backbone_{i}')(x, train)
       x = layers.gelu(x)
-    return layers.Conv(self.width, 2, stride=2, padding=(0, 0), dtype=self.dtype,
-                       name='backbone_2')(x)
+    return layers.Conv(features=self.width, kernel_size=2, stride=2, padding=(0, 0),
+                       dtype=self.opts.dtype, name='backbone_2')(x)
 
 
 class ViT(nn.Module):
@@ -72,21 +68,19 @@ class ViT(nn.Module):
   config: ViTConfig
   embed_dim: int
   image_size: int
-  attention: str = 'softmax'
-  qk_norm: bool = False
-  bn_group_size: int = 0
-  dtype: Optional[Dtype] = None
+  opts: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    cfg = self.config
+    cfg, dtype = self.config, self.opts.dtype
     b = images.shape[0]
     if cfg.stem == 'mci_conv':
-      x = ConvStem(cfg.width, cfg.stem_padding, self.bn_group_size, self.dtype,
+      x = ConvStem(width=cfg.width, first_padding=cfg.stem_padding, opts=self.opts,
                    name='patch_embed')(images, train)
     else:
-      x = layers.Conv(cfg.width, cfg.patch_size, stride=cfg.patch_size, padding=(0, 0),
-                      use_bias=cfg.patch_bias, dtype=self.dtype, name='patch_embed')(images)
+      x = layers.Conv(features=cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                      padding=(0, 0), use_bias=cfg.patch_bias, dtype=dtype,
+                      name='patch_embed')(images)
     grid_h, grid_w = x.shape[1:3]
     x = x.reshape(b, grid_h * grid_w, cfg.width)
 
@@ -101,18 +95,18 @@ class ViT(nn.Module):
       x = jnp.concatenate([cls, x], axis=1) + pos
     else:
       x = jnp.concatenate([cls, x + pos], axis=1)
+    norm = lambda name: layers.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
     if cfg.norm_pre:
-      x = layers.LayerNorm(cfg.norm_eps, self.dtype, name='norm_pre')(x)
+      x = norm('norm_pre')(x)
 
-    mlp_dim = int(cfg.width * cfg.mlp_ratio)
     for i in range(cfg.depth):
       x = attn_lib.TransformerBlock(
-          cfg.heads, mlp_dim, attention=self.attention, qk_norm=self.qk_norm, act=cfg.act,
+          num_heads=cfg.heads, mlp_dim=int(cfg.width * cfg.mlp_ratio), act=cfg.act,
           norm_eps=cfg.norm_eps, drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
-          dtype=self.dtype, name=f'blocks_{i}')(x, train=train)
-    x = layers.LayerNorm(cfg.norm_eps, self.dtype, name='norm')(x)
+          opts=self.opts, name=f'blocks_{i}')(x, train=train)
+    x = norm('norm')(x)
     return nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
-                    dtype=self.dtype, name='head')(x[:, 0])
+                    dtype=dtype, name='head')(x[:, 0])
 
 
 def _resize_pos_embed(pos: jax.Array, grid: int, new_grid, embed_class: bool) -> jax.Array:

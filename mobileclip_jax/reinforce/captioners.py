@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mobileclip_jax.data import demo_world
-from mobileclip_jax.data import wds
+from mobileclip_jax.data import errors
 from mobileclip_jax.data.errors import CorruptSampleError
 
 # Reasons for CorruptSampleError raised by captioners' `check`.
@@ -81,7 +81,7 @@ class ExistingCaptioner(Captioner):
 
   def check(self, item: CaptionInput, num_captions: int) -> None:
     if item.existing is None:
-      raise CorruptSampleError(item.shard, item.key, wds.MISSING_MEMBER,
+      raise CorruptSampleError(item.shard, item.key, errors.MISSING_MEMBER,
                                f'no syn.json[{self.syn_key!r}] captions to keep '
                                '(--captioner=existing needs them; use a captioner that makes '
                                'captions instead)')

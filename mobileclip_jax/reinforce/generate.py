@@ -41,7 +41,10 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
+from mobileclip_jax.data import dataset_build
+from mobileclip_jax.data import errors
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
@@ -73,21 +76,13 @@ class _Prepared:
   views: Dict[int, np.ndarray]  # size -> uint8 [k, size, size, 3]
 
 
-def _member(raw: wds.RawSample, names: Sequence[str]) -> Tuple[str, bytes]:
-  for name in names:
-    if name in raw.members:
-      return name, raw.members[name]
-  raise CorruptSampleError(raw.shard, raw.key, wds.MISSING_MEMBER,
-                           f'no {" or ".join(names)} member (has {sorted(raw.members)})')
-
-
 def _decode_image(data: bytes, raw: wds.RawSample) -> Image.Image:
   try:
     with Image.open(io.BytesIO(data)) as image:
       return image.convert('RGB')  # Loads the pixels: a truncated file fails here.
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on damaged input.
-    raise CorruptSampleError(raw.shard, raw.key, wds.BAD_IMAGE,
+    raise CorruptSampleError(raw.shard, raw.key, errors.BAD_IMAGE,
                              f'{type(e).__name__}: {e}') from None
 
 
@@ -99,7 +94,7 @@ def _existing_captions(raw: wds.RawSample, syn_key: str) -> Optional[List[str]]:
   if texts is None:
     return None
   if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-    raise CorruptSampleError(raw.shard, raw.key, wds.BAD_JSON,
+    raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON,
                              f'syn.json[{syn_key!r}] is not a list of strings')
   return texts
 
@@ -120,12 +115,12 @@ class _Preparer:
 
   def _prepare(self, raw: wds.RawSample, index: int) -> _Prepared:
     c = self.config
-    _, image_bytes = _member(raw, wds.IMAGE_EXTS)
-    caption = wds.decode_text(_member(raw, ('txt',))[1], raw.shard, raw.key, 'txt')
+    _, image_bytes = raw.member(*wds.IMAGE_EXTS)
+    caption = wds.decode_text(raw.member('txt')[1], raw.shard, raw.key, 'txt')
     labels = (wds.decode_json(raw.members['json'], raw.shard, raw.key, 'json')
               if 'json' in raw.members else {})
     if not isinstance(labels, dict):
-      raise CorruptSampleError(raw.shard, raw.key, wds.BAD_JSON, 'json is not a JSON object')
+      raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON, 'json is not a JSON object')
     image = _decode_image(image_bytes, raw)
     item = captioners.CaptionInput(raw.shard, raw.key, str(labels.get('uid', raw.key)), image,
                                      labels, _existing_captions(raw, c.syn_key))
@@ -221,14 +216,6 @@ def _record_path(out_dir: str, name: str) -> str:
   return os.path.join(out_dir, STATE_DIR, 'shards', f'{name}.json')
 
 
-def _write_json_atomic(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _read_record(out_dir: str, name: str) -> Optional[Dict[str, Any]]:
   try:
     with open(_record_path(out_dir, name), encoding='utf-8') as f:
@@ -311,7 +298,7 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
     os.remove(stale)
   preparer = _Preparer(c, ctx.captioner, ctx.ensemble.image_sizes, shard_seed)
   chunks = _prefetched_chunks(shard.read(handle), preparer, c.chunk_size, ctx.pool)
-  with wds.ShardWriter(staging + '.{:d}', max_samples=2**62) as writer:
+  with wds.ShardWriter(staging + '.{:d}', max_samples=2**62, manifest=False) as writer:
     for chunk_index, chunk in enumerate(chunks):
       good = []
       for result in chunk:
@@ -339,7 +326,7 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
             'size': os.path.getsize(final) if writer.paths else 0,
             'counter': counter.to_json(), 'captions': quality.to_json(),
             'seconds': time.time() - start}
-  _write_json_atomic(_record_path(ctx.out_dir, shard.name), record)
+  utils.write_json_atomic(_record_path(ctx.out_dir, shard.name), record)
   return record
 
 
@@ -404,18 +391,15 @@ def _write_summary(out_dir: str, shards: Sequence[inputs.InputShard], config_has
   done = [r for r in records if r is not None]
   counter, quality = _aggregate(done)
   complete = len(done) == len(shards)
-  _write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), {
+  utils.write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), {
       'complete': complete, 'shards': len(shards), 'shards_finished': len(done),
       'samples': sum(r['num_samples'] for r in done), 'counter': counter.to_json(),
       'captions': quality.to_json()})
   if complete:
     lines = [json.dumps({'shard': os.path.splitext(r['name'])[0], 'num_samples': r['num_samples']})
              for r in done if r['num_samples']]
-    path = os.path.join(out_dir, MANIFEST_FILE)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with utils.atomic_write(os.path.join(out_dir, MANIFEST_FILE), encoding='utf-8') as f:
       f.write(''.join(line + '\n' for line in lines))
-    os.replace(tmp, path)
   return complete
 
 
@@ -489,10 +473,10 @@ def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
       k=config.k)
 
 
-def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> reinforced_tfds.BuildReport:
+def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> dataset_build.BuildReport:
   """Builds the TFDS dataset of a complete generation, with the metadata of its config.
 
-  Keyword arguments go to `reinforced_tfds.build_dataset` (workers, overwrite, progress, ...).
+  Keyword arguments go to `dataset_build.build_dataset` (workers, overwrite, progress, ...).
   """
   settings = settings_lib.read_config(out_dir)
   if settings is None:
@@ -504,10 +488,9 @@ def build_tfds(out_dir: str, name: str, data_dir: str, **kwargs) -> reinforced_t
   with open(os.path.join(out_dir, MANIFEST_FILE), encoding='utf-8') as f:
     manifest = [json.loads(line) for line in f if line.strip()]
   shards = [os.path.join(out_dir, entry['shard'] + '.tar') for entry in manifest]
-  generation = settings['generation']
-  return reinforced_tfds.build_dataset(
-      shards, name, data_dir, kind='reinforced', emb_dtype=settings['emb_dtype'],
-      teachers=[f'{t["name"]}:{t["tag"]}' for t in generation['teachers']],
-      teacher_dims=settings['teacher_dims'], k=settings['num_samples'],
-      augmentation=settings['reinforce']['image_augmentation'],
-      tokenizer=settings['tokenizer'], syn_key_regex=settings['syn_key_regex'], **kwargs)
+  config = reinforced_tfds.read_reinforce_config(os.path.join(out_dir, settings_lib.CONFIG_FILE))
+  return dataset_build.build_dataset(
+      shards, name, data_dir, kind='reinforced', emb_dtype=config['emb_dtype'],
+      teachers=config['teachers'], teacher_dims=config['teacher_dims'], k=config['k'],
+      augmentation=config['augmentation'], tokenizer=config['tokenizer'],
+      syn_key_regex=config['syn_key_regex'], **kwargs)

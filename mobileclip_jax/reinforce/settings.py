@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any, Dict, Mapping, Optional
 
+from mobileclip_jax import utils
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 
@@ -138,9 +139,4 @@ def write_or_check(out_dir: str, config: Dict[str, Any], overwrite: bool) -> Non
         f'{"; ".join(changed[:5])}). Resume with the same settings, choose a new --out, or pass '
         '--overwrite to regenerate every shard.')
   if old != config:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, CONFIG_FILE)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(config, f, indent=1)
-    os.replace(tmp, path)
+    utils.write_json_atomic(os.path.join(out_dir, CONFIG_FILE), config)

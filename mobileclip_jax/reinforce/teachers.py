@@ -4,33 +4,31 @@ A teacher is a zoo model (`models/clip.py`) with its variables, from a model che
 training run (`checkpoint.load_variables`) or from an open_clip state_dict file
 (`convert.from_open_clip`). Each teacher keeps its own input resolution, mean/std and tokenizer.
 
-`TeacherEnsemble` embeds uint8 images and caption strings with every teacher. Batches have a
-fixed global size (so each tower compiles once) and are split over the local devices along
-their first axis; the last batch is padded and its pad rows are masked to zero and dropped.
-Each teacher's embeddings are L2-normalized (open_clip's `F.normalize`) and the teachers are
-concatenated in order, so row r is [teacher_0 (dims[0]) | teacher_1 (dims[1]) | ...], each slice
+`TeacherEnsemble` embeds uint8 images and caption strings with every teacher through the
+package's embedding engine (mobileclip_jax/embedding.py: fixed-size padded batches split over the
+local devices, normalized on device, L2-normalized like open_clip's `F.normalize`). The teachers
+are concatenated in order, so row r is [teacher_0 (dims[0]) | teacher_1 (dims[1]) | ...], each slice
 unit-norm: DataCompDR's layout.
 """
 import dataclasses
 import functools
 import hashlib
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mobileclip_jax import checkpoint
+from mobileclip_jax import embedding
+from mobileclip_jax import rules
 from mobileclip_jax import sharding
 from mobileclip_jax.convert import files as convert_files
 from mobileclip_jax.convert import open_clip as convert_open_clip
-from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.models import clip as clip_lib
 
 OPEN_CLIP_PREFIX = 'open_clip:'
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,9 +67,9 @@ class Teacher:
     """sha256 over every variable (path, dtype, shape, bytes): identifies the weights."""
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(self.variables)[0]
-    for path, leaf in sorted(leaves, key=lambda item: sharding.path_str(item[0])):
+    for path, leaf in sorted(leaves, key=lambda item: rules.path_str(item[0])):
       array = np.ascontiguousarray(leaf)
-      digest.update(f'{sharding.path_str(path)}|{array.dtype}|{array.shape}|'.encode())
+      digest.update(f'{rules.path_str(path)}|{array.dtype}|{array.shape}|'.encode())
       digest.update(array.tobytes())
     return digest.hexdigest()
 
@@ -130,49 +128,20 @@ def load_teacher(spec: str, dtype: Optional[str] = None) -> Teacher:
 
 
 # ----------------------------------------------------------------------------------------------
-# Jitted embedding.
-
-
-def _normalize_rows(x: jax.Array, valid: jax.Array) -> jax.Array:
-  """Unit-norm rows (float32); pad rows (valid False) become exact zeros."""
-  x = x.astype(jnp.float32)
-  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
-  return jnp.where(valid[:, None], x, 0.0)
-
-
-def _image_embedder(model: clip_lib.CLIP) -> Callable[..., jax.Array]:
-  """(variables, uint8 images [B, S, S, 3], valid [B]) -> unit-norm embeddings [B, E] float32."""
-  mean, std = model.config.mean, model.config.std
-
-  def embed(variables, images, valid):
-    pixels = preprocess.normalize(images, mean, std)  # Same float32 math as on the host.
-    return _normalize_rows(model.apply(variables, pixels, method=model.encode_image), valid)
-
-  return embed
-
-
-def _text_embedder(model: clip_lib.CLIP) -> Callable[..., jax.Array]:
-  """(variables, tokens int32 [B, L], valid [B]) -> unit-norm embeddings [B, E] float32."""
-
-  def embed(variables, tokens, valid):
-    return _normalize_rows(model.apply(variables, tokens, method=model.encode_text), valid)
-
-  return embed
+# Embedding (mobileclip_jax/embedding.py's engine).
 
 
 class PendingEmbeddings:
-  """Embeddings still being computed on the devices; `result()` waits and gathers them."""
+  """Every teacher's embeddings still being computed; `result()` waits and joins them."""
 
-  def __init__(self, parts: List[List[jax.Array]], count: int, width: int):
+  def __init__(self, parts: List[embedding.Pending], count: int, width: int):
     self._parts, self._count, self._width = parts, count, width
 
   def result(self) -> np.ndarray:
     """float32 [N, sum(dims)]: the teachers' unit-norm slices side by side."""
     if self._count == 0:
       return np.zeros((0, self._width), np.float32)
-    per_teacher = [np.concatenate([np.asarray(chunk) for chunk in chunks])[:self._count]
-                   for chunks in self._parts]
-    return np.concatenate(per_teacher, axis=1)
+    return np.concatenate([part.result() for part in self._parts], axis=1)
 
 
 class TeacherEnsemble:
@@ -198,15 +167,9 @@ class TeacherEnsemble:
     self.mesh = sharding.create_mesh(devices=devices)
     self.image_batch = images_per_device * len(devices)
     self.text_batch = texts_per_device * len(devices)
-    self._batch_sharding = sharding.batch_sharding(self.mesh)
+    self._models = [clip_lib.CLIP(t.config) for t in self.teachers]
     replicated = sharding.replicated(self.mesh)
-    in_shardings = (replicated, self._batch_sharding, self._batch_sharding)
-    jit = functools.partial(jax.jit, in_shardings=in_shardings,
-                            out_shardings=self._batch_sharding)
-    models = [clip_lib.CLIP(t.config) for t in self.teachers]
     self._variables = [jax.device_put(t.variables, replicated) for t in self.teachers]
-    self._image_fns = [jit(_image_embedder(m)) for m in models]
-    self._text_fns = [jit(_text_embedder(m)) for m in models]
     self._tokenizers: Dict[str, tokenizer_lib.Tokenizer] = {}
 
   @property
@@ -228,19 +191,6 @@ class TeacherEnsemble:
     """The distinct input resolutions of the teachers, ascending."""
     return tuple(sorted({t.image_size for t in self.teachers}))
 
-  def _run(self, fn, variables, inputs: np.ndarray, batch: int) -> List[jax.Array]:
-    """Dispatches `fn` over fixed-size batches of `inputs` (last one padded); returns at once."""
-    outputs = []
-    for start in range(0, len(inputs), batch):
-      chunk = inputs[start:start + batch]
-      valid = np.arange(batch) < len(chunk)
-      if len(chunk) < batch:
-        chunk = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
-                                                chunk.dtype)])
-      chunk, valid = jax.device_put((chunk, valid), self._batch_sharding)
-      outputs.append(fn(variables, chunk, valid))
-    return outputs
-
   def embed_images_async(self, views: Mapping[int, np.ndarray]) -> PendingEmbeddings:
     """Starts embedding N images with every teacher.
 
@@ -260,12 +210,13 @@ class TeacherEnsemble:
       raise ValueError(f'Image views hold different numbers of images: '
                        f'{ {s: len(v) for s, v in views.items()} }.')
     parts = []
-    for teacher, fn, variables in zip(self.teachers, self._image_fns, self._variables):
+    for teacher, model, variables in zip(self.teachers, self._models, self._variables):
       images = np.asarray(views[teacher.image_size])
       if images.dtype != np.uint8 or images.shape[1:] != (teacher.image_size,) * 2 + (3,):
         raise ValueError(f'Images for {teacher.name} must be uint8 [N, {teacher.image_size}, '
                          f'{teacher.image_size}, 3], got {images.dtype} {images.shape}.')
-      parts.append(self._run(fn, variables, images, self.image_batch))
+      parts.append(embedding.embed_array(model, variables, self.mesh, embedding.IMAGE, images,
+                                         self.image_batch))
     return PendingEmbeddings(parts, counts.pop(), self.width)
 
   def embed_images(self, views: Mapping[int, np.ndarray]) -> np.ndarray:
@@ -281,12 +232,13 @@ class TeacherEnsemble:
     """Starts embedding N texts, tokenized per teacher (its tokenizer and context length)."""
     tokens: Dict[Tuple[str, int], np.ndarray] = {}
     parts = []
-    for teacher, fn, variables in zip(self.teachers, self._text_fns, self._variables):
+    for teacher, model, variables in zip(self.teachers, self._models, self._variables):
       key = (teacher.config.tokenizer, teacher.context_length)
       if key not in tokens:
         tokens[key] = (self._tokenizer(key[0])(list(texts), key[1]) if texts
                        else np.zeros((0, key[1]), np.int32))
-      parts.append(self._run(fn, variables, tokens[key], self.text_batch))
+      parts.append(embedding.embed_array(model, variables, self.mesh, embedding.TEXT,
+                                         tokens[key], self.text_batch))
     return PendingEmbeddings(parts, len(texts), self.width)
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

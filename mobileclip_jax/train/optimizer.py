@@ -1,22 +1,20 @@
-"""AdamW as in open_clip's MobileCLIP recipe: warmup + cosine, clipping, weight-decay set, eps rule.
+"""AdamW as in open_clip's MobileCLIP recipe: warmup + cosine, clipping, eps rule, rule-based decay.
 
-Weight decay applies to the same parameters as open_clip's rule, evaluated on the PyTorch name
-and shape of each parameter (from the conversion table): decayed iff ndim >= 2 and the name has
-none of 'bn', 'ln', 'bias', 'logit_scale'. So token/position embeddings and the (C, 1, 1)
-layer-scale tensors of the FastViT towers are decayed; norms, biases and the scale are not.
+Which parameters are decayed, their learning-rate multipliers and which are frozen come from
+ordered regex rules over Flax parameter paths (train/rules.py, set in the config). Frozen
+parameters get no update and no optimizer state.
 """
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from mobileclip_jax.convert import open_clip as oc_convert
-from mobileclip_jax.models import clip as clip_lib
+from mobileclip_jax import losses
+from mobileclip_jax import rules as rules_lib
 
-_NO_DECAY_SUBSTRINGS = ('bn', 'ln', 'bias', 'logit_scale')
-MAX_LOG_LOGIT_SCALE = math.log(100.0)
+MAX_LOG_LOGIT_SCALE = math.log(losses.MAX_LOGIT_SCALE)
 
 
 def default_eps(model_name: str) -> float:
@@ -49,32 +47,52 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, kind: str =
   return schedule
 
 
-def weight_decay_mask(model_config: clip_lib.ModelConfig, params: Any) -> Any:
-  """A boolean tree like `params`: True where open_clip's rule decays the parameter."""
-  decayed = {}
-  for entry in oc_convert.conversion_table(model_config):
-    if entry.collection == 'params':
-      name = entry.torch_key
-      decayed[entry.path] = (len(entry.torch_shape) >= 2
-                             and not any(s in name for s in _NO_DECAY_SUBSTRINGS))
-
-  def leaf(key_path, _):
-    return decayed[tuple(k.key for k in key_path)]
-
-  return jax.tree_util.tree_map_with_path(leaf, params)
+def _masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)  # Frozen parameters (optax.multi_transform's mask).
 
 
-def make_optimizer(model_config: clip_lib.ModelConfig, params: Any, schedule: Callable, *,
-                   b1: float, b2: float, eps: Optional[float], weight_decay: float,
-                   grad_clip: float) -> optax.GradientTransformation:
-  """Global-norm clipping -> AdamW with the schedule and open_clip's weight-decay set."""
-  eps = default_eps(model_config.name) if eps is None else eps
-  parts = []
-  if grad_clip and grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=weight_decay_mask(model_config, params)))
-  return optax.chain(*parts)
+def _scale_by_tree(factors: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its factor (a tree like the parameters)."""
+  def update(updates, state, params=None):
+    del params
+    scale = lambda u, f: u if _masked(u) else u * f
+    return jax.tree.map(scale, updates, factors, is_leaf=_masked), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _decayed_weights(rates: Any) -> optax.GradientTransformation:
+  """updates + rate * params, with a per-parameter rate (weight_decay x its multiplier)."""
+  def update(updates, state, params=None):
+    decay = lambda u, p, r: u + r * p if r and not _masked(u) else u
+    return jax.tree.map(decay, updates, params, rates, is_leaf=_masked), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(params: Any, schedule: Callable, *, b1: float, b2: float, eps: float,
+                   weight_decay: float, grad_clip: float, wd_rules: Sequence,
+                   lr_rules: Sequence = (), freeze: Sequence[str] = ()
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping -> Adam -> decoupled weight decay -> lr (with multipliers).
+
+  With every multiplier 1 this is optax.adamw with the decay mask of `wd_rules`. `params` may be
+  abstract (ShapeDtypeStructs): only its paths are read.
+  """
+  wd = rules_lib.tree_values(wd_rules, params, 1.0, 'optim.wd_rules',
+                             lambda path, x, m: weight_decay * float(m), strict=False)
+  # Masked as optax.adamw masks its decay, so that the optimizer state keeps adamw's structure.
+  decay = optax.masked(_decayed_weights(wd), jax.tree.map(lambda rate: rate != 0, wd))
+  adamw = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), decay]
+  if lr_rules:
+    adamw.append(_scale_by_tree(rules_lib.tree_values(lr_rules, params, 1.0, 'optim.lr_rules',
+                                                      lambda path, x, m: float(m))))
+  adamw.append(optax.scale_by_learning_rate(schedule))
+  # Nested like optax.chain(clip, optax.adamw(...)): the state of older checkpoints restores.
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
+  tx = optax.chain(*parts, optax.chain(*adamw))
+  if not freeze:
+    return tx
+  labels = rules_lib.freeze_labels(freeze, params)
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def clamp_logit_scale(params: Dict[str, Any]) -> Dict[str, Any]:

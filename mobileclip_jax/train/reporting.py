@@ -22,14 +22,15 @@ def _format_duration(seconds: float) -> str:
 class MetricWriter:
   """Scalars to TensorBoard (`<workdir>/tb`) and `<workdir>/metrics.jsonl`, from process 0 only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, purge_step: Optional[int] = None):
+    """`purge_step`: on resume, TensorBoard drops the earlier run's events from this step on."""
     self.active = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=purge_step)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:

@@ -22,15 +22,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
+from mobileclip_jax import keys
 from mobileclip_jax import losses
 from mobileclip_jax import sharding as sharding_lib
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.train import optimizer as optimizer_lib
-
-# Batch keys produced by the input pipeline.
-IMAGE, TEXT, SYN_TEXT = 'image', 'text', 'syn_text'
-TEACHER_KEYS = (losses.TEACHER_IMAGE, losses.TEACHER_TEXT, losses.TEACHER_SYN_TEXT)
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -62,33 +58,19 @@ def _deinterleave(emb: jax.Array, kinds: int) -> Tuple[jax.Array, Optional[jax.A
   return emb[:, 0], emb[:, 1]
 
 
-def select_objective(batch_keys, objective: str) -> Tuple[bool, bool]:
-  """(use synthetic captions, use teachers) for 'auto' | 'clip' | 'dr' given the batch's keys."""
-  reinforced = SYN_TEXT in batch_keys and all(k in batch_keys for k in TEACHER_KEYS)
-  if objective == 'auto':
-    return reinforced, reinforced
-  if objective == 'clip':
-    return False, False
-  if objective == 'dr':
-    if not reinforced:
-      raise ValueError("loss.objective='dr' needs a reinforced dataset (synthetic captions and "
-                       'teacher embeddings); this one is plain image-caption data.')
-    return True, True
-  raise ValueError(f"loss.objective must be 'auto', 'clip' or 'dr', got {objective!r}.")
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_config: losses.LossConfig, *, mesh: Optional[Mesh], accum_steps: int = 1,
                     use_syn: bool, use_teachers: bool, seed: int = 0) -> Callable:
-  """Returns step(state, batch) -> (state, metrics); jit it with shardings (see loop.py)."""
+  """Returns step(state, batch) -> (state, metrics); train/setup.py jits it with shardings."""
   kinds = 2 if use_syn else 1
 
   def loss_fn(image_emb, text_emb, logit_scale, logit_bias, batch):
     gt_emb, syn_emb = _deinterleave(text_emb, kinds)
-    embeddings = {losses.IMAGE: image_emb, losses.TEXT: gt_emb, losses.SYN_TEXT: syn_emb,
-                  losses.LOGIT_SCALE: logit_scale, losses.LOGIT_BIAS: logit_bias}
+    embeddings = {keys.IMAGE_EMB: image_emb, keys.TEXT_EMB: gt_emb, keys.SYN_TEXT_EMB: syn_emb,
+                  keys.LOGIT_SCALE: logit_scale, keys.LOGIT_BIAS: logit_bias}
     if use_teachers:
-      embeddings.update({k: batch[k] for k in TEACHER_KEYS if use_syn or k != losses.TEACHER_SYN_TEXT})
+      embeddings.update({k: batch[k] for k in keys.TEACHERS
+                         if use_syn or k != keys.TEACHER_SYN_TEXT})
     return losses.dr_loss(embeddings, loss_config, mesh=mesh)
 
   def micro_split(x):  # [B, ...] -> [A, B / A, ...], every micro-batch spread over all devices.
@@ -106,8 +88,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     """batch: 'image' uint8 [B, H, W, 3] (normalized here, on device), 'text' int32 [B, L] and,
     for DR, 'syn_text' and the teacher embeddings [B, D_T]."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    images = preprocess.normalize(batch[IMAGE], model.config.mean, model.config.std)
-    tokens = _interleave(batch[TEXT], batch[SYN_TEXT] if use_syn else None)
+    images = preprocess.normalize(batch[keys.IMAGE], model.config.mean, model.config.std)
+    tokens = _interleave(batch[keys.TEXT], batch[keys.SYN_TEXT] if use_syn else None)
     params = state.params
     scale, bias = params['logit_scale'], params.get('logit_bias')
     tower_params = {k: v for k, v in params.items() if k not in ('logit_scale', 'logit_bias')}

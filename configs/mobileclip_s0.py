@@ -1,9 +1,0 @@
-"""MobileCLIP-S0 (v1) with its DataCompDR-1B recipe (see mobileclip_jax.config.mobileclip_v1_recipe).
-
-  python launch/train.py --config=configs/mobileclip_s0.py --workdir=DIR
-"""
-from mobileclip_jax import config as config_lib
-
-
-def get_config(arg=None):
-  return config_lib.apply_presets(config_lib.mobileclip_v1_recipe('MobileCLIP-S0'), arg)

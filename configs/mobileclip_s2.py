@@ -1,9 +1,0 @@
-"""MobileCLIP-S2 (v1) with its DataCompDR-1B recipe (see mobileclip_jax.config.mobileclip_v1_recipe).
-
-  python launch/train.py --config=configs/mobileclip_s2.py --workdir=DIR
-"""
-from mobileclip_jax import config as config_lib
-
-
-def get_config(arg=None):
-  return config_lib.apply_presets(config_lib.mobileclip_v1_recipe('MobileCLIP-S2'), arg)

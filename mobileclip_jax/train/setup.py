@@ -1,0 +1,345 @@
+"""The one place a training run is assembled, from a config and a mesh.
+
+  run = setup.build(config, mesh)                      # opens config.data (this process's slice)
+  run = setup.build(config, mesh, spec=InputSpec...)   # no dataset: benchmarks, compile checks
+  state = run.init_state()                             # or a restored checkpoint
+  state, metrics = run.step(state, batch)              # compiled ahead of time, on first use
+
+`build` decides everything a step depends on: the model (its config with the run's overrides),
+the input (its per-example shapes and teacher widths), the objective (CLIP or DR), the loss,
+durations and schedule, the optimizer (rule-based decay, lr multipliers, freezing), the state's
+shardings (fsdp threshold, sharding rules) and the step (accumulation, donation). The loop, the
+train benchmark, the tests and launch/evaluate.py all come through here, so they run one step.
+"""
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mobileclip_jax import checkpoint as ckpt_lib
+from mobileclip_jax import config as config_lib
+from mobileclip_jax import keys
+from mobileclip_jax import losses
+from mobileclip_jax import sharding as sharding_lib
+from mobileclip_jax.data import loader
+from mobileclip_jax.models import clip as clip_lib
+from mobileclip_jax.train import optimizer as optimizer_lib
+from mobileclip_jax.train import reporting
+from mobileclip_jax.train import step as step_lib
+
+log = logging.getLogger('mobileclip_jax')
+ElementSpec = Dict[str, Tuple[Tuple[int, ...], np.dtype]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+
+def model_config(config: ml_collections.ConfigDict) -> clip_lib.ModelConfig:
+  """The variant `config.model.name` with the config's overrides (None = the variant's value)."""
+  m = config.model
+  overrides = dict(attention=m.attention, qk_norm=m.qk_norm, dtype=m.dtype,
+                   bn_group_size=m.bn_group_size)
+  overrides.update(config_lib.overridden(ml_collections.ConfigDict(
+      {'embed_dim': m.embed_dim, 'image_size': m.image_size})))
+  for tower in ('image', 'text'):
+    tower_overrides = config_lib.overridden(m[tower])
+    if tower_overrides:
+      overrides[tower] = tower_overrides
+  return clip_lib.get_config(m.name, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The input.
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What the step needs to know of its input.
+
+  Attributes:
+    element_spec: per-example (shape, dtype) of each batch key (mobileclip_jax/keys.py).
+    teacher_dims: per-teacher embedding widths (reinforced data), else ().
+    num_examples: dataset size (durations in epochs need it), None if unknown.
+    name: the dataset's name, for logs.
+  """
+  element_spec: ElementSpec
+  teacher_dims: Tuple[int, ...] = ()
+  num_examples: Optional[int] = None
+  name: str = 'synthetic'
+
+  @classmethod
+  def synthetic(cls, model_config_: clip_lib.ModelConfig,
+                teacher_dims: Tuple[int, ...] = ()) -> 'InputSpec':
+    """The batch layout of a plain (no teacher_dims) or reinforced dataset, without one."""
+    size, length = model_config_.image_size, model_config_.text.context_length
+    spec = {keys.IMAGE: ((size, size, 3), np.dtype(np.uint8)),
+            keys.TEXT: ((length,), np.dtype(np.int32))}
+    if teacher_dims:
+      width = sum(teacher_dims)
+      spec[keys.SYN_TEXT] = ((length,), np.dtype(np.int32))
+      spec.update({k: ((width,), np.dtype(np.float32)) for k in keys.TEACHERS})
+    return cls(spec, tuple(teacher_dims))
+
+
+@dataclasses.dataclass
+class TrainInput:
+  """An opened training dataset: this process's iterator and its spec."""
+  name: str
+  iterator: loader.TrainIterator
+
+  @property
+  def spec(self) -> InputSpec:
+    return InputSpec(dict(self.iterator.element_spec), tuple(self.iterator.teacher_dims),
+                     self.iterator.num_examples, self.name)
+
+  def counters(self) -> Dict[str, float]:
+    """Skipped (corrupt) examples so far, total and by reason, for the metrics."""
+    counter = self.iterator.skip_counter
+    out = {'data/skipped': float(counter.num_skipped())}
+    out.update({f'data/skipped/{reason}': float(n) for reason, n in counter.skipped.items()})
+    return out
+
+
+def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelConfig,
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               skipped_log: Optional[str] = None) -> TrainInput:
+  """This process's training iterator for `config.data` at the model's resolution.
+
+  A dataset that is not built is an error naming the command that builds it (never built here).
+  Every skipped (corrupt) record is listed in `skipped_log` (a local JSONL file) when given.
+  """
+  d = config.data
+  input_config = loader.InputConfig(
+      dataset=d.name, data_dir=d.data_dir, split=d.split, global_batch_size=config.batch_size,
+      image_size=model_config_.image_size, tokenizer=d.tokenizer,
+      context_length=model_config_.text.context_length, syn_key_regex=d.syn_key_regex,
+      seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
+      error_policy=d.error_policy, error_budget=d.max_corrupt)
+  try:
+    iterator = loader.make_train_iterator(input_config, process_index, process_count,
+                                          skipped_log=skipped_log)
+  except FileNotFoundError as e:
+    hint = f'\nFor this config: {d.build_hint}' if d.build_hint else ''
+    raise FileNotFoundError(f'{e}{hint}') from None
+  return TrainInput(d.name, iterator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective, durations, loss.
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  use_syn: bool
+  use_teachers: bool
+
+  @property
+  def description(self) -> str:
+    return ('DR (CLIP + distillation, gt + synthetic captions)' if self.use_teachers
+            else 'CLIP (ground-truth captions)')
+
+
+def select_objective(batch_keys, objective: str) -> Objective:
+  """'auto' | 'clip' | 'dr' given the batch's keys ('auto': DR on reinforced data)."""
+  reinforced = keys.SYN_TEXT in batch_keys and all(k in batch_keys for k in keys.TEACHERS)
+  if objective == 'auto':
+    return Objective(reinforced, reinforced)
+  if objective == 'clip':
+    return Objective(False, False)
+  if objective == 'dr':
+    if not reinforced:
+      raise ValueError("loss.objective='dr' needs a reinforced dataset (synthetic captions and "
+                       'teacher embeddings); this one is plain image-caption data.')
+    return Objective(True, True)
+  raise ValueError(f"loss.objective must be 'auto', 'clip' or 'dr', got {objective!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Durations:
+  """Steps of the schedule and the checkpoint cadence (config durations resolved)."""
+  total: int
+  warmup: int
+  constant: int
+  checkpoint_every: int
+  keep_every: Optional[int]
+
+
+def durations(config: ml_collections.ConfigDict, num_examples: Optional[int]) -> Durations:
+  parse = lambda value, name: config_lib.parse_duration(value, config.batch_size, num_examples,
+                                                        name)
+  keep = config.checkpoint.keep_every
+  return Durations(
+      total=parse(config.schedule.total, 'schedule.total'),
+      warmup=parse(config.schedule.warmup, 'schedule.warmup'),
+      constant=parse(config.schedule.constant, 'schedule.constant'),
+      checkpoint_every=parse(config.checkpoint.every, 'checkpoint.every'),
+      keep_every=parse(keep, 'checkpoint.keep_every') if keep else None)
+
+
+def loss_config(config: ml_collections.ConfigDict, teacher_dims) -> losses.LossConfig:
+  """The loss settings; teacher settings only matter (and are checked) for distillation."""
+  loss = config.loss
+  kwargs = dict(kind=loss.kind, clip_weight=loss.clip_weight, distill_weight=loss.distill_weight,
+                gt_weight=loss.gt_weight, syn_weight=loss.syn_weight, average=loss.average,
+                student_scale=loss.student_scale, block_size=loss.block_size)
+  if teacher_dims:
+    scales = config_lib.as_tuple(loss.teacher_scales)
+    if len(scales) != len(teacher_dims):
+      raise ValueError(f'loss.teacher_scales has {len(scales)} values but the dataset has '
+                       f'{len(teacher_dims)} teachers (dims {tuple(teacher_dims)}); pass one '
+                       'scale per teacher, e.g. --config.loss.teacher_scales=70,60.')
+    kwargs.update(teacher_scales=scales, teacher_dims=tuple(teacher_dims),
+                  teacher_biases=config_lib.as_tuple(loss.teacher_biases))
+  return losses.LossConfig(**kwargs)
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+  shards = sharding_lib.num_batch_shards(mesh)
+  if config.batch_size % (config.accum_steps * shards):
+    raise ValueError(f'batch_size {config.batch_size} must split into accum_steps='
+                     f'{config.accum_steps} micro-batches over the {shards} devices of the mesh '
+                     f'{dict(mesh.shape)}; use a multiple of {config.accum_steps * shards}.')
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def _initial_state(model: clip_lib.CLIP, tx: Any, rng: jax.Array) -> step_lib.TrainState:
+  variables = model.init(rng, *clip_lib.dummy_inputs(model.config))
+  params = variables['params']
+  return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             batch_stats=variables.get('batch_stats', {}),
+                             opt_state=tx.init(params))
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a step needs, built by `build`. `step` compiles on first use."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  model_config: clip_lib.ModelConfig
+  model: clip_lib.CLIP
+  data: Optional[TrainInput]
+  spec: InputSpec
+  objective: Objective
+  loss_config: losses.LossConfig
+  durations: Durations
+  schedule: Any
+  tx: Any
+  state_shardings: step_lib.TrainState
+  abstract_state: step_lib.TrainState     # ShapeDtypeStructs carrying the state's shardings.
+  batch_sharding: Any
+  lower_seconds: Optional[float] = None     # Tracing and lowering of `step`.
+  compile_seconds: Optional[float] = None   # Compiling it, or loading it from the cache.
+
+  @property
+  def abstract_batch(self) -> Dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((self.config.batch_size,) + shape, dtype,
+                                    sharding=self.batch_sharding)
+            for k, (shape, dtype) in self.spec.element_spec.items()}
+
+  def init_state(self) -> step_lib.TrainState:
+    """A fresh state placed per its shardings; weights from `model.init_from` when set."""
+    init = functools.partial(_initial_state, self.model, self.tx)
+    state = jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
+    if self.config.model.init_from:
+      state = self._init_from(state, self.config.model.init_from)
+    return state
+
+  def _init_from(self, state: step_lib.TrainState, path: str) -> step_lib.TrainState:
+    """Starts the weights from a model checkpoint or another run (fine-tuning, inheritance)."""
+    variables, source_config = ckpt_lib.load_variables(path)
+    got = jax.tree.map(lambda x: x.shape, variables['params'])
+    want = jax.tree.map(lambda x: x.shape, state.params)
+    if got != want:
+      raise ValueError(f'model.init_from={path} holds {source_config.name} parameters whose '
+                       f'shapes differ from {self.model_config.name} with these overrides.')
+    params = jax.device_put(variables['params'], self.state_shardings.params)
+    batch_stats = jax.device_put(variables.get('batch_stats', {}),
+                                 self.state_shardings.batch_stats)
+    log.info('Initialized the weights from %s (%s).', path, source_config.name)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+  @functools.cached_property
+  def step(self):
+    """The compiled step: (state, batch) -> (state, metrics); the state is donated."""
+    fn = step_lib.make_train_step(
+        self.model, self.tx, self.loss_config, mesh=self.mesh,
+        accum_steps=self.config.accum_steps, use_syn=self.objective.use_syn,
+        use_teachers=self.objective.use_teachers, seed=self.config.seed)
+    start = time.perf_counter()
+    lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                      out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
+                      donate_argnums=(0,)).lower(self.abstract_state, self.abstract_batch)
+    self.lower_seconds = time.perf_counter() - start
+    compiled = lowered.compile()  # Or loaded from the persistent compilation cache.
+    self.compile_seconds = time.perf_counter() - start - self.lower_seconds
+    return compiled
+
+  def memory(self) -> Optional[str]:
+    """Per-device memory of the compiled step (arguments, outputs, temporaries)."""
+    return reporting.memory_summary(self.step)
+
+  def param_counts(self) -> Dict[str, int]:
+    count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+    params = self.abstract_state.params
+    return {'image': count(params['visual']), 'text': count(params['text'])}
+
+
+def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] = None,
+          process_index: Optional[int] = None, process_count: Optional[int] = None,
+          skipped_log: Optional[str] = None) -> Run:
+  """Assembles the run of `config` on `mesh` (see the module docstring).
+
+  Args:
+    config: a training config (mobileclip_jax/config.py).
+    mesh: the device mesh (sharding.create_mesh).
+    spec: the input's layout when no dataset should be opened; None opens `config.data` for this
+      process (process_index/count default to JAX's), listing skipped records in `skipped_log`.
+  """
+  check_batch(config, mesh)
+  model_config_ = model_config(config)
+  model = clip_lib.CLIP(model_config_)
+  data = None
+  if spec is None:
+    data = open_input(config, model_config_, process_index, process_count, skipped_log)
+    spec = data.spec
+  objective = select_objective(spec.element_spec, config.loss.objective)
+  steps = durations(config, spec.num_examples)
+  schedule = optimizer_lib.lr_schedule(config.optim.lr, steps.total, steps.warmup,
+                                       config.schedule.kind, steps.constant)
+  abstract_params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                   *clip_lib.dummy_inputs(model_config_))['params']
+  o = config.optim
+  eps = optimizer_lib.default_eps(model_config_.name) if o.eps is None else o.eps
+  tx = optimizer_lib.make_optimizer(
+      abstract_params, schedule, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay,
+      grad_clip=o.grad_clip, wd_rules=o.wd_rules, lr_rules=o.lr_rules, freeze=o.freeze)
+  abstract = jax.eval_shape(functools.partial(_initial_state, model, tx), jax.random.PRNGKey(0))
+  shardings = sharding_lib.infer_shardings(abstract, mesh, rules=config.sharding.rules,
+                                           min_fsdp_size=config.sharding.min_fsdp_size)
+  return Run(
+      config=config, mesh=mesh, model_config=model_config_, model=model, data=data, spec=spec,
+      objective=objective,
+      loss_config=loss_config(config, spec.teacher_dims if objective.use_teachers else None),
+      durations=steps, schedule=schedule, tx=tx, state_shardings=shardings,
+      abstract_state=jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
+      batch_sharding=sharding_lib.batch_sharding(mesh))
+
+
+def build_evaluators(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelConfig,
+                     mesh) -> List[Any]:
+  """The evaluators of `config.evals` (see mobileclip_jax.evaluation)."""
+  if not config.evals:
+    return []
+  from mobileclip_jax import evaluation  # pylint: disable=g-import-not-at-top
+  return evaluation.build_evaluators(config.evals, model_config_, mesh)
