@@ -8,7 +8,8 @@
 #
 # OUT_DIR (default $OUT, else ./benchmark_gpu): environment.txt, train.jsonl (one JSON row per
 # configuration, appended as each finishes, so a run cut short keeps what it measured), train.md.
-# BENCHMARK_OPTIONS adds or overrides options, e.g. "--option=batch=128 --option=variants=MobileCLIP2-S0".
+# BENCHMARK_OPTIONS adds or overrides options, split at spaces (so JSON values without spaces),
+# e.g. "--option=batch=128 --option=variants=MobileCLIP2-S0".
 # REQUIRE_ACCELERATOR=0 lets it run on a CPU (how tests/test_benchmark_gpu_script.py runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

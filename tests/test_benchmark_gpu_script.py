@@ -17,7 +17,8 @@ _SCRIPT = os.path.join(_ROOT, 'launch', 'benchmark_gpu.sh')
 # As tests/test_benchmark_train.py: ViT-B-16 shrunk to one block, a one-layer text tower.
 _TINY = json.dumps({'image_size': 32, 'embed_dim': 16,
                     'image': {'width': 32, 'depth': 1, 'heads': 2, 'patch_size': 8},
-                    'text': {'layers': 1, 'width': 32, 'heads': 2}})
+                    'text': {'layers': 1, 'width': 32, 'heads': 2}},
+                   separators=(',', ':'))  # BENCHMARK_OPTIONS is split at spaces.
 
 
 def _run(tmp_path, **env):
@@ -26,6 +27,7 @@ def _run(tmp_path, **env):
                         timeout=1800)
 
 
+@pytest.mark.slow  # torch.compile (inductor) of fwd + bwd on 2 CPU cores: minutes.
 def test_script_runs_the_whole_comparison_and_writes_rows_and_a_summary(tmp_path):
   options = ' '.join(f'--option={k}={v}' for k, v in dict(
       variants='ViT-B-16', batch='2', repeats='1', warmup='0', overrides=_TINY).items())
