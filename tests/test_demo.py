@@ -14,6 +14,7 @@ from mobileclip_jax import demo
 from mobileclip_jax.convert import files
 from mobileclip_jax.data import demo_dataset
 from mobileclip_jax.data import demo_world
+from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.evaluation import runner
 from mobileclip_jax.reinforce import generate
@@ -93,7 +94,7 @@ def test_second_run_reuses_every_stage(first_run, monkeypatch):
     raise AssertionError('a finished stage ran again')
 
   for module, name in ((loop, 'train'), (generate, 'reinforce'),
-                       (reinforced_tfds, 'build_dataset'), (demo_world, 'write_split'),
+                       (dataset_build, 'build_dataset'), (demo_world, 'write_split'),
                        (runner, 'run_evaluators'), (files, 'export_checkpoint')):
     monkeypatch.setattr(module, name, refuse)
   again = demo.run(workdir, SETTINGS, print_fn=lambda _: None)

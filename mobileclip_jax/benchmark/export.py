@@ -37,6 +37,7 @@ import numpy as np
 
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.benchmark import models as models_bench
+from mobileclip_jax.utils import rel_l2
 
 DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S2', 'MobileCLIP2-B')
 FORMATS = ('onnx', 'tflite')
@@ -138,7 +139,6 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   """Yields one row per (variant, tower, precision): JAX, torch, onnxruntime and LiteRT seconds
   (median / min), ratios to torch, each runtime's relative L2 from JAX, CPU contention, load."""
   o = _parse(options)
-  rel_l2 = models_bench._rel_l2
   sig = models_bench._significant
   for variant in o['variants']:
     with tempfile.TemporaryDirectory(prefix='mobileclip_bench_export_') as workdir:
