@@ -109,6 +109,25 @@ def machine() -> Dict[str, Any]:
   return info
 
 
+# Dense (no sparsity) bfloat16 peak FLOP/s per chip, from the vendors' data sheets, matched
+# case-insensitively as a substring of the device kind (jax `device_kind`, torch
+# `get_device_name()`); the longest matching key wins.
+PEAK_BF16_FLOPS = {
+    'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'GH200': 989e12,
+    'B200': 2250e12, 'A100': 312e12, 'A10G': 70e12, 'L40S': 362e12, 'L4': 121e12,
+    'TPU v2': 45e12, 'TPU v3': 123e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+  """The chip's dense bf16 peak FLOP/s from `PEAK_BF16_FLOPS`, None when unknown (e.g. a CPU)."""
+  kind = device_kind.lower()
+  matches = [k for k in PEAK_BF16_FLOPS if k.lower() in kind]
+  return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+
+
 def isolated(module: str, function: str, kwargs: Dict[str, Any], timeout: float = 1800,
              env: Dict[str, str] = None) -> Dict[str, Any]:
   """Runs `module.function(**kwargs)` in a fresh interpreter and returns its dict result."""
