@@ -6,6 +6,8 @@
   python launch/benchmark.py compile
   python launch/benchmark.py loss
   python launch/benchmark.py export   (the exported ONNX / TFLite towers; needs the export extra)
+  python launch/benchmark.py efficiency [--option=demo=/tmp/demo]
+  python launch/benchmark.py caption [--option=variant=coca_ViT-L-14]
 
 Prints one JSON line per result (and appends them to --out when given). Numbers are only
 comparable within one run: the machine is shared and noisy.

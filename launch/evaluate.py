@@ -15,6 +15,14 @@ Standard evaluations and where they look for data under --data_dir:
 
 {registry}
 
+--inference makes inference cheaper (mobileclip_jax/inference.py; every evaluation reports its
+accuracy with it): token merging ('text.merge=4', 'image.merge=8'), pruning
+('image.prune=learned,image.keep=0.7,image.prune_layers=3', also random or attention; text
+'text.cut_padding=1'), a lower image side ('image_size=192'), the zero-shot confidence cascade
+('cascade_size=160,cascade_tau=0.02') or the learned resolution selector ('selector_tau=0.98',
+'bn_stats=1'). The learned parts come from --inference_dir (default: beside the checkpoint,
+where launch/train_reducer.py writes them).
+
 Prints a table; with --out, writes JSON (metrics, per-evaluation source, image count and time)
 atomically, and only when every evaluation succeeded. On several hosts run the same command on
 every host (--coordinator_address, --num_processes, --process_id outside a cluster that JAX
@@ -32,6 +40,7 @@ from ml_collections import config_flags
 from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import distributed
+from mobileclip_jax import inference
 from mobileclip_jax import sharding
 from mobileclip_jax import utils
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
@@ -55,6 +64,10 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Global images per batch.'
 _LIMIT = flags.DEFINE_integer('limit', 0, 'Only the first N examples of each dataset (0 = all).')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 8, 'Image-decoding threads per host.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
+_INFERENCE = flags.DEFINE_string('inference', '', 'Cheaper inference options, key=value,... '
+                                 '(see above; default: none).')
+_INFERENCE_DIR = flags.DEFINE_string('inference_dir', None, 'Folder of the learned inference '
+                                     'parts (default: beside the checkpoint).')
 distributed.define_flags()
 
 
@@ -73,14 +86,16 @@ def main(argv):
         _MODEL.value, _CHECKPOINT.value, _TORCH_CHECKPOINT.value, _STEP.value,
         model_config=setup.model_config(config) if config else None)
     mesh = sharding.create_mesh()
+    cheaper = dict(inference=_INFERENCE.value, inference_dir=_INFERENCE_DIR.value or (
+        inference.default_dir(_CHECKPOINT.value or _TORCH_CHECKPOINT.value)))
     evaluators = []
     for name in _EVAL.value or ():
       eval_type, source = registry.standard_eval(name, _DATA_DIR.value)
       entry = dict(type=eval_type, source=dict(source, limit=_LIMIT.value),
-                   batch_size=_BATCH_SIZE.value, num_workers=_NUM_WORKERS.value)
+                   batch_size=_BATCH_SIZE.value, num_workers=_NUM_WORKERS.value, **cheaper)
       evaluators.append(evaluator_lib.build_evaluator(name, entry, model.config, mesh))
     if not evaluators:  # The training config's own evaluations.
-      evaluators = evaluator_lib.build_evaluators(config.evals, model.config, mesh)
+      evaluators = evaluator_lib.build_evaluators(config.evals, model.config, mesh, **cheaper)
     results = runner.run_evaluators(model, variables, evaluators)
   except (FileNotFoundError, ImportError, RuntimeError, ValueError) as e:
     sys.exit(f'{type(e).__name__}: {e}\nNothing was written.')
@@ -90,6 +105,7 @@ def main(argv):
       utils.write_json_atomic(_OUT.value, {
           'model': model.config.name, 'checkpoint': _CHECKPOINT.value or _TORCH_CHECKPOINT.value,
           'step': _STEP.value, 'data_dir': _DATA_DIR.value, 'limit': _LIMIT.value,
+          'inference': inference.describe(inference.parse(_INFERENCE.value)),
           'seconds': round(time.time() - start, 1), **results})
       print(f'Wrote {_OUT.value}')
 

@@ -8,9 +8,11 @@ import importlib
 __version__ = '0.1.0'
 _LAZY = {
     'create_model': 'mobileclip_jax.models.clip',
+    'generate': 'mobileclip_jax.decoding',
     'get_config': 'mobileclip_jax.models.clip',
     'count_params': 'mobileclip_jax.models.clip',
     'reparameterize': 'mobileclip_jax.models.reparam',
+    'inherit': 'mobileclip_jax.inheritance.slicing',
 }
 __all__ = sorted(_LAZY)
 

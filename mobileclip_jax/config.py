@@ -98,6 +98,14 @@ def base_config() -> ConfigDict:
                                  # O(local batch x block)); 0 = whole [local, global] logits.
   ))
 
+  c.inherit = ConfigDict(dict(     # Learned weight inheritance (mobileclip_jax/inheritance/masks.py).
+      masks='',                  # Units to learn gates over: 'heads,mlp,embed,layers' (each may be
+                                 # prefixed 'text.' or 'image.'); '' = off.
+      target=1.0,                # Kept fraction of each masked tower's parameters (p -> q -> target).
+      ramp='0_steps',            # q goes linearly from 1 to `target` over these steps.
+      mask_init=3.0,             # Initial log-alpha of the gates (3: P(kept) ~ 0.99).
+  ))
+
   c.mesh = ConfigDict(dict(data=-1, fsdp=1))
   # rules: (regex, 'fsdp' | 'replicate' | per-dimension mesh axes) over state paths (sharding.py).
   c.sharding = ConfigDict(dict(min_fsdp_size=2 ** 14, rules=()))

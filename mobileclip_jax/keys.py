@@ -28,3 +28,4 @@ TEXT_EMB = 'text_emb'
 SYN_TEXT_EMB = 'syn_text_emb'
 LOGIT_SCALE = 'logit_scale'
 LOGIT_BIAS = 'logit_bias'
+MASKS = 'masks'  # Learned inheritance's gates in a masked model's params (inheritance/masks.py).

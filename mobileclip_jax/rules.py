@@ -25,6 +25,7 @@ Rule = Tuple[str, Any]
 DEFAULT_WD_RULES: Tuple[Rule, ...] = (
     (r'(^|/)(bias|scale|logit_scale|logit_bias)$', 0.0),  # Biases, norm scales, logit scale/bias.
     (r'(^|/)ls_\d+/gamma$', 0.0),                         # Transformer LayerScale (C,).
+    (r'^masks/', 0.0),                                    # Learned inheritance's gates.
     (r'.', 1.0),
 )
 OPEN_CLIP_VIT_WD_RULE: Rule = (r'^visual/cls_token$', 0.0)  # open_clip's class_embedding (C,).

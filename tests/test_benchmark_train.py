@@ -16,10 +16,11 @@ torch = pytest.importorskip('torch')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from mobileclip_jax import keys
+from mobileclip_jax import keys  # noqa: E402
 from mobileclip_jax import losses  # noqa: E402
 from mobileclip_jax import torch_compat  # noqa: E402
-from mobileclip_jax.benchmark import train
+from mobileclip_jax.benchmark import common  # noqa: E402
+from mobileclip_jax.benchmark import train  # noqa: E402
 from mobileclip_jax.benchmark import train_torch  # noqa: E402
 
 # ViT-B-16 shrunk to one 32-wide block at 32 px and a one-layer 32-wide text tower: the whole
@@ -94,8 +95,8 @@ def test_tiny_config_yields_a_complete_row_whose_first_steps_agree(monkeypatch):
   # cheapest CPU code generation halves the compile, and this test measures nothing.
   monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0 '
                      '--xla_llvm_disable_expensive_passes=true')
-  options = dict(variants='ViT-B-16', batch='2', repeats='1', warmup='0', attempts='1',
-                 overrides=_TINY)
+  options = dict(variants='ViT-B-16', batch='2', dtype='float32', torch_modes='eager',
+                 repeats='1', warmup='0', attempts='1', overrides=_TINY)
   rows = list(train.run(options))
   assert len(rows) == 1
   row = rows[0]
@@ -112,11 +113,47 @@ def test_tiny_config_yields_a_complete_row_whose_first_steps_agree(monkeypatch):
     assert row[f'{prefix}_peak_rss_mb'] > 0 and row[f'{prefix}_cpu_s_per_step'] > 0
   assert row['ratio_median'] == pytest.approx(row['jax_median_s'] / row['torch_median_s'], rel=1e-2)
   assert row['jax_compile_s'] > 0 and row['jax_device_count'] == 1
+  # XLA's FLOPs of the timed step: at least the matmuls of forward + backward (3x the forward's
+  # 2 * MACs over the linear layers' weights, per token / patch), at most 10x that.
+  text_tokens, patches = 2 * 2 * 77, 2 * (32 // 8) ** 2
+  linear_macs = text_tokens * 12 * 32 * 32 + patches * 12 * 32 * 32
+  assert 6 * linear_macs <= row['jax_flops_per_step'] <= 60 * linear_macs, row['jax_flops_per_step']
+  for prefix in ('jax', 'torch'):
+    assert row[f'{prefix}_tflops_per_s'] == pytest.approx(
+        row['jax_flops_per_step'] / row[f'{prefix}_median_s'] / 1e12, rel=1e-2)
+    assert row[f'{prefix}_mfu'] is None  # No peak for a CPU.
+  assert row['peak_flops_per_s'] is None and row['dtype'] == 'float32'
   assert 0 < row['jax_compile_peak_rss_mb'] <= row['jax_peak_rss_mb']
   assert row['jax_step_buffers_mb']['temp'] > 0
   # The recipe reached both sides: AdamW's eps follows open_clip's rule for ViT names.
   assert row['recipe']['eps'] == 1e-6 and row['recipe']['loss']['teacher_scales'] == [70.0, 60.0]
   assert {'jax', 'flax', 'torch', 'open_clip', 'timm'} <= set(row['versions'])
+
+
+def test_peak_flops_by_device_kind_and_the_mfu_of_a_row():
+  assert common.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert common.peak_flops('NVIDIA H100 PCIe') == 756e12  # The longer key wins.
+  assert common.peak_flops('cuda:NVIDIA H200') == 989e12
+  assert common.peak_flops('TPU v5 lite') == 197e12 and common.peak_flops('TPU v5') == 459e12
+  assert common.peak_flops('NVIDIA A100-SXM4-80GB') == 312e12
+  assert common.peak_flops('cpu:cpu') is None
+  side = dict(median_s=0.5, min_s=0.4, cpu_s_per_step=1.0, peak_rss_mb=1.0, others_cpu_frac=0.0,
+              first_step={'loss': 1.0, 'grad_norm': 1.0, **{k: 1.0 for k in train.LOSS_TERMS}},
+              sections=1, device='gpu:NVIDIA H200', versions={})
+  jax_r = dict(side, flops_per_step=4.945e14, compile_s=1.0, compile_peak_rss_mb=1.0,
+               device_count=1)
+  torch_eager = dict(side, median_s=1.0, parameters=10, threads=1)
+  torch_compile = dict(side, median_s=0.25, compile_s=30.0)
+  o = dict(dtype='bfloat16', torch_modes=['eager', 'compile'], loss_rtol=None, grad_rtol=None,
+           repeats=1, warmup=0)
+  row = train._row('S0', 64, 256, {}, jax_r, {'eager': torch_eager, 'compile': torch_compile}, o)
+  assert row['jax_mfu'] == pytest.approx(4.945e14 / 0.5 / 989e12)  # 100%.
+  assert row['torch_mfu'] == pytest.approx(0.5) and row['torch_compile_mfu'] == pytest.approx(2.0)
+  assert row['ratio_median'] == 0.5 and row['ratio_vs_compile_median'] == 2.0
+  assert row['torch_compile_compile_s'] == 30.0 and row['tolerances']['loss'] == 3e-2
+  failed = train._row('S0', 64, 256, {}, jax_r, {'eager': torch_eager,
+                                                 'compile': {'error': 'inductor failed'}}, o)
+  assert failed['torch_compile_error'] == 'inductor failed' and 'ratio_vs_compile_median' not in failed
 
 
 @pytest.mark.parametrize('options,match', [
@@ -130,6 +167,9 @@ def test_tiny_config_yields_a_complete_row_whose_first_steps_agree(monkeypatch):
     ({'batch': '8,eight'}, r"Option batch='eight' is not a valid int"),
     ({'batch': '0'}, r'batch must list positive integers'),
     ({'warmup': '-1'}, r'warmup must be at least 0'),
+    ({'dtype': 'float16'}, r'dtype must be one of float32, bfloat16'),
+    ({'torch_modes': 'compile'}, r'torch_modes must list eager first'),
+    ({'torch_modes': 'eager,jit'}, r'torch_modes must list eager first'),
 ])
 def test_bad_options_are_named(options, match):
   with pytest.raises(ValueError, match=match):

@@ -293,6 +293,7 @@ def test_coreml_refuses_what_open_clip_cannot_build(tmp_path):
 # ---------------------------------------------------------------- full size
 
 
+@pytest.mark.slow  # 1-2 min per format on 2 cores; the tiny round trips cover every branch.
 @pytest.mark.parametrize('fmt', ['onnx', 'tflite'])
 def test_full_size_s0_round_trip(tmp_path, fmt):
   """The released MobileCLIP2-S0 at full size (random weights): both towers, batch 1."""

@@ -333,15 +333,52 @@ def test_unknown_overrides_name_the_nearest_field():
 
 
 @pytest.mark.parametrize('kernel,stride,pad,multiplier', [
-    (7, 1, 3, 1), (3, 2, 1, 1), (3, 2, 1, 2), (3, 2, 0, 1), (1, 1, 0, 1)])
+    (7, 1, 3, 1), (3, 2, 1, 1), (3, 2, 1, 2), (3, 2, 0, 1), (1, 1, 0, 1), ((1, 11), 1, (0, 5), 1),
+    (7, 2, 3, 2), (2, 2, 1, 1), (5, 1, 0, 3), (3, 1, 2, 1)])
 def test_cpu_depthwise_conv_and_its_gradients_equal_xlas_grouped_conv(kernel, stride, pad,
                                                                       multiplier):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4 * multiplier)), jnp.float32)
-  shifted = lambda x, k: layers._shift_depthwise_conv(x, k, stride, (pad, pad))
-  native = lambda x, k: layers._xla_conv(x, k, stride, (pad, pad), x.shape[-1])
+  kh, kw = layers.pair(kernel)
+  pad = layers.pair(pad)
+  x = jnp.asarray(rng.normal(size=(2, 9, 12, 4)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kh, kw, 1, 4 * multiplier)), jnp.float32)
+  shifted = lambda x, k: layers._shift_depthwise_conv(x, k, stride, pad)
+  native = lambda x, k: layers._xla_conv(x, k, stride, pad, x.shape[-1])
   np.testing.assert_allclose(shifted(x, k), native(x, k), rtol=1e-5, atol=1e-5)
+  # A cotangent that differs at every output position, so that a misplaced tap shows.
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)) * jnp.cos(conv(x, k) * 0.3 + 1))
+  got, want = jax.grad(loss(shifted), (0, 1))(x, k), jax.grad(loss(native), (0, 1))(x, k)
+  for name, g, w in zip(('dx', 'dkernel'), got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_cpu_depthwise_conv_in_bfloat16_follows_the_float32_conv():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(7, 7, 1, 8)) / 7, jnp.float32)
+  conv = lambda x, k: layers._shift_depthwise_conv(x, k, 1, (3, 3))
+  native = lambda x, k: layers._xla_conv(x, k, 1, (3, 3), 8)
+  got = conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  want = native(x.astype(jnp.bfloat16).astype(jnp.float32), k.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k).astype(jnp.float32)))
+  got = jax.grad(loss(conv), (0, 1))(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  want = jax.grad(loss(native), (0, 1))(x, k)
+  for name, g, w in zip(('dx', 'dkernel'), got, want):
+    assert g.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(g.astype(jnp.float32), w, rtol=5e-2, atol=5e-2 * float(jnp.abs(w).max()),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_cpu_pointwise_conv_and_its_gradients_equal_xlas_conv(stride):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 5, 3)), jnp.float32)
+  matmul = lambda x, k: layers._pointwise_matmul(x, k, stride)
+  native = lambda x, k: layers._xla_conv(x, k, stride, (0, 0), 1)
+  np.testing.assert_allclose(matmul(x, k), native(x, k), rtol=1e-5, atol=1e-5)
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
-  for got, want in zip(jax.grad(loss(shifted), (0, 1))(x, k), jax.grad(loss(native), (0, 1))(x, k)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  for g, w in zip(jax.grad(loss(matmul), (0, 1))(x, k), jax.grad(loss(native), (0, 1))(x, k)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ and their ratio, measured in the same run.
 import importlib
 from typing import Any, Dict, Iterator
 
-BENCHMARKS = ('models', 'data', 'train', 'compile', 'loss', 'export')
+BENCHMARKS = ('models', 'data', 'train', 'compile', 'loss', 'export', 'efficiency', 'caption')
 
 
 def run(name: str, options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:

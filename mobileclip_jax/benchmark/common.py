@@ -4,6 +4,7 @@ Every measured configuration runs in a fresh Python process (`isolated`), so tha
 is that configuration's own and one framework's thread pools and caches do not slow the other.
 """
 import json
+import math
 import os
 import platform
 import resource
@@ -11,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 # A child process prints exactly one line starting with this marker, followed by its JSON result.
 _RESULT_MARKER = 'BENCHMARK_RESULT '
@@ -27,6 +28,47 @@ def time_calls(fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> Dict
     fn()
     times.append(time.perf_counter() - start)
   return {'median_s': statistics.median(times), 'min_s': min(times), 'repeats': repeats}
+
+
+def busy_cpu_s() -> Optional[float]:
+  """Seconds all CPUs of the machine spent busy since boot (Linux), None elsewhere."""
+  try:
+    with open('/proc/stat') as f:
+      fields = [int(v) for v in f.readline().split()[1:9]]
+  except OSError:
+    return None
+  return (sum(fields) - fields[3] - fields[4]) / os.sysconf('SC_CLK_TCK')  # Minus idle, iowait.
+
+
+def time_with_contention(fn: Callable[[], Any], repeats: int, warmup: int = 2,
+                         min_window_s: float = 1.0, max_repeats: int = 1000) -> Dict[str, Any]:
+  """`time_calls(fn)` plus the share of all CPUs that other processes used meanwhile.
+
+  Calls shorter than `min_window_s / repeats` (timed by one untimed call first; none when
+  min_window_s is 0) get more repeats, so that the timed section is long enough for
+  /proc/stat's 10 ms ticks to say whether it was contended.
+  """
+  if min_window_s > 0:
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    repeats = max(repeats, min(max_repeats, math.ceil(min_window_s / max(once, 1e-6))))
+  busy, own, wall = busy_cpu_s(), cpu_time_s(), time.perf_counter()
+  timing = time_calls(fn, warmup=warmup, repeats=repeats)
+  busy_after, own_after, wall_after = busy_cpu_s(), cpu_time_s(), time.perf_counter()
+  others = None
+  if busy is not None:
+    others = max(0.0, (busy_after - busy) - (own_after - own)) / (
+        (wall_after - wall) * os.cpu_count())
+    others = round(others, 3)
+  # This process's CPU seconds per call (all its threads): with one thread, the call's latency on
+  # an idle core, which the other processes' load does not inflate as it does wall time.
+  cpu_per_call = (own_after - own) / (warmup + timing['repeats'])
+  return {**timing, 'others_cpu_frac': others, 'cpu_s_per_call': cpu_per_call}
+
+
+def significant(x: float, digits: int = 4) -> float:
+  return float(f'{x:.{digits}g}')
 
 
 def peak_rss_mb() -> float:
@@ -67,6 +109,25 @@ def machine() -> Dict[str, Any]:
   return info
 
 
+# Dense (no sparsity) bfloat16 peak FLOP/s per chip, from the vendors' data sheets, matched
+# case-insensitively as a substring of the device kind (jax `device_kind`, torch
+# `get_device_name()`); the longest matching key wins.
+PEAK_BF16_FLOPS = {
+    'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'GH200': 989e12,
+    'B200': 2250e12, 'A100': 312e12, 'A10G': 70e12, 'L40S': 362e12, 'L4': 121e12,
+    'TPU v2': 45e12, 'TPU v3': 123e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+  """The chip's dense bf16 peak FLOP/s from `PEAK_BF16_FLOPS`, None when unknown (e.g. a CPU)."""
+  kind = device_kind.lower()
+  matches = [k for k in PEAK_BF16_FLOPS if k.lower() in kind]
+  return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+
+
 def isolated(module: str, function: str, kwargs: Dict[str, Any], timeout: float = 1800,
              env: Dict[str, str] = None) -> Dict[str, Any]:
   """Runs `module.function(**kwargs)` in a fresh interpreter and returns its dict result."""
@@ -80,6 +141,24 @@ def isolated(module: str, function: str, kwargs: Dict[str, Any], timeout: float 
       return json.loads(line[len(_RESULT_MARKER):])
   raise RuntimeError(f'{module}.{function}({kwargs}) failed (exit {proc.returncode}):\n'
                      f'{proc.stderr[-3000:]}')
+
+
+def quietest(module: str, function: str, kwargs: Dict[str, Any], max_others_cpu: float,
+             attempts: int, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+  """`isolated(module, function, kwargs)` in fresh processes until one was quiet enough.
+
+  The result must carry `others_cpu_frac` (from `time_with_contention`); returns the quietest
+  one with `attempts` set to the number of processes run.
+  """
+  best = None
+  for attempt in range(1, attempts + 1):
+    result = isolated(module, function, kwargs, env=env)
+    others = result['others_cpu_frac']
+    if best is None or (others is not None and others < best['others_cpu_frac']):
+      best = result
+    if others is None or others <= max_others_cpu:
+      break
+  return {**best, 'attempts': attempt}
 
 
 # ---------------------------------------------------------------- `--option=KEY=VALUE` parsing

@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterator
 
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.benchmark import models as models_bench
 
@@ -87,7 +88,7 @@ def measure_runtime(fmt: str, path: str, tower: str, layout: str, repeats: int, 
     x = x.transpose(0, 2, 3, 1)  # The reference images are NCHW (torch).
   x = np.ascontiguousarray(x)
   np.save(output, np.asarray(run(x)))
-  result = models_bench._time_with_contention(lambda: run(x), repeats)
+  result = common.time_with_contention(lambda: run(x), repeats)
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   result['version'] = importlib.metadata.version(module.RUNTIME)
   return result
@@ -127,7 +128,7 @@ def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _timing(prefix: str, r: Dict[str, Any]) -> Dict[str, Any]:
-  sig = models_bench._significant
+  sig = common.significant
   return {f'{prefix}_median_s': sig(r['median_s']), f'{prefix}_min_s': sig(r['min_s']),
           f'{prefix}_cpu_ms': sig(1000 * r['cpu_s_per_call']),
           f'{prefix}_peak_rss_mb': r['peak_rss_mb'],
@@ -138,8 +139,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   """Yields one row per (variant, tower, precision): JAX, torch, onnxruntime and LiteRT seconds
   (median / min), ratios to torch, each runtime's relative L2 from JAX, CPU contention, load."""
   o = _parse(options)
-  rel_l2 = models_bench._rel_l2
-  sig = models_bench._significant
+  sig = common.significant
   for variant in o['variants']:
     with tempfile.TemporaryDirectory(prefix='mobileclip_bench_export_') as workdir:
       common.isolated(models_bench.__name__, 'make_reference', dict(
@@ -156,29 +156,29 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         jax_env = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {_JAX_ONE_THREAD}'.strip()
                    } if o['threads'] == 1 else None
         measured = {
-            'torch': models_bench._measure(
-                'measure_torch', dict(kwargs, threads=o['threads']), o['max_others_cpu'],
+            'torch': common.quietest(
+                models_bench.__name__, 'measure_torch', dict(kwargs, threads=o['threads']), o['max_others_cpu'],
                 o['attempts']),
-            'jax': models_bench._measure(
-                'measure_jax', kwargs, o['max_others_cpu'], o['attempts'], env=jax_env)}
+            'jax': common.quietest(
+                models_bench.__name__, 'measure_jax', kwargs, o['max_others_cpu'], o['attempts'], env=jax_env)}
         jax_out = np.load(models_bench._output_path(workdir, 'jax', tower, form, 1))
         torch_out = np.load(models_bench._output_path(workdir, 'torch', tower, form, 1))
         for precision in o['precisions']:
           row = {'variant': variant, 'tower': tower, 'precision': precision, 'batch': 1,
                  'jax_form': form, **_timing('jax', measured['jax']),
                  **_timing('torch', measured['torch']),
-                 'torch_rel_l2': sig(rel_l2(torch_out, jax_out))}
+                 'torch_rel_l2': sig(utils.rel_l2(torch_out, jax_out))}
           for fmt in o['formats']:
             name, metadata = RUNTIME_NAMES[fmt], exports[(fmt, precision)]
             output = os.path.join(workdir, f'{fmt}_{precision}_{tower}.npy')
-            result = models_bench._measure('measure_runtime', dict(
+            result = common.quietest(__name__, 'measure_runtime', dict(
                 fmt=fmt, tower=tower, repeats=o['repeats'], threads=o['threads'],
                 workdir=workdir, output=output,
                 path=os.path.join(workdir, f'{fmt}_{precision}', metadata[tower]['file']),
                 layout=metadata[tower]['input'].get('layout', '')),
-                o['max_others_cpu'], o['attempts'], module=__name__)
+                o['max_others_cpu'], o['attempts'])
             row.update(_timing(name, result))
-            row[f'{name}_rel_l2'] = sig(rel_l2(np.load(output), jax_out))
+            row[f'{name}_rel_l2'] = sig(utils.rel_l2(np.load(output), jax_out))
             row[f'{name}_vs_torch'] = sig(result['median_s'] / measured['torch']['median_s'])
             row[f'{name}_version'] = result['version']
           row['jax_vs_torch'] = sig(measured['jax']['median_s'] / measured['torch']['median_s'])

@@ -39,11 +39,10 @@ One row per (variant, tower, form, batch). Method:
 - Both outputs are saved and compared (relative L2) in the row, so a fast but wrong number shows.
 - Each timed section records the share of CPU that *other* processes used (`*_others_cpu_frac`).
 """
-import math
 import os
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Sequence
 
 import numpy as np
 
@@ -62,11 +61,8 @@ _CAPTIONS = ('a photo of a cat', 'two dogs playing in the snow on a sunny winter
              'a diagram on a whiteboard', 'an empty street at night, wet with rain',
              'a bowl of fruit', 'a red bicycle leaning against a brick wall next to a door',
              'mountains', 'a close-up of a hand holding a small green frog')
-_WARMUP = 2
 _CPU_REL_L2_TOL = 1e-4
 _ACCELERATOR_REL_L2_TOL = 1e-2
-_MIN_WINDOW_S = 1.0   # Shortest timed section; short calls are repeated more.
-_MAX_REPEATS = 1000
 
 
 # ---------------------------------------------------------------- shared by the worker processes
@@ -75,40 +71,6 @@ _MAX_REPEATS = 1000
 def _model_config(variant: str, overrides: Dict[str, Any]):
   from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   return clip_lib.get_config(variant, **overrides)
-
-
-def _busy_cpu_s() -> Optional[float]:
-  """Seconds all CPUs of the machine spent busy since boot (Linux), None elsewhere."""
-  try:
-    with open('/proc/stat') as f:
-      fields = [int(v) for v in f.readline().split()[1:9]]
-  except OSError:
-    return None
-  return (sum(fields) - fields[3] - fields[4]) / os.sysconf('SC_CLK_TCK')  # Minus idle, iowait.
-
-
-def _time_with_contention(fn, repeats: int) -> Dict[str, Any]:
-  """`common.time_calls(fn)` plus the share of all CPUs that other processes used meanwhile.
-
-  Calls shorter than `_MIN_WINDOW_S / repeats` get more repeats, so that the timed section is
-  long enough for /proc/stat's 10 ms ticks to say whether it was contended.
-  """
-  start = time.perf_counter()
-  fn()
-  once = time.perf_counter() - start
-  repeats = max(repeats, min(_MAX_REPEATS, math.ceil(_MIN_WINDOW_S / max(once, 1e-6))))
-  busy, own, wall = _busy_cpu_s(), common.cpu_time_s(), time.perf_counter()
-  timing = common.time_calls(fn, warmup=_WARMUP, repeats=repeats)
-  busy_after, own_after, wall_after = _busy_cpu_s(), common.cpu_time_s(), time.perf_counter()
-  others = None
-  if busy is not None:
-    others = max(0.0, (busy_after - busy) - (own_after - own)) / (
-        (wall_after - wall) * os.cpu_count())
-    others = round(others, 3)
-  # This process's CPU seconds per call (all its threads): with one thread, the call's latency on
-  # an idle core, which the other processes' load does not inflate as it does wall time.
-  cpu_per_call = (own_after - own) / (_WARMUP + timing['repeats'])
-  return {**timing, 'others_cpu_frac': others, 'cpu_s_per_call': cpu_per_call}
 
 
 def _output_path(workdir: str, framework: str, tower: str, form: str, batch: int) -> str:
@@ -223,7 +185,7 @@ def measure_torch(variant: str, tower: str, form: str, batch: int, repeats: int,
 
   with torch.inference_mode():
     np.save(_output_path(workdir, 'torch', tower, form, batch), call().float().cpu().numpy())
-    result = _time_with_contention(call, repeats)
+    result = common.time_with_contention(call, repeats)
   result.update(common.torch_process_fields(device))
   return result
 
@@ -266,7 +228,7 @@ def measure_jax(variant: str, tower: str, form: str, batch: int, repeats: int,
   compile_s = time.perf_counter() - start
   call = lambda: compiled(variables, x).block_until_ready()
   np.save(_output_path(workdir, 'jax', tower, form, batch), np.asarray(call()))
-  result = _time_with_contention(call, repeats)
+  result = common.time_with_contention(call, repeats)
   result['compile_s'] = round(compile_s, 3)
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   device = jax.devices()[0]
@@ -330,26 +292,6 @@ def _forms(variant: str, tower: str, forms: Sequence[str], overrides: Dict[str, 
   return [f for f in forms if f == 'train-time' or has_reparam]
 
 
-def _measure(function: str, kwargs: Dict[str, Any], max_others_cpu: float,
-             attempts: int, module: str = __name__,
-             env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-  """Runs `module.function` in fresh processes until one was quiet enough; the quietest result.
-
-  Its `attempts` is the number of processes run.
-  """
-  best = None
-  for attempt in range(1, attempts + 1):
-    result = common.isolated(module, function, kwargs, env=env)
-    others = result['others_cpu_frac']
-    if best is None or (others is not None and others < best['others_cpu_frac']):
-      best = result
-    if others is None or others <= max_others_cpu:
-      break
-  return {**best, 'attempts': attempt}
-
-
-def _significant(x: float, digits: int = 4) -> float:
-  return float(f'{x:.{digits}g}')
 
 
 def _row(variant, tower, form, batch, image_size, jax_r, torch_r, rel_l2, tol) -> Dict[str, Any]:
@@ -357,16 +299,16 @@ def _row(variant, tower, form, batch, image_size, jax_r, torch_r, rel_l2, tol) -
   if tower == 'image':
     row['image_size'] = image_size
   for prefix, r in (('jax', jax_r), ('torch', torch_r)):
-    row[f'{prefix}_median_s'] = _significant(r['median_s'])
-    row[f'{prefix}_min_s'] = _significant(r['min_s'])
+    row[f'{prefix}_median_s'] = common.significant(r['median_s'])
+    row[f'{prefix}_min_s'] = common.significant(r['min_s'])
     if prefix == 'jax':
       row['jax_compile_s'] = r['compile_s']
     row[f'{prefix}_peak_rss_mb'] = r['peak_rss_mb']
     if 'peak_device_mb' in r:
       row[f'{prefix}_peak_device_mb'] = r['peak_device_mb']
-  row['ratio_median'] = _significant(jax_r['median_s'] / torch_r['median_s'])
-  row['ratio_min'] = _significant(jax_r['min_s'] / torch_r['min_s'])
-  row['rel_l2'] = _significant(rel_l2)
+  row['ratio_median'] = common.significant(jax_r['median_s'] / torch_r['median_s'])
+  row['ratio_min'] = common.significant(jax_r['min_s'] / torch_r['min_s'])
+  row['rel_l2'] = common.significant(rel_l2)
   if tol is None:
     tol = _CPU_REL_L2_TOL if jax_r['device'].startswith('cpu:') else _ACCELERATOR_REL_L2_TOL
   row['outputs_agree'] = rel_l2 <= tol
@@ -406,8 +348,10 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         for batch in o['batch_sizes']:
           kwargs = dict(measure, variant=variant, tower=tower, form=form, batch=batch,
                         workdir=workdir)
-          torch_r = _measure('measure_torch', kwargs, o['max_others_cpu'], o['attempts'])
-          jax_r = _measure('measure_jax', kwargs, o['max_others_cpu'], o['attempts'])
+          torch_r = common.quietest(__name__, 'measure_torch', kwargs, o['max_others_cpu'],
+                                    o['attempts'])
+          jax_r = common.quietest(__name__, 'measure_jax', kwargs, o['max_others_cpu'],
+                                  o['attempts'])
           rel_l2 = utils.rel_l2(np.load(_output_path(workdir, 'jax', tower, form, batch)),
                            np.load(_output_path(workdir, 'torch', tower, form, batch)))
           yield _row(variant, tower, form, batch, ref['image_size'], jax_r, torch_r, rel_l2,

@@ -2,10 +2,14 @@
 
   python launch/benchmark.py train [--option=KEY=VALUE ...]
 
-Options (all optional):
-  variants=MobileCLIP2-S0,MobileCLIP2-S4   named variants that open_clip also builds
-  batch=8                                  global batch sizes; default 8 when JAX runs on CPU,
-                                           64,256 on an accelerator
+Options (all optional; defaults marked CPU / accelerator depend on where JAX runs):
+  variants=MobileCLIP2-S0,MobileCLIP2-S4   named variants that open_clip also builds; default
+                                           S0,S4 (CPU) / S0,S4,B (accelerator)
+  batch=8                                  global batch sizes; default 8 (CPU) / 256
+  dtype=float32                            compute dtype, float32 (CPU) / bfloat16: JAX's model
+                                           dtype (float32 parameters), torch.autocast in torch
+  torch_modes=eager                        eager (CPU) / eager,compile: PyTorch eager and
+                                           torch.compile(model), each in its own process
   repeats=5, warmup=2                      timed steps (each timed alone: median and min) after
                                            the first step and `warmup` more untimed steps
   max_others_cpu=0.1, attempts=3           re-time (same process, more steps) while other
@@ -18,8 +22,9 @@ Options (all optional):
                                            and, for ViT image towers, image width/depth/heads/
                                            patch_size (how the smoke test stays tiny)
   loss_rtol=, grad_rtol=                   first-step agreement tolerances (relative); default
-                                           1e-4 / 1e-3 when JAX runs on CPU, 1e-2 / 5e-2 on
-                                           accelerators (TF32 convolutions and matmuls)
+                                           1e-4 / 1e-3 when JAX runs on CPU in float32, 1e-2 /
+                                           5e-2 on accelerators (TF32 convolutions and matmuls),
+                                           3e-2 / 1e-1 in bfloat16
   seed=0
 
 One row per (variant, batch). Both sides run the MobileCLIP2 recipe's step
@@ -46,6 +51,10 @@ Method: each framework runs in its own fresh process (`common.isolated`), torch 
   persistent compilation cache disabled, so it is a real compile.
 - The first step's losses (total and each term) and pre-clipping gradient norms of both sides
   are recorded: same weights, same batch, both in train mode, so they must agree.
+- FLOPs and MFU: XLA's cost analysis of the compiled JAX step (`flops_per_step`, per device, the
+  forward, backward and optimizer update), divided by the step time: achieved FLOP/s, and over
+  the chip's dense bf16 peak (`common.PEAK_BF16_FLOPS`, by device kind): MFU, None where the
+  peak is unknown (CPUs). PyTorch's MFU uses the same FLOP count (the same step's work).
 - Memory: process peak RSS (building the model and saving its weights (torch), or loading them
   and compiling (JAX), included), plus the device peak on an accelerator; for JAX also the peak
   RSS before the first step and XLA's per-device buffer sizes of the step (arguments, outputs,
@@ -57,7 +66,7 @@ Method: each framework runs in its own fresh process (`common.isolated`), torch 
 import os
 import tempfile
 import time
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Sequence
 
 import numpy as np
 
@@ -66,23 +75,29 @@ from mobileclip_jax.benchmark import models as models_benchmark
 
 # Generic helpers of the models benchmark, shared rather than copied.
 # pylint: disable=protected-access
-_busy_cpu_s = models_benchmark._busy_cpu_s
-_significant = models_benchmark._significant
+_busy_cpu_s = common.busy_cpu_s
+_significant = common.significant
 _randomize_normalization_ = models_benchmark._randomize_normalization_
 # pylint: enable=protected-access
 
-DEFAULT_VARIANTS = ('MobileCLIP2-S0', 'MobileCLIP2-S4')
-CPU_BATCHES = (8,)
-ACCELERATOR_BATCHES = (64, 256)
+DEFAULTS = {  # Per platform kind: what a run measures unless told otherwise.
+    'cpu': {'variants': ('MobileCLIP2-S0', 'MobileCLIP2-S4'), 'batch': (8,),
+            'dtype': 'float32', 'torch_modes': ('eager',)},
+    'accelerator': {'variants': ('MobileCLIP2-S0', 'MobileCLIP2-S4', 'MobileCLIP2-B'),
+                    'batch': (256,), 'dtype': 'bfloat16', 'torch_modes': ('eager', 'compile')},
+}
+DTYPES = ('float32', 'bfloat16')
+TORCH_MODES = ('eager', 'compile')
 # The recipe's teachers: two DFN2B ViT-L/14 models, 768-d embeddings each.
 TEACHER_DIMS = (768, 768)
 LOSS_TERMS = ('gt/clip', 'gt/distill', 'syn/clip', 'syn/distill')
-_OPTIONS = ('variants', 'batch', 'repeats', 'warmup', 'max_others_cpu', 'attempts', 'quick',
-            'overrides', 'loss_rtol', 'grad_rtol', 'seed')
+_OPTIONS = ('variants', 'batch', 'dtype', 'torch_modes', 'repeats', 'warmup', 'max_others_cpu',
+            'attempts', 'quick', 'overrides', 'loss_rtol', 'grad_rtol', 'seed')
 _TEXT_OVERRIDES = ('width', 'heads', 'layers', 'mlp_ratio')   # Same names in open_clip's text_cfg.
 _VIT_OVERRIDES = ('width', 'depth', 'heads', 'patch_size')    # JAX ViTConfig names.
 _OVERRIDES = ('image_size', 'embed_dim', 'text', 'image')
-_TOLERANCES = {'cpu': {'loss': 1e-4, 'grad': 1e-3}, 'accelerator': {'loss': 1e-2, 'grad': 5e-2}}
+_TOLERANCES = {'cpu': {'loss': 1e-4, 'grad': 1e-3}, 'accelerator': {'loss': 1e-2, 'grad': 5e-2},
+               'bfloat16': {'loss': 3e-2, 'grad': 1e-1}}
 TORCH_MODULE = 'mobileclip_jax.benchmark.train_torch'  # The PyTorch side of the comparison.
 _SUBPROCESS_TIMEOUT_S = 4 * 3600  # S4's CPU compile and steps on a loaded machine take long.
 
@@ -135,9 +150,11 @@ def jax_platform() -> Dict[str, str]:
   return {'platform': jax.default_backend()}
 
 
-def training_config(variant: str, batch: int, overrides: Dict[str, Any]):
+def training_config(variant: str, batch: int, overrides: Dict[str, Any],
+                    dtype: str = 'float32'):
   """The config both sides run: MobileCLIP2's recipe (configs/mobileclip2.py) for `variant` at
-  `batch`, with the model overrides; JAX builds its step from it through train/setup.py."""
+  `batch`, with the model overrides and compute dtype; JAX builds its step from it through
+  train/setup.py."""
   from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import rules  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
@@ -147,6 +164,7 @@ def training_config(variant: str, batch: int, overrides: Dict[str, Any]):
   if clip_lib.get_config(variant).image_layout == 'open_clip':
     c.optim.wd_rules = (rules.OPEN_CLIP_VIT_WD_RULE,) + tuple(c.optim.wd_rules)
   c.batch_size = batch
+  c.model.dtype = dtype
   for key, value in overrides.items():
     if isinstance(value, dict):
       c.model[key].update(value)
@@ -156,8 +174,13 @@ def training_config(variant: str, batch: int, overrides: Dict[str, Any]):
 
 
 def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: str, warmup: int,
-                repeats: int, max_others_cpu: float, attempts: int, seed: int) -> Dict[str, Any]:
-  """Builds the trainer's step (train/setup.py) and runs it on the saved weights and batch."""
+                repeats: int, max_others_cpu: float, attempts: int, seed: int,
+                dtype: str) -> Dict[str, Any]:
+  """Builds the trainer's step (train/setup.py) and runs it on the saved weights and batch.
+
+  dtype: the model's compute dtype (parameters stay float32). The step's FLOPs are XLA's cost
+  analysis of the compiled executable that is timed (per device).
+  """
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -166,7 +189,7 @@ def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: st
   from mobileclip_jax.train import setup  # pylint: disable=g-import-not-at-top
   # A cache hit would make the compile time a cache read.
   jax.config.update('jax_enable_compilation_cache', False)
-  config = training_config(variant, batch, overrides)
+  config = training_config(variant, batch, overrides, dtype)
   config.seed = seed
   mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
   model_config = setup.model_config(config)
@@ -196,6 +219,10 @@ def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: st
   result['compile_s'] = round(run.lower_seconds + run.compile_seconds, 3)  # Lower + compile.
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   result['compile_peak_rss_mb'] = round(compile_peak_rss_mb, 1)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list in older jax releases.
+  if cost and cost.get('flops', 0) > 0:
+    result['flops_per_step'] = float(cost['flops'])
   analysis = compiled.memory_analysis()  # XLA's buffers of one step, per device.
   if analysis is not None:
     result['step_buffers_mb'] = {
@@ -258,11 +285,15 @@ def _check_overrides(overrides: Any) -> None:
 
 
 def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
+  """Options as values; the platform-dependent ones not given stay None (see `_defaults`)."""
   quick, overrides = common.common_options(options, _OPTIONS, 'train', '{"image_size": 64}')
   _check_overrides(overrides)
+  given = lambda key, cast=str: common.option_list(options, key, (), cast) if key in options else None
   parsed = {
-      'variants': common.option_list(options, 'variants', DEFAULT_VARIANTS[:1] if quick else DEFAULT_VARIANTS),
-      'batch': common.option_list(options, 'batch', (), int),
+      'variants': given('variants'),
+      'batch': given('batch', int),
+      'dtype': options.get('dtype'),
+      'torch_modes': given('torch_modes'),
       'quick': quick,
       'repeats': common.option_scalar(options, 'repeats', 2 if quick else 5, int),
       'warmup': common.option_scalar(options, 'warmup', 1 if quick else 2, int),
@@ -276,9 +307,39 @@ def _parse(options: Dict[str, Any]) -> Dict[str, Any]:
   for key, low in (('repeats', 1), ('attempts', 1), ('warmup', 0)):
     if parsed[key] < low:
       raise ValueError(f'{key} must be at least {low}, got {parsed[key]}.')
-  if 'batch' in options and (not parsed['batch'] or min(parsed['batch']) < 1):
+  if parsed['batch'] is not None and (not parsed['batch'] or min(parsed['batch']) < 1):
     raise ValueError(f'batch must list positive integers, got {options["batch"]!r}.')
+  if parsed['variants'] is not None and not parsed['variants']:
+    raise ValueError('variants must name at least one variant.')
+  if parsed['dtype'] is not None and parsed['dtype'] not in DTYPES:
+    raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {parsed["dtype"]!r}.')
+  modes = parsed['torch_modes']
+  if modes is not None and (not modes or set(modes) - set(TORCH_MODES) or modes[0] != 'eager'):
+    raise ValueError(f'torch_modes must list eager first, then optionally compile (the first-step '
+                     f'comparison and the reference weights come from eager), got '
+                     f'{options["torch_modes"]!r}.')
   return parsed
+
+
+def _defaults(o: Dict[str, Any]) -> Dict[str, Any]:
+  """o with the platform-dependent options that were not given filled in (`DEFAULTS`).
+
+  Finds the platform in a JAX process only when some option needs it.
+  """
+  keys = ('variants', 'batch', 'dtype', 'torch_modes')
+  if all(o[k] is not None for k in keys):
+    return o
+  platform = _isolated('jax_platform', {})['platform']
+  defaults = DEFAULTS['cpu' if platform == 'cpu' else 'accelerator']
+  o = dict(o)
+  for key in keys:
+    if o[key] is None:
+      value = defaults[key]
+      o[key] = value if isinstance(value, str) else list(value[:1] if o['quick'] and key in (
+          'variants', 'batch') else value)
+  return o
+
+
 
 
 def _model_config(variant: str, overrides: Dict[str, Any]):
@@ -299,15 +360,30 @@ def _relative(got: float, want: float) -> float:
 
 
 def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
-         jax_r: Dict[str, Any], torch_r: Dict[str, Any], o: Dict[str, Any]) -> Dict[str, Any]:
-  row = {'variant': variant, 'batch': batch, 'image_size': image_size,
+         jax_r: Dict[str, Any], torch_rs: Dict[str, Dict[str, Any]],
+         o: Dict[str, Any]) -> Dict[str, Any]:
+  torch_r = torch_rs['eager']
+  row = {'variant': variant, 'batch': batch, 'image_size': image_size, 'dtype': o['dtype'],
          'parameters': torch_r['parameters']}
-  for prefix, r in (('jax', jax_r), ('torch', torch_r)):
+  flops = jax_r.get('flops_per_step')
+  peak = common.peak_flops(jax_r['device'])
+  row['jax_flops_per_step'] = _significant(flops) if flops else None
+  row['peak_flops_per_s'] = peak
+  sides = [('jax', jax_r)] + [('torch' if m == 'eager' else f'torch_{m}', torch_rs[m])
+                              for m in o['torch_modes']]
+  for prefix, r in sides:
+    if 'error' in r:
+      row[f'{prefix}_error'] = r['error']
+      continue
     row[f'{prefix}_examples_per_s'] = _significant(batch / r['median_s'])
     row[f'{prefix}_median_s'] = _significant(r['median_s'])
     row[f'{prefix}_min_s'] = _significant(r['min_s'])
+    # Achieved FLOP/s and MFU from the JAX step's FLOPs: both sides do the same step's work.
+    row[f'{prefix}_tflops_per_s'] = _significant(flops / r['median_s'] / 1e12) if flops else None
+    row[f'{prefix}_mfu'] = _significant(flops / r['median_s'] / peak) if flops and peak else None
+    if 'compile_s' in r:
+      row[f'{prefix}_compile_s'] = r['compile_s']
     if prefix == 'jax':
-      row['jax_compile_s'] = r['compile_s']
       row['jax_compile_peak_rss_mb'] = r['compile_peak_rss_mb']
       if 'step_buffers_mb' in r:
         row['jax_step_buffers_mb'] = r['step_buffers_mb']
@@ -315,8 +391,12 @@ def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
     row[f'{prefix}_peak_rss_mb'] = r['peak_rss_mb']
     if 'peak_device_mb' in r:
       row[f'{prefix}_peak_device_mb'] = r['peak_device_mb']
+    row[f'{prefix}_others_cpu_frac'] = r['others_cpu_frac']
   row['ratio_median'] = _significant(jax_r['median_s'] / torch_r['median_s'])
   row['ratio_min'] = _significant(jax_r['min_s'] / torch_r['min_s'])
+  for mode in o['torch_modes'][1:]:
+    if 'error' not in torch_rs[mode]:
+      row[f'ratio_vs_{mode}_median'] = _significant(jax_r['median_s'] / torch_rs[mode]['median_s'])
   jax_first, torch_first = jax_r['first_step'], torch_r['first_step']
   row['jax_first_loss'], row['torch_first_loss'] = jax_first['loss'], torch_first['loss']
   row['loss_rel_diff'] = _significant(_relative(jax_first['loss'], torch_first['loss']))
@@ -326,17 +406,16 @@ def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
       _relative(jax_first['grad_norm'], torch_first['grad_norm']))
   row['term_rel_diff'] = {k: _significant(_relative(jax_first[k], torch_first[k]))
                           for k in LOSS_TERMS}
-  kind = 'cpu' if jax_r['device'].startswith('cpu:') else 'accelerator'
+  kind = 'bfloat16' if o['dtype'] == 'bfloat16' else (
+      'cpu' if jax_r['device'].startswith('cpu:') else 'accelerator')
   loss_rtol = o['loss_rtol'] if o['loss_rtol'] is not None else _TOLERANCES[kind]['loss']
   grad_rtol = o['grad_rtol'] if o['grad_rtol'] is not None else _TOLERANCES[kind]['grad']
   row['losses_agree'] = (max(row['loss_rel_diff'], *row['term_rel_diff'].values()) <= loss_rtol
                          and row['grad_norm_rel_diff'] <= grad_rtol)
   row['tolerances'] = {'loss': loss_rtol, 'grad_norm': grad_rtol}
-  row['first_step'] = {'jax': jax_first, 'torch': torch_first}
+  row['first_step'] = {prefix: r['first_step'] for prefix, r in sides if 'first_step' in r}
   row['repeats'], row['warmup'] = o['repeats'], o['warmup']
-  row['sections'] = {'jax': jax_r['sections'], 'torch': torch_r['sections']}
-  row['jax_others_cpu_frac'] = jax_r['others_cpu_frac']
-  row['torch_others_cpu_frac'] = torch_r['others_cpu_frac']
+  row['sections'] = {prefix: r['sections'] for prefix, r in sides if 'sections' in r}
   row['jax_device'], row['torch_device'] = jax_r['device'], torch_r['device']
   row['jax_device_count'] = jax_r['device_count']
   row['torch_threads'] = torch_r['threads']
@@ -344,6 +423,41 @@ def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
   row['load_avg_1m'] = common.machine().get('load_avg_1m')
   row['versions'] = {**jax_r['versions'], **torch_r['versions']}
   return row
+
+
+_SUMMARY_SIDES = (('JAX', 'jax'), ('torch eager', 'torch'), ('torch.compile', 'torch_compile'))
+
+
+def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
+  """A Markdown table of `run` rows: per side examples/s, step seconds and MFU; the ratios."""
+  def cell(row, key, fmt):
+    value = row.get(key)
+    return '–' if value is None else format(value, fmt)
+
+  head = ['variant', 'batch', 'dtype', 'TFLOP/step']
+  for name, _ in _SUMMARY_SIDES:
+    head += [f'{name} ex/s', f'{name} s/step', f'{name} MFU']
+  head += ['JAX/eager time', 'JAX/compile time', 'JAX compile s', 'torch.compile s']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for row in rows:
+    if 'error' in row:
+      lines.append(f"| {row['variant']} | {row['batch']} | {row.get('dtype', '')} | error: "
+                   f"{row['error'].strip().splitlines()[-1][:120]} |")
+      continue
+    flops = row.get('jax_flops_per_step')
+    cells = [row['variant'], str(row['batch']), row['dtype'],
+             '–' if flops is None else f'{flops / 1e12:.3g}']
+    for _, prefix in _SUMMARY_SIDES:
+      if f'{prefix}_error' in row:
+        cells += ['failed', '', '']
+        continue
+      cells += [cell(row, f'{prefix}_examples_per_s', '.4g'), cell(row, f'{prefix}_median_s', '.4g'),
+                cell(row, f'{prefix}_mfu', '.1%')]
+    cells += [cell(row, 'ratio_median', '.3g'), cell(row, 'ratio_vs_compile_median', '.3g'),
+              cell(row, 'jax_compile_s', '.0f'), cell(row, 'torch_compile_compile_s', '.0f')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  devices = sorted({row['jax_device'] for row in rows if 'jax_device' in row})
+  return '\n'.join(lines + ['', f"Device: {', '.join(devices) or 'unknown'}."])
 
 
 def _isolated(function: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -354,40 +468,48 @@ def _isolated(function: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   """Yields one row per (variant, batch); see the module docstring for the options and method.
 
-  Row fields: variant, batch, image_size, parameters; for prefix jax / torch: *_examples_per_s,
-  *_median_s, *_min_s (wall seconds per step), *_cpu_s_per_step, *_peak_rss_mb
-  (*_peak_device_mb on an accelerator); jax_compile_s, jax_compile_peak_rss_mb,
-  jax_step_buffers_mb; ratio_median / ratio_min (JAX / torch seconds: > 1 means JAX
-  is slower); jax_first_loss, torch_first_loss, loss_rel_diff, jax_first_grad_norm,
+  Row fields: variant, batch, image_size, dtype, parameters, jax_flops_per_step (XLA's cost
+  analysis of the timed executable, per device), peak_flops_per_s (None when unknown); for
+  prefix jax / torch (eager) / torch_compile: *_examples_per_s, *_median_s, *_min_s (wall
+  seconds per step), *_tflops_per_s, *_mfu, *_cpu_s_per_step, *_peak_rss_mb
+  (*_peak_device_mb on an accelerator), *_others_cpu_frac, or *_error when that side failed;
+  jax_compile_s, torch_compile_compile_s (its first step), jax_compile_peak_rss_mb,
+  jax_step_buffers_mb; ratio_median / ratio_min (JAX / torch eager seconds: > 1 means JAX
+  is slower), ratio_vs_compile_median; jax_first_loss, torch_first_loss, loss_rel_diff, jax_first_grad_norm,
   torch_first_grad_norm, grad_norm_rel_diff, term_rel_diff (per loss term), losses_agree and its
   tolerances, first_step (every first-step value of both); repeats, warmup, sections (timed
-  sections run), the CPU share of other processes in the kept section, devices, torch threads,
+  sections run), devices, torch threads,
   the recipe settings, the 1-minute load average, versions. A failed configuration yields
   variant, batch and `error`.
   """
   o = _parse(options)
+  for variant in o['variants'] or ():  # Named before any process starts.
+    _model_config(variant, o['overrides'])
+  o = _defaults(o)
   configs = {v: _model_config(v, o['overrides']) for v in o['variants']}
-  batches = o['batch']
-  if not batches:
-    platform = _isolated('jax_platform', {})['platform']
-    batches = list(CPU_BATCHES if platform == 'cpu' else ACCELERATOR_BATCHES)
-    batches = batches[:1] if o['quick'] else batches
   for variant in o['variants']:
     config = configs[variant]
-    for batch in batches:
+    for batch in o['batch']:
       recipe = recipe_settings(variant, batch, o['overrides'])
       with tempfile.TemporaryDirectory(prefix='mobileclip_bench_train_') as workdir:
         common_kwargs = dict(variant=variant, overrides=o['overrides'], batch=batch,
                              workdir=workdir, seed=o['seed'], warmup=o['warmup'],
                              repeats=o['repeats'], max_others_cpu=o['max_others_cpu'],
-                             attempts=o['attempts'])
+                             attempts=o['attempts'], dtype=o['dtype'])
+        torch_kwargs = dict(common_kwargs, recipe=recipe, image_size=config.image_size,
+                            mean=list(config.mean), std=list(config.std))
         try:
-          torch_r = _isolated('measure_torch', dict(
-              common_kwargs, recipe=recipe, image_size=config.image_size, mean=list(config.mean),
-              std=list(config.std)))
+          torch_rs = {'eager': _isolated('measure_torch', dict(torch_kwargs, mode='eager',
+                                                               write_reference=True))}
+          for mode in o['torch_modes'][1:]:
+            try:
+              torch_rs[mode] = _isolated('measure_torch', dict(torch_kwargs, mode=mode,
+                                                               write_reference=False))
+            except RuntimeError as e:  # A failing compiler loses its columns, not the row.
+              torch_rs[mode] = {'error': str(e)[-2000:]}
           jax_r = _isolated('measure_jax', common_kwargs)
         except RuntimeError as e:  # E.g. out of memory at this batch: report it, go on.
-          yield {'variant': variant, 'batch': batch, 'error': str(e)[-2000:],
+          yield {'variant': variant, 'batch': batch, 'dtype': o['dtype'], 'error': str(e)[-2000:],
                  'load_avg_1m': common.machine().get('load_avg_1m')}
           continue
-      yield _row(variant, batch, config.image_size, recipe, jax_r, torch_r, o)
+      yield _row(variant, batch, config.image_size, recipe, jax_r, torch_rs, o)

@@ -19,7 +19,7 @@ _timed_steps = train_benchmark._timed_steps
 _weights_path, _batch_path = train_benchmark._weights_path, train_benchmark._batch_path
 # pylint: enable=protected-access
 TEACHER_DIMS, LOSS_TERMS = train_benchmark.TEACHER_DIMS, train_benchmark.LOSS_TERMS
-DEFAULT_VARIANTS = train_benchmark.DEFAULT_VARIANTS
+DEFAULT_VARIANTS = train_benchmark.DEFAULTS['accelerator']['variants']
 _CAPTIONS = ('a photo of a cat', 'two dogs playing in the snow on a sunny winter morning',
              'a diagram on a whiteboard', 'an empty street at night, wet with rain',
              'a bowl of fruit', 'a red bicycle leaning against a brick wall next to a door',
@@ -160,10 +160,13 @@ def _write_reference(model, variant: str, batch: int, image_size: int, workdir: 
 def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_size: int,
                   recipe: Dict[str, Any], mean: Sequence[float], std: Sequence[float],
                   workdir: str, seed: int, warmup: int, repeats: int, max_others_cpu: float,
-                  attempts: int) -> Dict[str, Any]:
-  """Builds the model, writes the reference (`_write_reference`), runs the DR step in PyTorch.
+                  attempts: int, mode: str, dtype: str, write_reference: bool) -> Dict[str, Any]:
+  """Builds the model, runs the DR step in PyTorch; returns first-step values, timings, memory.
 
-  Returns the first step's values, the timings, memory, device and versions.
+  write_reference: write the weights and batch (`_write_reference`); else read them from there.
+  mode: 'eager', or 'compile' (`torch.compile(model)`, as open_clip_train's --torchcompile; the
+  first step, which compiles, is timed as `compile_s`). dtype 'bfloat16': the forward pass and
+  the loss under `torch.autocast` (open_clip_train's --precision amp_bf16).
   """
   import torch  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import torch_compat  # pylint: disable=g-import-not-at-top
@@ -176,9 +179,16 @@ def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_siz
     torch.backends.cudnn.benchmark = True
   torch.manual_seed(seed)
   model = _torch_model(variant, overrides)
-  _write_reference(model, variant, batch, image_size, workdir, seed)
+  if write_reference:
+    _write_reference(model, variant, batch, image_size, workdir, seed)
+  else:
+    with np.load(_weights_path(workdir)) as weights:
+      model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
   parameters = sum(p.numel() for p in model.parameters())
   model = model.to(device).train()
+  forward = torch.compile(model) if mode == 'compile' else model
+  autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                    enabled=dtype == 'bfloat16')
   with np.load(_batch_path(workdir)) as data:
     inputs = {k: torch.from_numpy(data[k]).to(device) for k in data.files}
   num_examples = inputs['image'].shape[0]
@@ -204,12 +214,14 @@ def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_siz
     # NCHW contiguous, as open_clip's data pipeline hands them over (torch's CPU backward of
     # these convolutions crashes on the channels-last strides that the permute leaves).
     images = (inputs['image'].permute(0, 3, 1, 2).contiguous().float() / 255 - mean) / std
-    image_emb = model.encode_image(images)
-    gt_emb, syn_emb = model.encode_text(tokens).split(num_examples)
-    loss, terms = torch_dr_loss(
-        image_emb, gt_emb, syn_emb, inputs['teacher_image_emb'], inputs['teacher_text_emb'],
-        inputs['teacher_syn_text_emb'], model.logit_scale, teacher_dims=TEACHER_DIMS,
-        **recipe['loss'])
+    with autocast():
+      # open_clip's forward (what torch.compile compiles): unit embeddings of both towers.
+      image_emb, text_emb = forward(images, tokens)[:2]
+      gt_emb, syn_emb = text_emb.split(num_examples)
+      loss, terms = torch_dr_loss(
+          image_emb, gt_emb, syn_emb, inputs['teacher_image_emb'], inputs['teacher_text_emb'],
+          inputs['teacher_syn_text_emb'], model.logit_scale, teacher_dims=TEACHER_DIMS,
+          **recipe['loss'])
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['grad_clip'])
     optimizer.step()
@@ -220,11 +232,15 @@ def measure_torch(variant: str, overrides: Dict[str, Any], batch: int, image_siz
     count[0] += 1
     return loss, terms, grad_norm
 
+  start = time.perf_counter()
   loss, terms, grad_norm = train_step()
+  first_step_s = time.perf_counter() - start
   first = {'loss': loss.item(), 'grad_norm': grad_norm.item(),
            **{k: v.item() for k, v in terms.items()}}
   result = _timed_steps(train_step, warmup, repeats, max_others_cpu, attempts)
   result['first_step'] = first
+  if mode == 'compile':
+    result['compile_s'] = round(first_step_s, 3)
   result['parameters'] = parameters
   result.update(common.torch_process_fields(device))
   return result

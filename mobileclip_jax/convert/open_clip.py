@@ -9,6 +9,8 @@ same table (timm names the fused convs `reparam_conv`, as the Flax modules do).
 Layouts: image towers in timm's layout under `visual.trunk.` (MCi, timm ViTs) or open_clip's
 VisionTransformer under `visual.` (CLIP teachers); text towers in open_clip's TextTransformer
 layout under `text.` (custom-text models) or at the top level (standard CLIP), or Apple's MCt.
+CoCa: open_clip's VisionTransformer with its attentional pooler under `visual.`, the text tower
+under `text.` and the multimodal decoder under `text_decoder.` (`resblocks.i`, `cross_attn.i`).
 """
 import dataclasses
 import functools
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from mobileclip_jax.models import clip as clip_lib
+from mobileclip_jax.models import coca as coca_lib
 from mobileclip_jax.models import mci
 from mobileclip_jax.models import reparam as reparam_lib
 
@@ -54,7 +57,8 @@ def _generic_module_path(path: str) -> str:
 
 
 # Renames of the pre-norm transformer block per layout: (Flax sub-path, PyTorch sub-path).
-_OPEN_CLIP_BLOCK = [('norm1', 'ln_1'), ('norm2', 'ln_2'), ('attn/qkv', 'attn.in_proj'),
+_OPEN_CLIP_BLOCK = [('norm1', 'ln_1'), ('norm1_kv', 'ln_1_kv'), ('norm2', 'ln_2'),
+                    ('attn/qkv', 'attn.in_proj'),
                     ('attn/proj', 'attn.out_proj'), ('mlp/fc1', 'mlp.c_fc'),
                     ('mlp/fc2', 'mlp.c_proj'), ('ls_1', 'ls_1'), ('ls_2', 'ls_2')]
 _TIMM_BLOCK = [('ls_1', 'ls1'), ('ls_2', 'ls2')]
@@ -87,7 +91,7 @@ def _leaf(collection: str, module: str, leaf: str, ndim: int) -> Tuple[str, Tupl
 class _TowerLayout:
   """Maps one tower's Flax leaves to PyTorch keys (relative to the tower prefix)."""
 
-  def __init__(self, kind: str, config: clip_lib.ModelConfig):
+  def __init__(self, kind: str, config):
     self.kind, self.config = kind, config
 
   def key(self, collection: str, path: Tuple[str, ...], shape) -> Tuple[str, Tuple[int, ...],
@@ -122,17 +126,24 @@ class _TowerLayout:
     if module == 'head':
       return 'proj', shape, _SAME  # A raw (width, embed) parameter used as x @ proj.
     module = {'patch_embed': 'conv1', 'norm_pre': 'ln_pre', 'norm': 'ln_post'}.get(module, module)
-    return self._open_clip_blocks(collection, module, leaf, shape)
+    return self._open_clip_text(collection, module, leaf, shape)
 
   # ---- text towers ----
   def _open_clip_text(self, collection, module, leaf, shape):
+    module = re.sub(r'^blocks_(\d+)', r'transformer/resblocks/\1', module)
+    return self._open_clip_blocks(collection, module, leaf, shape)
+
+  def _open_clip_decoder(self, collection, module, leaf, shape):
+    module = re.sub(r'^blocks_(\d+)', r'resblocks/\1', module)
+    module = re.sub(r'^cross_(\d+)', r'cross_attn/\1', module)
     return self._open_clip_blocks(collection, module, leaf, shape)
 
   def _open_clip_blocks(self, collection, module, leaf, shape):
-    module = re.sub(r'^blocks_(\d+)', r'transformer/resblocks/\1', module)
     module = _rename_parts(module, _OPEN_CLIP_BLOCK)
     name, fns = _leaf(collection, module, leaf, len(shape))
-    if module.endswith('attn/in_proj'):  # nn.MultiheadAttention: in_proj_weight / in_proj_bias.
+    # nn.MultiheadAttention's own parameters: in_proj_weight / in_proj_bias, and with kdim != dim
+    # (CoCa's pooler) q_proj_weight, k_proj_weight, v_proj_weight.
+    if re.search(r'attn/(in|q|k|v)_proj$', module):
       return (_generic_module_path(module) + '_' + name), _torch_shape(shape, fns), fns
     return _join(module, name), _torch_shape(shape, fns), fns
 
@@ -167,7 +178,11 @@ def _join(module: str, leaf: str) -> str:
   return f'{module}.{leaf}' if module else leaf
 
 
-def _tower_layouts(config: clip_lib.ModelConfig) -> Dict[str, Tuple[str, _TowerLayout]]:
+def _tower_layouts(config) -> Dict[str, Tuple[str, _TowerLayout]]:
+  if isinstance(config, coca_lib.CoCaConfig):
+    return {'visual': ('visual.', _TowerLayout('open_clip_vit', config)),
+            'text': ('text.', _TowerLayout('open_clip_text', config)),
+            'text_decoder': ('text_decoder.', _TowerLayout('open_clip_decoder', config))}
   image_prefix, image_kind = {'timm': ('visual.trunk.', 'timm'),
                               'open_clip': ('visual.', 'open_clip_vit')}[config.image_layout]
   text_prefix, text_kind = {'open_clip_custom': ('text.', 'open_clip_text'),
@@ -178,25 +193,23 @@ def _tower_layouts(config: clip_lib.ModelConfig) -> Dict[str, Tuple[str, _TowerL
 
 
 @functools.lru_cache(maxsize=32)
-def abstract_variables(config: clip_lib.ModelConfig):
+def abstract_variables(config):
   """Shapes/dtypes of the model's variables (jax.eval_shape: no memory, no compute)."""
-  model = clip_lib.CLIP(config)
+  model = clip_lib.model_from_config(config)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config))
 
 
-TOWERS = ('visual', 'text')
-
-
 @functools.lru_cache(maxsize=32)
-def conversion_table(config: clip_lib.ModelConfig, tower: Optional[str] = None) -> Tuple[Entry, ...]:
+def conversion_table(config, tower: Optional[str] = None) -> Tuple[Entry, ...]:
   """One Entry per Flax leaf of the model, in a deterministic order (cached per config).
 
-  With `tower` ('visual' or 'text') only that tower's entries, with keys relative to the tower
-  (timm's own names for `visual` of timm towers, e.g. `stem.0.conv_kxk.0.conv.weight`).
+  With `tower` ('visual' or 'text', and 'text_decoder' for CoCa) only that tower's entries, with
+  keys relative to the tower (timm's own names for `visual` of timm towers, e.g.
+  `stem.0.conv_kxk.0.conv.weight`).
   """
-  if tower is not None and tower not in TOWERS:
-    raise ValueError(f'tower must be one of {TOWERS} or None, got {tower!r}.')
   layouts = _tower_layouts(config)
+  if tower is not None and tower not in layouts:
+    raise ValueError(f'tower must be one of {tuple(layouts)} or None, got {tower!r}.')
   entries = []
   for collection, tree in abstract_variables(config).items():
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -291,20 +304,20 @@ def _has_reparam_keys(keys) -> bool:
   return any('reparam_conv' in k for k in keys)
 
 
-def _config_for(name_or_config, reparameterized: Optional[bool], overrides) -> clip_lib.ModelConfig:
-  if isinstance(name_or_config, clip_lib.ModelConfig):
+def _config_for(name_or_config, reparameterized: Optional[bool], overrides):
+  if isinstance(name_or_config, (clip_lib.ModelConfig, coca_lib.CoCaConfig)):
     config = name_or_config
     if overrides:
       raise ValueError('Pass either a ModelConfig or a name with overrides, not both.')
   else:
     config = clip_lib.get_config(name_or_config, **overrides)
-  if reparameterized is not None and reparameterized != config.reparameterized:
+  if reparameterized is not None and reparameterized != getattr(config, 'reparameterized', False):
     config = dataclasses.replace(config, reparameterized=reparameterized)
   return config
 
 
-def _describe(config: clip_lib.ModelConfig) -> str:
-  return f'{config.name}{" (reparameterized)" if config.reparameterized else ""}'
+def _describe(config) -> str:
+  return f'{config.name}{" (reparameterized)" if getattr(config, "reparameterized", False) else ""}'
 
 
 def to_open_clip(variables: Mapping, name, tower: Optional[str] = None,

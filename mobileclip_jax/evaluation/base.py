@@ -18,7 +18,7 @@ import concurrent.futures
 import io
 import logging
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 from jax.sharding import Mesh
@@ -26,10 +26,12 @@ import numpy as np
 from PIL import Image
 
 from mobileclip_jax import embedding
+from mobileclip_jax import inference as inference_lib
 from mobileclip_jax import sharding
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.evaluation import datasets
+from mobileclip_jax.models import reduce as reduce_lib
 
 _PREFETCH_BATCHES = 2
 
@@ -68,13 +70,6 @@ def local_slots(num_local: int, local_batch: int, num_batches: int) -> List[np.n
   """Ids of a process-local stream of `num_local` items in `num_batches` batches (-1 = padding)."""
   ids = np.arange(num_batches * local_batch, dtype=np.int32)
   return np.split(np.where(ids < num_local, ids, -1), num_batches)
-
-
-def global_max(value: int, mesh: Mesh) -> int:
-  """The largest of every process's `value` (all processes must call it)."""
-  rows = sharding.num_batch_shards(mesh) // jax.process_count()
-  array = sharding.global_batch({'v': np.full((rows,), value, np.int32)}, mesh)['v']
-  return int(embedding.to_host(array).max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +118,9 @@ class EvaluatorBase:
 
   def __init__(self, name: str, data: datasets.EvalData, model_config, mesh: Mesh, *,
                every_steps: int = 0, batch_size: int = 256, text_batch_size: int = 0,
-               prefix: str = '', cache: bool = False, num_workers: int = 8):
+               prefix: str = '', cache: bool = False, num_workers: int = 8,
+               inference: Optional[inference_lib.Inference] = None,
+               artifacts: Optional[inference_lib.Artifacts] = None):
     if every_steps < 0:
       raise ValueError(f'Evaluator {name!r}: every_steps must be >= 0, got {every_steps}.')
     if num_workers < 1:
@@ -133,10 +130,31 @@ class EvaluatorBase:
     self.prefix = prefix or self.default_prefix
     self.batch_size = global_batch_size(batch_size, mesh)
     self.text_batch_size = global_batch_size(text_batch_size or batch_size, mesh)
-    self.cache = cache
     self.num_workers = num_workers
+    self.inference = inference or inference_lib.NO_INFERENCE
+    self.artifacts = artifacts or inference_lib.Artifacts()
+    missing = [n for n in self.inference.needs() if n not in self.artifacts]
+    if missing:
+      raise ValueError(f'Evaluator {name!r}: the inference options need {missing} '
+                       '(inference.load_artifacts).')
+    self.sides = self._sides()
+    # The selector's pass carries no columns: the cache would replay it without them.
+    self.cache = cache and not self.inference.selector_tau
     self._cached_images: Optional[List[Dict[str, np.ndarray]]] = None
     self._tokenizer: Optional[tokenizer_lib.Tokenizer] = None
+
+  def _sides(self) -> Tuple[int, ...]:
+    """Every image side this evaluator may encode at, ascending (the model's is the last)."""
+    full, inf = self.model_config.image_size, self.inference
+    sides = {full, inf.image_size or full, inf.cascade_size or full}
+    if inf.selector_tau:
+      sides.update(inference_lib.selector_pass(self.artifacts)[2])
+    for side in sides - {full}:  # The model's own side needs no check (nor any resize).
+      inference_lib.check_side(self.model_config, side)
+    if max(sides) != full:
+      raise ValueError(f'Evaluator {self.name!r}: image sides {sorted(sides)} exceed the '
+                       f'model\'s {full}; dynamic resolution only shrinks images.')
+    return tuple(sorted(sides))
 
   def due(self, step: int, last_step: int) -> bool:
     """Whether to run at `step`: the first and last steps, and every `every_steps`."""
@@ -183,18 +201,25 @@ class EvaluatorBase:
     return load_image(example.image, c.image_size, c.interpolation, example.where), example
 
   def image_batches(self, columns: Callable[[int, datasets.Example], Dict[str, np.ndarray]],
-                    column_shapes: Mapping[str, tuple]) -> Iterator[Dict[str, np.ndarray]]:
+                    column_shapes: Mapping[str, tuple],
+                    indices: Optional[np.ndarray] = None) -> Iterator[Dict[str, np.ndarray]]:
     """This process's image batches: 'inputs' uint8 [Bl, S, S, 3], 'index' [Bl], the columns.
 
     `columns(index, example)` gives an example's int32 columns of `column_shapes` (called in
-    index order, on this thread); padding rows get zeros. With `cache`, the first full pass is
-    kept and replayed.
+    stream order, on this thread); padding rows get zeros. `indices` streams only those
+    examples (every process must pass the same). With `cache`, the first full pass is kept and
+    replayed.
     """
-    if self._cached_images is not None:
+    if self._cached_images is not None and indices is None:
       yield from self._cached_images
       return
     size = self.model_config.image_size
-    slot_batches = stream_slots(len(self.data.examples), self.batch_size)
+    if indices is None:
+      slot_batches = stream_slots(len(self.data.examples), self.batch_size)
+    else:
+      indices = np.asarray(indices, np.int32)
+      slot_batches = [np.where(s >= 0, indices[np.maximum(s, 0)], -1).astype(np.int32)
+                      for s in stream_slots(len(indices), self.batch_size)]
     kept = []
     pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
     try:
@@ -207,15 +232,64 @@ class EvaluatorBase:
             batch['inputs'][row] = item[0]
             for name, value in columns(int(slots[row]), item[1]).items():
               batch[name][row] = value
-        if self.cache:
+        if self.cache and indices is None:
           kept.append(batch)
         yield batch
     finally:
       pool.shutdown(wait=True, cancel_futures=True)
-    if self.cache:
+    if self.cache and indices is None:
       self._cached_images = kept
 
+  # --------------------------------------------------------------------------------------------
+  # Embedding, with the evaluator's inference options (mobileclip_jax/inference.py).
+
+  def embed_text(self, model, variables, batches, keys) -> Dict[str, np.ndarray]:
+    """embedding.embed_stream of token batches with the text tower's reduction."""
+    tower_pass, extra = inference_lib.tower_pass(self.inference, self.artifacts, 'text')
+    return embedding.embed_stream(model, {**variables, **extra}, self.mesh, embedding.TEXT,
+                                  batches, keys, tower_pass)
+
+  def encode_images_at(self, model, variables, side: int, columns, column_shapes,
+                       indices: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Unit image 'embeddings' at `side`, 'index', the columns and 'side', in index order."""
+    full = self.model_config.image_size
+    tower_pass, extra = inference_lib.tower_pass(self.inference, self.artifacts, 'image', side,
+                                                 full)
+    variables = inference_lib.image_variables(variables, self.artifacts, side, full)
+    out = embedding.embed_stream(model, {**variables, **extra}, self.mesh, embedding.IMAGE,
+                                 self.image_batches(columns, column_shapes, indices), ('index',),
+                                 tower_pass)
+    out['side'] = np.full(len(out['index']), side, np.int32)
+    return out
+
   def encode_images(self, model, variables, columns, column_shapes) -> Dict[str, np.ndarray]:
-    """Unit image 'embeddings' [N, D] of the whole dataset, 'index' and columns, in index order."""
-    return embedding.embed_stream(model, variables, self.mesh, embedding.IMAGE,
-                                  self.image_batches(columns, column_shapes), ('index',))
+    """Unit image 'embeddings' [N, D] of the whole dataset, 'index', the columns and the 'side'
+    each image was encoded at, in index order.
+
+    The side is the model's, `image_size`, the cascade's first pass, or with `selector_tau` the
+    learned selector's choice per image: one selector pass over every image, then one pass per
+    side over the images that chose it (batches grouped by side).
+    """
+    inf = self.inference
+    if not inf.selector_tau:
+      side = inf.cascade_size or inf.image_size or self.model_config.image_size
+      return self.encode_images_at(model, variables, side, columns, column_shapes)
+    tower_pass, extra, sides = inference_lib.selector_pass(self.artifacts)
+    predicted = embedding.embed_stream(
+        model, extra, self.mesh, embedding.SELECT,
+        self.image_batches(lambda *_: {}, {}), ('index',), tower_pass)['embeddings']
+    choice = np.asarray(reduce_lib.choose_size(predicted, sides, inf.selector_tau))
+    parts = [self.encode_images_at(model, variables, side, columns, column_shapes,
+                                   np.flatnonzero(choice == i))
+             for i, side in enumerate(sides) if np.any(choice == i)]
+    out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    order = np.argsort(out['index'], kind='stable')
+    return {name: value[order] for name, value in out.items()}
+
+  def side_metrics(self, images: Mapping[str, np.ndarray]) -> Dict[str, float]:
+    """With dynamic resolution: the share of images encoded at each side ('<group>/at_<S>px')."""
+    if not self.inference.dynamic:
+      return {}
+    group = f'{self.prefix}/{self.name}'
+    return {f'{group}/at_{side}px': float(np.mean(images['side'] == side))
+            for side in self.sides}

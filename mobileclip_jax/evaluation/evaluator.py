@@ -25,11 +25,16 @@ Config (`config.evals`, a ConfigDict of name -> entry; every key but `source` ha
   prefix           metric-name prefix (default: the type)
   cache            keep this process's preprocessed images in host memory between runs
   num_workers      image-decoding threads per process
+  inference        cheaper inference options (mobileclip_jax/inference.py): 'key=value,...'
+                   text or a dict, e.g. 'text.merge=4' or {'cascade_size': 128,
+                   'cascade_tau': 0.02}; '' = none
+  inference_dir    the folder of the learned parts the options need (launch/train_reducer.py)
 """
 from typing import Any, Dict, List, Mapping, Protocol
 
 from jax.sharding import Mesh
 
+from mobileclip_jax import inference as inference_lib
 from mobileclip_jax import utils
 from mobileclip_jax.evaluation import registry
 from mobileclip_jax.evaluation import retrieval
@@ -38,7 +43,7 @@ from mobileclip_jax.evaluation import zeroshot
 
 ENTRY_DEFAULTS: Dict[str, Any] = dict(
     type='', source=None, data_dir='', every_steps=0, batch_size=256, text_batch_size=0,
-    prefix='', cache=False, num_workers=8)
+    prefix='', cache=False, num_workers=8, inference='', inference_dir='')
 EVALUATORS = {datasets.CLASSIFICATION: zeroshot.ZeroShotEvaluator,
               datasets.RETRIEVAL: retrieval.RetrievalEvaluator}
 
@@ -80,14 +85,22 @@ def build_evaluator(name: str, entry: Mapping[str, Any], model_config, mesh: Mes
                      f'name ({list(registry.names())}), got {source!r}.')
   if eval_type not in EVALUATORS:
     raise ValueError(f'evals.{name}.type must be one of {sorted(EVALUATORS)}, got {eval_type!r}.')
+  try:
+    spec = inference_lib.parse(_plain(entry['inference']) or None)
+  except ValueError as e:
+    raise ValueError(f'evals.{name}.inference: {e}') from None
+  artifacts = inference_lib.load_artifacts(entry['inference_dir'], spec, model_config)
   data = datasets.open_source(source, eval_type, model_config.image_size)
   return EVALUATORS[eval_type](
       name, data, model_config, mesh, every_steps=int(entry['every_steps']),
       batch_size=int(entry['batch_size']), text_batch_size=int(entry['text_batch_size']),
-      prefix=entry['prefix'], cache=bool(entry['cache']), num_workers=int(entry['num_workers']))
+      prefix=entry['prefix'], cache=bool(entry['cache']), num_workers=int(entry['num_workers']),
+      inference=spec, artifacts=artifacts)
 
 
-def build_evaluators(evals: Mapping[str, Any], model_config, mesh: Mesh) -> List[Evaluator]:
-  """Evaluators for every entry of `config.evals`, in its order."""
-  return [build_evaluator(name, entry, model_config, mesh)
+def build_evaluators(evals: Mapping[str, Any], model_config, mesh: Mesh,
+                     **overrides) -> List[Evaluator]:
+  """Evaluators for every entry of `config.evals`, in its order; `overrides` are entry keys
+  set in every entry (launch/evaluate.py's --inference)."""
+  return [build_evaluator(name, {**_plain(entry), **overrides}, model_config, mesh)
           for name, entry in _plain(evals).items()]

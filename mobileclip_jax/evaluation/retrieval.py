@@ -31,6 +31,9 @@ class RetrievalEvaluator(base.EvaluatorBase):
 
   def __init__(self, name: str, data: datasets.EvalData, model_config, mesh, **kwargs):
     super().__init__(name, data, model_config, mesh, **kwargs)
+    if self.inference.cascade_size:
+      raise ValueError(f'Evaluator {name!r}: the confidence cascade (cascade_size) needs '
+                       'zero-shot classes; retrieval takes image_size or selector_tau.')
     self._captions: List[Tuple[int, int, str]] = []  # (image index, caption number, text).
     self._caption_batches: Optional[List[Dict[str, np.ndarray]]] = None
 
@@ -45,7 +48,8 @@ class RetrievalEvaluator(base.EvaluatorBase):
     """This process's caption token batches; every process runs the same number of batches."""
     if self._caption_batches is None:
       local_batch = self.text_batch_size // jax.process_count()
-      num_batches = max(1, base.global_max(-(-len(self._captions) // local_batch), self.mesh))
+      need = -(-len(self._captions) // local_batch)
+      num_batches = max(1, embedding.global_max([need], self.mesh)[0])
       batches = []
       for slots in base.local_slots(len(self._captions), local_batch, num_batches):
         rows = [self._captions[i] if i >= 0 else (-1, 0, '') for i in slots]
@@ -59,12 +63,12 @@ class RetrievalEvaluator(base.EvaluatorBase):
     if self._caption_batches is None:
       self._captions = []  # A failed earlier run may have left some.
     images = self.encode_images(model, variables, self._collect_captions, {})
-    texts = embedding.embed_stream(model, variables, self.mesh, embedding.TEXT,
-                                   self._caption_stream(), ('image', 'caption'))
+    texts = self.embed_text(model, variables, self._caption_stream(), ('image', 'caption'))
     recall = metrics_lib.retrieval_recall(images['embeddings'], texts['embeddings'],
                                           texts['image'], RECALL_K)
     group = f'{self.prefix}/{self.name}'
     metrics = {f'{group}/i2t_R@{k}': v for k, v in recall['image_to_text'].items()}
     metrics.update({f'{group}/t2i_R@{k}': v for k, v in recall['text_to_image'].items()})
     metrics[f'{group}/mean_R@1'] = (recall['image_to_text'][1] + recall['text_to_image'][1]) / 2
+    metrics.update(self.side_metrics(images))
     return metrics

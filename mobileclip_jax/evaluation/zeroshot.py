@@ -6,6 +6,10 @@ averaged per class and re-normalized (the CLIP convention, as open_clip's
 accuracy uses the tie rule of `metrics.py`; top-5 is reported for tasks with more than 5 classes
 (with 5 it is 1.0 by construction).
 
+The confidence cascade (inference option cascade_size, cascade_tau) encodes every image at
+cascade_size first and again at the model's side when its top-1 minus top-2 cosine to the
+classifiers is below cascade_tau for any task; 'at_<S>px' metrics give the share at each side.
+
 The prompts of all tasks form one text stream and the images one image stream, each sharded over
 the mesh (base.py); a dataset with several tasks (the demo world) embeds its images once.
 Metrics: '<prefix>/<name>/top1' and '/top5' for a single-task dataset, '<prefix>/<name>_<task>/...'
@@ -15,7 +19,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from mobileclip_jax import embedding
 from mobileclip_jax.evaluation import metrics as metrics_lib
 from mobileclip_jax.evaluation import base
 from mobileclip_jax.evaluation import datasets
@@ -55,21 +58,44 @@ class ZeroShotEvaluator(base.EvaluatorBase):
                        'are the class names those of this dataset?')
     return {'labels': np.asarray(example.labels, np.int32)}
 
+  def _classifiers(self, text: np.ndarray) -> List[np.ndarray]:
+    """Each task's classifier [C, D] from the prompts' embeddings (in stream order)."""
+    out, start = [], 0
+    for task in self.data.tasks:
+      num_prompts = len(task.classnames) * len(task.templates)
+      out.append(metrics_lib.zero_shot_classifier(text[start:start + num_prompts],
+                                                  len(task.classnames)))
+      start += num_prompts
+    return out
+
+  def _cascade(self, model, variables, images, classifiers) -> None:
+    """Re-encodes at the model's side, in place, the images whose top-1 minus top-2 cosine is
+    below cascade_tau for any task (the confidence cascade's second pass)."""
+    margin = np.full(len(images['index']), np.inf, np.float32)
+    for classifier in classifiers:
+      if len(classifier) > 1:
+        top2 = np.sort(images['embeddings'] @ classifier.T, axis=-1)[:, -2:]
+        margin = np.minimum(margin, top2[:, 1] - top2[:, 0])
+    rerun = np.flatnonzero(margin < self.inference.cascade_tau)
+    if len(rerun):
+      full = self.encode_images_at(model, variables, self.model_config.image_size,
+                                   lambda *_: {}, {}, images['index'][rerun])
+      images['embeddings'][rerun], images['side'][rerun] = full['embeddings'], full['side']
+
   def _evaluate(self, model, variables) -> Dict[str, float]:
-    text = embedding.embed_stream(model, variables, self.mesh, embedding.TEXT,
-                                  self._prompt_stream(), ('index',))['embeddings']
+    text = self.embed_text(model, variables, self._prompt_stream(), ('index',))['embeddings']
     images = self.encode_images(model, variables, self._labels,
                                 {'labels': (len(self.data.tasks),)})
-    metrics, start = {}, 0
-    for t, task in enumerate(self.data.tasks):
-      num_prompts = len(task.classnames) * len(task.templates)
-      classifier = metrics_lib.zero_shot_classifier(text[start:start + num_prompts],
-                                                    len(task.classnames))
-      start += num_prompts
+    classifiers = self._classifiers(text)
+    if self.inference.cascade_size:
+      self._cascade(model, variables, images, classifiers)
+    metrics = {}
+    for t, (task, classifier) in enumerate(zip(self.data.tasks, classifiers)):
       # Top-5 of 5 classes is 1.0 by construction: top-k only for tasks with more than k classes.
       ks = [k for k in TOP_K if k == 1 or k < len(task.classnames)]
       accuracy = metrics_lib.topk_accuracy(images['embeddings'], classifier,
                                            images['labels'][:, t], ks)
       group = f'{self.prefix}/{self.name}' + (f'_{task.name}' if task.name else '')
       metrics.update({f'{group}/top{k}': value for k, value in accuracy.items()})
+    metrics.update(self.side_metrics(images))
     return metrics

@@ -8,9 +8,16 @@ three are options of `TransformerBlock`.
 
 Parameter names follow timm (`qkv`, `proj`, `norm1`, `mlp/fc1`, ...); `qkv` is one fused
 projection whose output axis is ordered (3, heads, head_dim) like PyTorch's in_proj.
+
+Cross-attention (a block's `cross_attention=True`, CoCa's multimodal decoder) takes queries from
+the tokens and keys/values from a `memory` through the same fused `qkv` parameters, as PyTorch's
+nn.MultiheadAttention does. Autoregressive decoding (`decode=True`) keeps keys/values in Flax
+collections: 'cache' holds each self-attention's keys/values written so far (per sequence, so a
+beam search reorders it), 'cross_cache' the memory's projected keys/values (per image, written
+once when the memory is given, then only read).
 """
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -19,10 +26,13 @@ import jax.numpy as jnp
 from mobileclip_jax.models import layers
 
 ATTENTION_KINDS = ('softmax', 'sigmoid')
+CACHE = 'cache'
+CROSS_CACHE = 'cross_cache'
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = 'softmax',
-                          mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
+                          mask: Optional[jax.Array] = None, is_causal: bool = False,
+                          key_size: Optional[jax.Array] = None) -> jax.Array:
   """Scaled dot-product attention with float32 logits.
 
   Args:
@@ -30,17 +40,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str
     kind: 'softmax' or 'sigmoid' (sigma(q.k/sqrt(D) - log N_keys), no row normalization).
     mask: optional boolean, broadcastable to [B, H, N_q, N_k]; True means "attend".
     is_causal: additionally mask keys after the query position.
+    key_size: optional [B, N_k], how many tokens each key stands for after ToMe merging
+      (proportional attention): softmax adds log(size) to the logits; sigmoid weighs each key
+      by its size and takes N_keys = the sum of sizes. Either equals attention over the
+      unmerged tokens when the merged tokens were identical.
 
   Returns:
     [B, N, H, D] in v's dtype.
   """
   if kind == 'softmax':
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    bias = None if key_size is None else jnp.log(key_size)[:, None, None, :].astype(jnp.float32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
   if kind != 'sigmoid':
     raise ValueError(f'attention must be one of {ATTENTION_KINDS}, got {kind!r}.')
   n_q, n_k, head_dim = q.shape[1], k.shape[1], q.shape[-1]
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.sigmoid(logits / math.sqrt(head_dim) - math.log(n_k))
+  if key_size is None:
+    weights = jax.nn.sigmoid(logits / math.sqrt(head_dim) - math.log(n_k))
+  else:
+    log_n = jnp.log(key_size.sum(-1))[:, None, None, None]
+    weights = jax.nn.sigmoid(logits / math.sqrt(head_dim) - log_n) * key_size[:, None, None, :]
   if is_causal:
     causal = jnp.tril(jnp.ones((n_q, n_k), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
@@ -49,37 +68,152 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
 
 
+class FusedQKV(nn.Module):
+  """PyTorch's packed in-projection, kernel [C, 3C] ordered (q, k, v).
+
+  Self-attention: x [B, N, C] -> [B, N, 3C]. Cross-attention (`cross`): the q columns project x
+  and the k/v columns the memory [B_m, M, C] -> ([B, N, C], [B_m, M, 2C]); the memory may be
+  None when its keys/values are cached -> ([B, N, C], None).
+  """
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = layers.trunc_normal_02
+  dtype: Optional[layers.Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, memory: Optional[jax.Array] = None, cross: bool = False):
+    c = self.features
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], 3 * c), jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros, (3 * c,), jnp.float32)
+            if self.use_bias else None)
+
+    def project(inputs, cols):
+      inputs, w, b = nn.dtypes.promote_dtype(inputs, kernel[:, cols],
+                                             None if bias is None else bias[cols], dtype=self.dtype)
+      y = inputs @ w
+      return y if b is None else y + b
+
+    if not cross:
+      return project(x, slice(None))
+    return project(x, slice(0, c)), None if memory is None else project(memory, slice(c, 3 * c))
+
+
 class MultiHeadAttention(nn.Module):
-  """Self-attention over [B, N, C] tokens -> [B, N, C]; kind and QK-norm from `opts`."""
+  """Self-attention over [B, N, C] tokens -> [B, N, C]; kind and QK-norm from `opts`.
+
+  With `cross=True`, queries [B, N, C] attend to a memory [B_m, M, C] instead, B a multiple of
+  B_m (consecutive query rows share a memory row: the beams of one image).
+  """
   num_heads: int
   qkv_bias: bool = True
   is_causal: bool = False
   qkv_init: Any = layers.trunc_normal_02
   proj_init: Any = layers.trunc_normal_02
   opts: layers.Options = layers.Options()
+  cross: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
+               memory: Optional[jax.Array] = None, decode: bool = False,
+               key_size: Optional[jax.Array] = None, with_qk: bool = False):
+    """x [B, N, C] -> [B, N, C]; mask broadcastable to [B, H, N, N_keys] (True = attend).
+
+    key_size, with_qk: reduced inference (models/reduce.py): the keys' merged sizes, and also
+      return q and k [B, N, H, D] (after QK-norm).
+
+    decode: self-attention appends this call's keys/values to the 'cache' collection and attends
+      to every cached position up to its own (the first call, which creates the cache, sizes it
+      from x: call it once with the full length, e.g. under jax.eval_shape); cross-attention
+      stores the memory's keys/values in 'cross_cache' when `memory` is given and reads them
+      from there when it is None.
+    """
     b, n, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'width {c} is not divisible by {self.num_heads} heads.')
+    if decode and self.opts.attention != 'softmax':
+      raise ValueError(f'decode=True supports softmax attention only, not {self.opts.attention!r}.')
     head_dim, dtype = c // self.num_heads, self.opts.dtype
-    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=self.qkv_init, dtype=dtype,
-                   name='qkv')(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], -1, self.num_heads, head_dim)
+    proj = FusedQKV(features=c, use_bias=self.qkv_bias, kernel_init=self.qkv_init, dtype=dtype,
+                    name='qkv')
+    k = v = None
+    if self.cross:
+      q, kv = proj(x, memory, cross=True)
+      q = heads(q)[:, :, 0]
+      if kv is not None:
+        k, v = jnp.moveaxis(heads(kv), 2, 0)
+    else:
+      q, k, v = jnp.moveaxis(heads(proj(x)), 2, 0)
     if self.opts.qk_norm:
       q = layers.LayerNorm(dtype=dtype, name='q_norm')(q)
-      k = layers.LayerNorm(dtype=dtype, name='k_norm')(k)
-    out = dot_product_attention(q, k, v, kind=self.opts.attention, mask=mask,
-                                is_causal=self.is_causal)
-    return nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
+      if k is not None:
+        k = layers.LayerNorm(dtype=dtype, name='k_norm')(k)
+
+    is_causal = self.is_causal
+    if self.cross:
+      k, v = _cross_keys_values(self, k, v, decode)
+    elif decode:
+      k, v, mask, is_causal = _self_cache(self, k, v, mask, is_causal)
+
+    if self.cross and k.shape[0] != b:  # Beams of one image share its memory row.
+      out = dot_product_attention(q.reshape(k.shape[0], -1, *q.shape[2:]), k, v,
+                                  kind=self.opts.attention).reshape(q.shape)
+    else:
+      out = dot_product_attention(q, k, v, kind=self.opts.attention, mask=mask,
+                                  is_causal=is_causal, key_size=key_size)
+    out = nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
+    return (out, q, k) if with_qk else out
+
+
+def _cross_keys_values(module: nn.Module, k, v, decode: bool):
+  """Memory keys/values: computed ones (stored when decoding) or the cached ones."""
+  if k is not None:
+    if decode:
+      module.put_variable(CROSS_CACHE, 'key', k)
+      module.put_variable(CROSS_CACHE, 'value', v)
+    return k, v
+  if not decode:
+    raise ValueError('Cross-attention needs a memory (the image tokens).')
+  if not module.has_variable(CROSS_CACHE, 'key'):
+    raise ValueError(f'No cached memory: pass the memory on the first decoding call (with the '
+                     f'{CROSS_CACHE!r} collection mutable).')
+  return module.get_variable(CROSS_CACHE, 'key'), module.get_variable(CROSS_CACHE, 'value')
+
+
+def _self_cache(module: nn.Module, k, v, mask, is_causal: bool):
+  """Writes this call's keys/values at the cache index; returns the whole cache and its mask.
+
+  The first call creates a zero cache of k's shape and attends as without a cache.
+  """
+  initialized = module.has_variable(CACHE, 'cached_key')
+  cached_k = module.variable(CACHE, 'cached_key', jnp.zeros, k.shape, k.dtype)
+  cached_v = module.variable(CACHE, 'cached_value', jnp.zeros, v.shape, v.dtype)
+  index = module.variable(CACHE, 'cache_index', lambda: jnp.zeros((), jnp.int32))
+  if not initialized:
+    return k, v, mask, is_causal
+  n, length = k.shape[1], cached_k.value.shape[1]
+  start = index.value
+  k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, start, 0, 0))
+  v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, start, 0, 0))
+  cached_k.value, cached_v.value, index.value = k, v, start + n
+  # Query i sits at position start + i and sees the keys up to its own position: the causal
+  # mask over the cache (its unwritten slots lie beyond every query).
+  visible = jnp.arange(length)[None, :] <= (start + jnp.arange(n))[:, None]
+  visible = visible[None, None]
+  return k, v, visible if mask is None else jnp.logical_and(mask, visible), False
 
 
 class TransformerBlock(nn.Module):
   """Pre-norm block: x + LS1(Norm?(Attn(Norm1(x)))); x + LS2(MLP(Norm2(x))). [B, N, C] -> [B, N, C].
 
   `layer_scale_init` (None = off) adds `ls_1`/`ls_2`; `hybrid_norm` adds `attn_norm` on the
-  attention output; both are the sigmoid-attention paper's stabilizers.
+  attention output; both are the sigmoid-attention paper's stabilizers. `cross_attention`
+  attends to `memory` (normalized by its own `norm1_kv`) instead of x itself, as open_clip's
+  ResidualAttentionBlock(is_cross_attention=True).
+
+  Reduced inference (models/reduce.py): given `tokens` (a reduce.Tokens), attention follows its
+  masks and sizes, `hook(x, q, k, tokens)` may merge or prune rows between the attention and the
+  MLP, and the block returns (x, tokens).
   """
   num_heads: int
   mlp_dim: int
@@ -95,24 +229,83 @@ class TransformerBlock(nn.Module):
   fc1_init: Any = layers.trunc_normal_02
   fc2_init: Any = layers.trunc_normal_02
   opts: layers.Options = layers.Options()
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, train: bool = False, *,
+               memory: Optional[jax.Array] = None, decode: bool = False, tokens: Any = None,
+               hook: Optional[Callable] = None):
     dtype = self.opts.dtype
     norm = lambda name: layers.LayerNorm(epsilon=self.norm_eps, dtype=dtype, name=name)
+    if self.cross_attention and memory is not None:
+      memory = norm('norm1_kv')(memory)
+    is_causal, extra = self.is_causal, {}
+    if tokens is not None:
+      mask, is_causal = tokens.attention_mask(self.is_causal)
+      extra = dict(key_size=tokens.size, with_qk=True)
     y = MultiHeadAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
-                           is_causal=self.is_causal, qkv_init=self.qkv_init,
-                           proj_init=self.proj_init, opts=self.opts,
-                           name='attn')(norm('norm1')(x), mask)
+                           is_causal=is_causal, qkv_init=self.qkv_init,
+                           proj_init=self.proj_init, opts=self.opts, cross=self.cross_attention,
+                           name='attn')(norm('norm1')(x), mask, memory=memory, decode=decode,
+                                        **extra)
+    if tokens is not None:
+      y, q, k = y
     if self.hybrid_norm:
       y = norm('attn_norm')(y)
     if self.layer_scale_init is not None:
       y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_1')(y)
     x = x + layers.DropPath(rate=self.drop_path, name='drop_path1')(y, train)
+    if hook is not None:
+      x, tokens = hook(x, q, k, tokens)
 
     y = layers.Mlp(hidden=self.mlp_dim, act=self.act, fc1_init=self.fc1_init,
                    fc2_init=self.fc2_init, dtype=dtype, name='mlp')(norm('norm2')(x))
     if self.layer_scale_init is not None:
       y = layers.LayerScale(init_value=self.layer_scale_init, name='ls_2')(y)
-    return x + layers.DropPath(rate=self.drop_path, name='drop_path2')(y, train)
+    x = x + layers.DropPath(rate=self.drop_path, name='drop_path2')(y, train)
+    return x if tokens is None else (x, tokens)
+
+
+class AttentionalPooler(nn.Module):
+  """open_clip's AttentionalPooler: learned queries attend to the tokens. [B, N, C] -> [B, Q, D].
+
+  The queries [Q, D] go through LayerNorm `ln_q`, the tokens through `ln_k`; the attention is a
+  nn.MultiheadAttention with kdim = vdim = C != D, whose q/k/v projections are separate bias-free
+  matrices (`q_proj`, `k_proj`, `v_proj`) with one packed `in_proj_bias` [3D], then `out_proj`.
+  """
+  width: int
+  num_heads: int
+  num_queries: int
+  norm_eps: float = 1e-5
+  dtype: Optional[layers.Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = self.width
+    if d % self.num_heads:
+      raise ValueError(f'pooler width {d} is not divisible by {self.num_heads} heads.')
+    query = self.param('query', nn.initializers.normal(1.0), (self.num_queries, d), jnp.float32)
+    x = layers.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_k')(x)
+    q = layers.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_q')(query)
+    return _PoolerAttention(num_heads=self.num_heads, dtype=self.dtype, name='attn')(q, x)
+
+
+class _PoolerAttention(nn.Module):
+  """Shared queries [Q, D] attend to x [B, N, C] -> [B, Q, D] (nn.MultiheadAttention layout)."""
+  num_heads: int
+  dtype: Optional[layers.Dtype] = None
+
+  @nn.compact
+  def __call__(self, queries: jax.Array, x: jax.Array) -> jax.Array:
+    (n_q, d), b = queries.shape, x.shape[0]
+    dense = lambda name: nn.Dense(d, use_bias=False, kernel_init=nn.initializers.xavier_uniform(),
+                                  dtype=self.dtype, name=name)
+    bias = self.param('in_proj_bias', nn.initializers.zeros, (3 * d,), jnp.float32)
+    bias = bias.astype(self.dtype or jnp.float32)
+    split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, d // self.num_heads)
+    q = split(dense('q_proj')(queries) + bias[:d])
+    k = split(dense('k_proj')(x) + bias[d:2 * d])
+    v = split(dense('v_proj')(x) + bias[2 * d:])
+    q = jnp.broadcast_to(q[None], (b,) + q.shape).astype(k.dtype)
+    out = dot_product_attention(q, k, v).reshape(b, n_q, d)
+    return nn.Dense(d, kernel_init=layers.trunc_normal_02, dtype=self.dtype, name='out_proj')(out)

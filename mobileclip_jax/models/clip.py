@@ -89,13 +89,16 @@ class CLIP(nn.Module):
       self.logit_bias = self.param('logit_bias', nn.initializers.constant(c.init_logit_bias), (),
                                    jnp.float32)
 
-  def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images [B, H, W, 3] normalized -> unnormalized embeddings [B, embed_dim] float32."""
-    return self.visual(images, train).astype(jnp.float32)
+  def encode_image(self, images: jax.Array, train: bool = False, **reduce) -> jax.Array:
+    """images [B, H, W, 3] normalized -> unnormalized embeddings [B, embed_dim] float32.
 
-  def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-    """tokens [B, L] int32 -> unnormalized embeddings [B, embed_dim] float32."""
-    return self.text(tokens, train).astype(jnp.float32)
+    `reduce`: the tower's reduced-inference arguments (reduction, ranker, extra_hook).
+    """
+    return self.visual(images, train, **reduce).astype(jnp.float32)
+
+  def encode_text(self, tokens: jax.Array, train: bool = False, **reduce) -> jax.Array:
+    """tokens [B, L] int32 -> unnormalized embeddings [B, embed_dim] float32 (`reduce` as above)."""
+    return self.text(tokens, train, **reduce).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array,
                train: bool = False) -> Tuple[jax.Array, jax.Array]:
@@ -183,41 +186,58 @@ def _replace(obj, overrides: Dict[str, Any], what: str):
   return dataclasses.replace(obj, **overrides)
 
 
-def get_config(name: str, **overrides) -> ModelConfig:
-  """The named ModelConfig with overrides applied.
+def _named_configs() -> Dict[str, Any]:
+  """Every named config: the CLIP variants here and the CoCa captioners of coca.py."""
+  from mobileclip_jax.models import coca  # pylint: disable=g-import-not-at-top  (coca imports this module)
+  return {**MODEL_CONFIGS, **coca.COCA_CONFIGS}
+
+
+def get_config(name: str, **overrides):
+  """The named ModelConfig (or CoCaConfig for 'coca_*') with overrides applied.
 
   Top-level fields are overridden directly (`attention='sigmoid'`, `embed_dim=64`,
   `dtype='bfloat16'`, `reparameterized=True`, ...); tower fields through a dict
-  (`image=dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128))`, `text=dict(layers=2)`).
+  (`image=dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128))`, `text=dict(layers=2)`, and
+  `decoder=dict(...)` for CoCa).
   """
-  if name not in MODEL_CONFIGS:
-    raise ValueError(f'Unknown model {name!r}.{utils.did_you_mean(name, MODEL_CONFIGS)}')
-  config = MODEL_CONFIGS[name]
-  nested = {k: overrides.pop(k) for k in ('image', 'text') if isinstance(overrides.get(k), dict)}
+  configs = _named_configs()
+  if name not in configs:
+    raise ValueError(f'Unknown model {name!r}.{utils.did_you_mean(name, configs)}')
+  config = configs[name]
+  nested = {k: overrides.pop(k) for k in ('image', 'text', 'decoder')
+            if isinstance(overrides.get(k), dict) and hasattr(config, k)}
   for key, value in nested.items():
     overrides[key] = _replace(getattr(config, key), dict(value), f'{key} tower')
   return _replace(config, overrides, 'model')
 
 
-def create_model(name: str, **overrides) -> CLIP:
-  """The Flax CLIP module for a named variant (see `get_config` for overrides)."""
-  return CLIP(get_config(name, **overrides))
+def model_from_config(config) -> nn.Module:
+  """The Flax module of a ModelConfig (CLIP) or CoCaConfig (CoCa)."""
+  from mobileclip_jax.models import coca  # pylint: disable=g-import-not-at-top
+  return coca.CoCa(config) if isinstance(config, coca.CoCaConfig) else CLIP(config)
 
 
-def dummy_inputs(config: ModelConfig, batch: int = 1) -> Tuple[jax.Array, jax.Array]:
+def create_model(name: str, **overrides) -> nn.Module:
+  """The Flax module for a named variant: CLIP, or CoCa for 'coca_*' (overrides: `get_config`)."""
+  return model_from_config(get_config(name, **overrides))
+
+
+def dummy_inputs(config, batch: int = 1) -> Tuple[jax.Array, jax.Array]:
   """Zero images [B, S, S, 3] and tokens [B, context_length] for init / shape inference."""
   return (jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32),
           jnp.zeros((batch, config.text.context_length), jnp.int32))
 
 
 def count_params(name: str, **overrides) -> Dict[str, int]:
-  """Parameter counts {'image', 'text'} of the train-time form, via jax.eval_shape (no memory).
+  """Parameter counts {'image', 'text'} (+ 'decoder' for CoCa) via jax.eval_shape (no memory).
 
-  image = the whole image tower with its projection; text = the text tower with the token
-  embedding and projection; the logit scale is in neither. BatchNorm statistics are buffers,
-  not parameters, as in PyTorch.
+  image = the whole image tower with its projection (and CoCa's attentional pooler); text = the
+  text tower with the token embedding and projection; the logit scale is in none. BatchNorm
+  statistics are buffers, not parameters, as in PyTorch.
   """
-  model = create_model(name, **overrides)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(model.config))
+  config = get_config(name, **overrides)
+  shapes = jax.eval_shape(model_from_config(config).init, jax.random.PRNGKey(0),
+                          *dummy_inputs(config))['params']
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-  return {'image': count(shapes['params']['visual']), 'text': count(shapes['params']['text'])}
+  towers = {'image': 'visual', 'text': 'text', 'decoder': 'text_decoder'}
+  return {k: count(shapes[v]) for k, v in towers.items() if v in shapes}

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
@@ -41,8 +42,12 @@ trunc_normal_02 = nn.initializers.truncated_normal(0.02)
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as PyTorch's nn.GELU; JAX's default is the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, x / 2 * (1 + erf(x / sqrt(2))), PyTorch's nn.GELU formula.
+
+  JAX's default is the tanh approximation; its exact form goes through erfc, which XLA:CPU
+  evaluates about 25% slower (forward) than erf, for the same absolute error as PyTorch's.
+  """
+  return x * 0.5 * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -76,54 +81,122 @@ def _xla_conv(x, kernel, stride, pad, groups):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _sum_of_taps(x, taps, kernel_hw, stride, out_hw):
-  """sum_t window_t(x) * taps[t] over the kh * kw taps: x [B, H, W, C] padded, taps [kh * kw, C].
+def _window(x, di, dj, stride, out_hw):
+  """x[:, di::stride, dj::stride] cropped to out_hw: the inputs that tap (di, dj) reads."""
+  b, _, _, c = x.shape
+  limit = (b, di + (out_hw[0] - 1) * stride + 1, dj + (out_hw[1] - 1) * stride + 1, c)
+  return jax.lax.slice(x, (0, di, dj, 0), limit, (1, stride, stride, 1))
 
-  A scan's reverse pass would store every tap's window ([kh * kw, B, H', W', C]: 49 activations
-  per 7x7 conv, 50 GB for an S4 step at batch 16); this VJP keeps x alone and runs the transposed
-  sums as scans too.
+
+def _add_reduce(operands, dims):
+  """Sums of several same-shaped arrays over `dims` in one variadic reduce (one pass)."""
+  return jax.lax.reduce(tuple(operands), (jnp.float32(0),) * len(operands),
+                        lambda a, b: tuple(u + v for u, v in zip(a, b)), dims)
+
+
+def _pad_hw(x, pad):
+  return jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+
+
+def _taps_sum(xp, taps, stride, out_hw):
+  """sum_t window_t(xp) * taps[t] (float32): xp [b, H + 2 p, W + 2 p, C] padded, taps [kh, kw, C].
+
+  Unrolled over the static taps: XLA fuses all kh * kw products into one loop over the output.
   """
-  return _taps_forward(x, taps, kernel_hw, stride, out_hw)
+  acc = 0
+  for di in range(taps.shape[0]):
+    for dj in range(taps.shape[1]):
+      acc = acc + _window(xp, di, dj, stride, out_hw).astype(jnp.float32) * taps[di, dj]
+  return acc
 
 
-def _window(x, t, kernel_hw, stride, out_hw):
-  kw = kernel_hw[1]
-  span = ((out_hw[0] - 1) * stride + 1, (out_hw[1] - 1) * stride + 1)
-  window = jax.lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (x.shape[0], *span, x.shape[3]))
-  return window[:, ::stride, ::stride].astype(jnp.float32)
+def _taps_input_grad(g, taps, x_shape, stride, pad):
+  """d(sum of taps)/dx: g [b, H', W', C] -> [b, H, W, C] (float32), one phase at a time.
+
+  Padded input position s * u + r (row phase r < s) was read by the taps r + s * k at output
+  rows u - k, so each phase is a stride-1 sum over its own taps (no zeros interleaved into g,
+  which XLA:CPU would hand to XNNPACK with every window materialized); the phases interleave.
+  """
+  kh, kw = taps.shape[:2]
+  b, h, w, c = x_shape
+  ho, wo = g.shape[1:3]
+  u, v = -(-(h + 2 * pad[0]) // stride), -(-(w + 2 * pad[1]) // stride)
+  rows = []
+  for r in range(stride):
+    cols = []
+    for q in range(stride):
+      ks, ls = range(r, kh, stride), range(q, kw, stride)
+      if not ks or not ls:
+        cols.append(jnp.zeros((b, u, v, c), jnp.float32))
+        continue
+      gp = jnp.pad(g, ((0, 0), (len(ks) - 1, u - ho), (len(ls) - 1, v - wo), (0, 0)))
+      acc = 0
+      for k, di in enumerate(ks):
+        for l, dj in enumerate(ls):
+          acc = acc + _window(gp, len(ks) - 1 - k, len(ls) - 1 - l, 1, (u, v)) * taps[di, dj]
+      cols.append(acc)
+    rows.append(jnp.stack(cols, axis=3) if stride > 1 else cols[0])
+  dxp = jnp.stack(rows, axis=2).reshape(b, u * stride, v * stride, c) if stride > 1 else rows[0]
+  return dxp[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
 
 
-def _taps_forward(x, taps, kernel_hw, stride, out_hw):
-  def add_tap(acc, t):
-    return acc + _window(x, t, kernel_hw, stride, out_hw) * taps[t], None
+def _taps_kernel_grad(phases, g, taps_shape, stride):
+  """dtaps[t] = sum over (b, h', w') of window_t(x) * g, float32 [kh, kw, C].
 
-  acc, _ = jax.lax.scan(add_tap, jnp.zeros((x.shape[0], *out_hw, x.shape[3]), jnp.float32),
-                        jnp.arange(taps.shape[0]))
-  return acc.astype(x.dtype)
+  phases[(r, q)] = xp[:, r::stride, q::stride]. Per phase, one variadic reduce over (b, h')
+  reads x and g once for all of its taps (separate reductions would read them kh * kw times),
+  then a sum over w'.
+  """
+  kh, kw = taps_shape[:2]
+  sums = {}
+  for (r, q), phase in phases.items():
+    tap_list = [(di, dj) for di in range(r, kh, stride) for dj in range(q, kw, stride)]
+    rows = _add_reduce([_window(phase, di // stride, dj // stride, 1, g.shape[1:3])
+                        .astype(jnp.float32) * g for di, dj in tap_list], (0, 1))
+    sums.update(zip(tap_list, rows))
+  return jnp.stack([sums[(di, dj)].sum(0) for di in range(kh) for dj in range(kw)]).reshape(
+      taps_shape)
 
 
-def _taps_fwd(x, taps, kernel_hw, stride, out_hw):
-  return _taps_forward(x, taps, kernel_hw, stride, out_hw), (x, taps)
+def _per_example(fn, *arrays):
+  """fn(*[1, ...] slices) for each example, stacked: a loop whose operands are buffers.
+
+  XLA:CPU fuses cheap producers into every consumer, recomputing them: fused into the taps'
+  loops, a producer of x or of the cotangent (a BatchNorm's backward, the forward taps sum
+  itself) would be recomputed kh * kw times per element. Loop operands are computed once; one
+  example per iteration also keeps the working set in cache.
+  """
+  return jax.lax.map(lambda a: fn(*[v[None] for v in a]), arrays)
 
 
-def _taps_bwd(kernel_hw, stride, out_hw, residuals, grad):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _sum_of_taps(x, taps, stride, pad, out_hw):
+  """sum_t window_t(pad(x)) * taps[t]: x [B, H, W, C], taps [kh, kw, C] float32. [B, H', W', C].
+
+  The VJP keeps only x and taps (not every tap's window).
+  """
+  y = _per_example(lambda xp: _taps_sum(xp, taps, stride, out_hw)[0], _pad_hw(x, pad))
+  return y.astype(x.dtype)
+
+
+def _taps_fwd(x, taps, stride, pad, out_hw):
+  return _sum_of_taps(x, taps, stride, pad, out_hw), (x, taps)
+
+
+def _taps_bwd(stride, pad, out_hw, residuals, grad):
   x, taps = residuals
-  kw = kernel_hw[1]
-  g = grad.astype(jnp.float32)
-  # Output position (i, j) read input (i * stride + di, j * stride + dj): spread the gradient
-  # back onto that strided grid (zeros between), then add it at every tap's offset.
-  spread = jax.lax.pad(g, jnp.float32(0), ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1),
-                                           (0, 0, 0)))
+  kh, kw = taps.shape[:2]
+  xp = _pad_hw(x, pad)
+  # Stride phases of x as separate loop operands: unstrided reads in the kernel-gradient reduce.
+  keys = [(r, q) for r in range(min(stride, kh)) for q in range(min(stride, kw))]
+  phases = [xp[:, r::stride, q::stride] for r, q in keys] if stride > 1 else [xp]
 
-  def tap(dx, t):
-    start = (0, t // kw, t % kw, 0)
-    region = jax.lax.dynamic_slice(dx, start, spread.shape) + spread * taps[t]
-    dtap = jnp.sum(_window(x, t, kernel_hw, stride, out_hw) * g, axis=(0, 1, 2))
-    return jax.lax.dynamic_update_slice(dx, region, start), dtap
+  def example(g, *phases):
+    dx = _taps_input_grad(g, taps, (1,) + x.shape[1:], stride, pad)[0]
+    return dx, _taps_kernel_grad(dict(zip(keys, phases)), g, taps.shape, stride)
 
-  dx, dtaps = jax.lax.scan(tap, jnp.zeros(x.shape, jnp.float32), jnp.arange(taps.shape[0]))
-  return dx.astype(x.dtype), dtaps.astype(taps.dtype)
+  dx, dtaps = _per_example(example, grad.astype(jnp.float32), *phases)
+  return dx.astype(x.dtype), dtaps.sum(0).astype(taps.dtype)
 
 
 _sum_of_taps.defvjp(_taps_fwd, _taps_bwd)
@@ -132,19 +205,18 @@ _sum_of_taps.defvjp(_taps_fwd, _taps_bwd)
 def _shift_depthwise_conv(x, kernel, stride, pad):
   """Depthwise conv as a sum over taps of shifted, strided windows times per-channel weights.
 
-  XLA:CPU lowers grouped convolutions to a slow generic loop (15-20x slower than this forward,
-  about 3x slower backward, on MCi's 7x7 depthwise convs). The taps are a `lax.scan` rather than
-  unrolled: half the unrolled speed, but a 4x smaller program that compiles 2x faster.
+  XLA:CPU lowers grouped convolutions to a slow generic loop (3-4x slower than this forward,
+  10-20x slower forward + backward, 300x+ for the strided, channel-multiplied ones of MCi's
+  downsampling).
   """
   kh, kw, _, c_out = kernel.shape
   b, h, w, c_in = x.shape
   if c_out != c_in:  # Channel multiplier: output channel o reads input channel o // m.
     x = jnp.repeat(x, c_out // c_in, axis=-1)
-  x = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
   out_hw = ((h + 2 * pad[0] - kh) // stride + 1, (w + 2 * pad[1] - kw) // stride + 1)
-  # jnp, not numpy: converted weights may arrive as numpy arrays, which a traced index breaks.
-  taps = jnp.asarray(kernel).reshape(kh * kw, c_out).astype(jnp.float32)
-  return _sum_of_taps(x, taps, (kh, kw), stride, out_hw)
+  # jnp, not numpy: converted weights may arrive as numpy arrays.
+  taps = jnp.asarray(kernel).reshape(kh, kw, c_out).astype(jnp.float32)
+  return _sum_of_taps(x, taps, stride, tuple(pad), out_hw)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[int]) -> jax.Array:
@@ -155,6 +227,35 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[i
   return jax.lax.platform_dependent(
       x, kernel, cpu=lambda x, k: _shift_depthwise_conv(x, k, stride, pad),
       default=lambda x, k: _xla_conv(x, k, stride, pad, x.shape[-1]))
+
+
+def _pointwise_matmul(x, kernel, stride):
+  """1x1 convolution as one [B * H * W, C_in] @ [C_in, C_out] matmul."""
+  x = x[:, ::stride, ::stride]
+  y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[-2:])
+  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Unpadded 1x1 conv, x [B, H, W, C_in], kernel [1, 1, C_in, C_out].
+
+  A 2-D matmul on CPU: XLA:CPU runs the convolution's weight gradient as a spatial convolution
+  with transposed copies of both operands, 3-4x slower than the matmul's forward + backward.
+  XLA's convolution elsewhere.
+  """
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: _pointwise_matmul(x, k, stride),
+      default=lambda x, k: _xla_conv(x, k, stride, (0, 0), 1))
+
+
+def materialize_on_cpu(x: jax.Array) -> jax.Array:
+  """x, computed into its own buffer on CPU (an optimization barrier); x itself elsewhere.
+
+  XLA:CPU fuses elementwise producers into every consumer, even when that recomputes them: in a
+  transformer's backward pass it rebuilt each block's residual stream from all earlier branch
+  outputs for every weight gradient, quadratic in depth (half of the text tower's step time).
+  """
+  return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 class Conv(nn.Module):
@@ -184,6 +285,8 @@ class Conv(nn.Module):
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if self.groups == c_in and self.groups > 1:
       y = depthwise_conv(x, kernel, self.stride, pad)
+    elif (kh, kw) == (1, 1) and self.groups == 1 and not any(pad):
+      y = pointwise_conv(x, kernel, self.stride)
     else:
       y = _xla_conv(x, kernel, self.stride, pad, self.groups)
     if self.use_bias:
@@ -250,7 +353,7 @@ class LayerNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
+    xf = materialize_on_cpu(x).astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias

@@ -5,7 +5,8 @@ Structure and names follow timm's `fastvit_mci*` (timm/models/fastvit.py): `stem
 CLIP embedding is `head/fc` (Linear with bias), as in open_clip's timm towers.
 """
 import dataclasses
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import reduce as reduce_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,12 @@ class MCiConfig:
   head_dim: int = 32
   final_ratio: float = 2.0
   layer_scale_init: float = 1e-5
+
+  @property
+  def stride(self) -> int:
+    """Total downsampling: the stem's 4, then 2 per stage that widens."""
+    widths = (self.widths[0],) + tuple(self.widths)
+    return 4 * 2 ** sum(a != b for a, b in zip(widths[:-1], widths[1:]))
 
   def __post_init__(self):
     n = len(self.depths)
@@ -111,7 +119,13 @@ class PatchEmbed(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """x + gamma1 * MHSA(Norm(x)) over the flattened H*W tokens; x + gamma2 * ConvMlp(x)."""
+  """x + gamma1 * MHSA(Norm(x)) over the flattened H*W tokens; x + gamma2 * ConvMlp(x).
+
+  `merge` > 0 (reduced inference): ToMe merges that many of the normalized tokens (matched by
+  cosine of the tokens themselves, since the keys would cost the projection it saves), attention
+  runs on the rest with proportional attention, and its output is unmerged onto the H x W grid
+  before the residual, so the ConvMlp's 7x7 depthwise conv still sees every position.
+  """
   mlp_ratio: float
   head_dim: int = 32
   norm: str = 'batchnorm'
@@ -119,15 +133,23 @@ class AttentionBlock(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, merge: int = 0) -> jax.Array:
     b, h, w, c = x.shape
     if self.norm == 'batchnorm':
       y = layers.BatchNorm(group_size=self.opts.bn_group_size, dtype=self.opts.dtype,
                            name='norm')(x, train)
     else:
       y = layers.LayerNorm(dtype=self.opts.dtype, name='norm')(x)
-    y = attn_lib.MultiHeadAttention(num_heads=c // self.head_dim, qkv_bias=False, opts=self.opts,
-                                    name='token_mixer')(y.reshape(b, h * w, c))
+    mixer = attn_lib.MultiHeadAttention(num_heads=c // self.head_dim, qkv_bias=False,
+                                        opts=self.opts, name='token_mixer')
+    y = y.reshape(b, h * w, c)
+    r = reduce_lib.mergeable(h * w, merge, 0)
+    if r:
+      m = reduce_lib.bipartite_soft_matching(y, r)
+      merged, size = reduce_lib.merge_wavg(y, m)
+      y = reduce_lib.unmerge(mixer(merged, key_size=size), m, h * w)
+    else:
+      y = mixer(y)
     scale = lambda name: layers.LayerScale(init_value=self.layer_scale_init, name=name)
     x = x + scale('layer_scale_1')(y.reshape(b, h, w, c))
     y = layers.ConvMlp(hidden=int(c * self.mlp_ratio), opts=self.opts, name='mlp')(x, train)
@@ -141,7 +163,9 @@ class Stage(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               merges: Tuple[int, ...] = ()) -> jax.Array:
+    """`merges`: ToMe's r for each attention block of the stage (reduced inference)."""
     cfg, i = self.config, self.index
     width = cfg.widths[i]
     if x.shape[-1] != width:
@@ -155,9 +179,10 @@ class Stage(nn.Module):
                                      layer_scale_init=cfg.layer_scale_init, opts=self.opts,
                                      name=f'blocks_{j}')
       else:
-        block = AttentionBlock(mlp_ratio=cfg.mlp_ratio, head_dim=cfg.head_dim,
-                               norm=cfg.attn_norm, layer_scale_init=cfg.layer_scale_init,
-                               opts=self.opts, name=f'blocks_{j}')
+        block = functools.partial(
+            AttentionBlock(mlp_ratio=cfg.mlp_ratio, head_dim=cfg.head_dim, norm=cfg.attn_norm,
+                           layer_scale_init=cfg.layer_scale_init, opts=self.opts,
+                           name=f'blocks_{j}'), merge=merges[j] if merges else 0)
       x = block(x, train)
     return x
 
@@ -165,15 +190,30 @@ class Stage(nn.Module):
 class MCi(nn.Module):
   """MCi image encoder: images [B, H, W, 3] (normalized) -> embeddings [B, embed_dim].
 
-  Any resolution divisible by the total stride (32 for 4 stages, 64 for 5) works.
+  Any resolution divisible by the total stride (`stride`: 32 for MCi0-2, 64 for MCi3/4) works.
+  `reduction` (a reduce.TokenReduction) may only merge: its `merge_layers` count the attention
+  blocks of all attention stages; the grid convolutions leave nothing to prune.
   """
   config: MCiConfig
   embed_dim: int
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False,
+               reduction: Optional[reduce_lib.TokenReduction] = None, ranker=None,
+               extra_hook=None) -> jax.Array:
     cfg, opts = self.config, self.opts
+    merges = [()] * len(cfg.depths)
+    if reduction is not None:
+      if reduction.prune or reduction.cut_padding or extra_hook is not None:
+        raise ValueError('MCi towers only merge tokens (merge=r): their attention stages feed '
+                         'grid convolutions, which need every position.')
+      attention = [i for i, mixer in enumerate(cfg.token_mixers) if mixer == 'attention']
+      reduction.check_depth(sum(cfg.depths[i] for i in attention), 'The MCi tower (attention)')
+      count = 0
+      for i in attention:
+        merges[i] = tuple(reduction.merges_at(count + j) for j in range(cfg.depths[i]))
+        count += cfg.depths[i]
     c0 = cfg.widths[0]
     stem = dict(features=c0, kernel_size=3, stride=2, use_scale_branch=cfg.stem_scale_branch,
                 opts=opts)
@@ -181,7 +221,8 @@ class MCi(nn.Module):
     x = layers.MobileOneBlock(groups=c0, name='stem_1', **stem)(x, train)
     x = layers.MobileOneBlock(features=c0, kernel_size=1, opts=opts, name='stem_2')(x, train)
     for i in range(len(cfg.depths)):
-      x = Stage(config=cfg, index=i, opts=opts, name=f'stages_{i}')(x, train)
+      stage = Stage(config=cfg, index=i, opts=opts, name=f'stages_{i}')
+      x = stage(x, train, merges[i])
     c_last = x.shape[-1]
     x = layers.MobileOneBlock(features=int(c_last * cfg.final_ratio), kernel_size=3,
                               groups=c_last, use_se=True, opts=opts, name='final_conv')(x, train)

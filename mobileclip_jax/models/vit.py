@@ -7,6 +7,7 @@ modules through the conversion tables.
 """
 import dataclasses
 import math
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import reduce as reduce_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,10 @@ class ViTConfig:
   act: str = 'gelu'
   norm_eps: float = 1e-6
   drop_path: float = 0.0
+  # open_clip's attentional pooling (CoCa): this many learned queries (0 = off) attend to the
+  # tokens; `norm` then acts on the pooled tokens and query 0, projected, is the embedding.
+  attn_pool_queries: int = 0
+  attn_pool_heads: int = 8
 
   def __post_init__(self):
     if self.stem not in ('patch', 'mci_conv'):
@@ -62,6 +68,8 @@ class ConvStem(nn.Module):
 class ViT(nn.Module):
   """ViT image encoder: images [B, H, W, 3] (normalized) -> class-token embeddings [B, embed_dim].
 
+  With `return_tokens` also the other normalized tokens: [B, N - 1, width] (patches), or with
+  attentional pooling the Q - 1 pooled tokens [B, Q - 1, embed_dim] (CoCa's decoder memory).
   The position embedding is learned for `image_size`; other resolutions are interpolated
   bicubically, as timm's dynamic_img_size does.
   """
@@ -71,9 +79,14 @@ class ViT(nn.Module):
   opts: layers.Options = layers.Options()
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False, return_tokens: bool = False,
+               reduction: Optional[reduce_lib.TokenReduction] = None,
+               ranker: Optional[Callable] = None, extra_hook: Optional[Callable] = None):
     cfg, dtype = self.config, self.opts.dtype
     b = images.shape[0]
+    if reduction is not None and (cfg.attn_pool_queries or return_tokens):
+      raise ValueError('Token reduction covers the class-token embedding, not an attentional '
+                       'pooler (CoCa) or the token outputs.')
     if cfg.stem == 'mci_conv':
       x = ConvStem(width=cfg.width, first_padding=cfg.stem_padding, opts=self.opts,
                    name='patch_embed')(images, train)
@@ -99,14 +112,29 @@ class ViT(nn.Module):
     if cfg.norm_pre:
       x = norm('norm_pre')(x)
 
-    for i in range(cfg.depth):
-      x = attn_lib.TransformerBlock(
-          num_heads=cfg.heads, mlp_dim=int(cfg.width * cfg.mlp_ratio), act=cfg.act,
-          norm_eps=cfg.norm_eps, drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
-          opts=self.opts, name=f'blocks_{i}')(x, train=train)
+    blocks = [attn_lib.TransformerBlock(
+        num_heads=cfg.heads, mlp_dim=int(cfg.width * cfg.mlp_ratio), act=cfg.act,
+        norm_eps=cfg.norm_eps, drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
+        opts=self.opts, name=f'blocks_{i}') for i in range(cfg.depth)]
+    reduced = None
+    if reduction is None:
+      for blk in blocks:
+        x = blk(x, train=train)
+    else:
+      if reduction.cut_padding:
+        raise ValueError('cut_padding is a text-tower option; image towers have no padding.')
+      plan = reduce_lib.Plan(reduction, cfg.depth, attention=self.opts.attention, protected=1,
+                             ranker=ranker, extra=extra_hook, what='The ViT')
+      reduced = reduce_lib.sequence_tokens(b, x.shape[1])
+      x, reduced = reduce_lib.run_blocks(blocks, x, reduced, plan, train)
+    if cfg.attn_pool_queries:
+      x = attn_lib.AttentionalPooler(width=self.embed_dim, num_heads=cfg.attn_pool_heads,
+                                     num_queries=cfg.attn_pool_queries, norm_eps=cfg.norm_eps,
+                                     dtype=dtype, name='attn_pool')(x)
     x = norm('norm')(x)
-    return nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
-                    dtype=dtype, name='head')(x[:, 0])
+    pooled = nn.Dense(self.embed_dim, use_bias=cfg.head_bias, kernel_init=layers.trunc_normal_02,
+                      dtype=dtype, name='head')(reduce_lib.pool(x, reduced, 0))
+    return (pooled, x[:, 1:]) if return_tokens else pooled
 
 
 def _resize_pos_embed(pos: jax.Array, grid: int, new_grid, embed_class: bool) -> jax.Array:

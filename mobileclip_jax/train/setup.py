@@ -55,6 +55,19 @@ def model_config(config: ml_collections.ConfigDict) -> clip_lib.ModelConfig:
   return clip_lib.get_config(m.name, **overrides)
 
 
+def build_model(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelConfig):
+  """(the Flax module, the step's regularizer or None): CLIP, or with `inherit.masks` the
+  masked model of learned inheritance and its sparsity constraint (inheritance/masks.py)."""
+  inherit = config.inherit
+  if not inherit.masks:
+    return clip_lib.CLIP(model_config_), None
+  from mobileclip_jax.inheritance import masks  # pylint: disable=g-import-not-at-top
+  kinds = tuple(k.strip() for k in inherit.masks.split(',') if k.strip())
+  ramp = config_lib.parse_duration(inherit.ramp, config.batch_size, None, 'inherit.ramp')
+  return (masks.MaskedCLIP(model_config_, kinds, inherit.mask_init),
+          masks.sparsity_regularizer(model_config_, kinds, inherit.target, ramp))
+
+
 # ----------------------------------------------------------------------------------------------
 # The input.
 
@@ -234,6 +247,7 @@ class Run:
   durations: Durations
   schedule: Any
   tx: Any
+  regularizer: Optional[Any]              # (params, step) -> (loss, metrics), added to the loss.
   state_shardings: step_lib.TrainState
   abstract_state: step_lib.TrainState     # ShapeDtypeStructs carrying the state's shardings.
   batch_sharding: Any
@@ -257,12 +271,17 @@ class Run:
   def _init_from(self, state: step_lib.TrainState, path: str) -> step_lib.TrainState:
     """Starts the weights from a model checkpoint or another run (fine-tuning, inheritance)."""
     variables, source_config = ckpt_lib.load_variables(path)
-    got = jax.tree.map(lambda x: x.shape, variables['params'])
+    params = dict(variables['params'])
+    if keys.MASKS in state.params and keys.MASKS not in params:  # Learned inheritance: fresh masks.
+      params[keys.MASKS] = state.params[keys.MASKS]
+    got = jax.tree.map(lambda x: x.shape, params)
     want = jax.tree.map(lambda x: x.shape, state.params)
     if got != want:
+      from mobileclip_jax.inheritance import stages  # pylint: disable=g-import-not-at-top
       raise ValueError(f'model.init_from={path} holds {source_config.name} parameters whose '
-                       f'shapes differ from {self.model_config.name} with these overrides.')
-    params = jax.device_put(variables['params'], self.state_shardings.params)
+                       f'shapes differ from {self.model_config.name} with these overrides. '
+                       + stages.init_from_hint(source_config, self.model_config, variables))
+    params = jax.device_put(params, self.state_shardings.params)
     batch_stats = jax.device_put(variables.get('batch_stats', {}),
                                  self.state_shardings.batch_stats)
     log.info('Initialized the weights from %s (%s).', path, source_config.name)
@@ -274,7 +293,8 @@ class Run:
     fn = step_lib.make_train_step(
         self.model, self.tx, self.loss_config, mesh=self.mesh,
         accum_steps=self.config.accum_steps, use_syn=self.objective.use_syn,
-        use_teachers=self.objective.use_teachers, seed=self.config.seed)
+        use_teachers=self.objective.use_teachers, seed=self.config.seed,
+        regularizer=self.regularizer)
     start = time.perf_counter()
     lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
@@ -307,7 +327,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   """
   check_batch(config, mesh)
   model_config_ = model_config(config)
-  model = clip_lib.CLIP(model_config_)
+  model, regularizer = build_model(config, model_config_)
   data = None
   if spec is None:
     data = open_input(config, model_config_, process_index, process_count, skipped_log)
@@ -330,7 +350,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
       config=config, mesh=mesh, model_config=model_config_, model=model, data=data, spec=spec,
       objective=objective,
       loss_config=loss_config(config, spec.teacher_dims if objective.use_teachers else None),
-      durations=steps, schedule=schedule, tx=tx, state_shardings=shardings,
+      durations=steps, schedule=schedule, tx=tx, regularizer=regularizer,
+      state_shardings=shardings,
       abstract_state=jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
       batch_sharding=sharding_lib.batch_sharding(mesh))

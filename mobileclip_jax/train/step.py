@@ -60,8 +60,14 @@ def _deinterleave(emb: jax.Array, kinds: int) -> Tuple[jax.Array, Optional[jax.A
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_config: losses.LossConfig, *, mesh: Optional[Mesh], accum_steps: int = 1,
-                    use_syn: bool, use_teachers: bool, seed: int = 0) -> Callable:
-  """Returns step(state, batch) -> (state, metrics); train/setup.py jits it with shardings."""
+                    use_syn: bool, use_teachers: bool, seed: int = 0,
+                    regularizer: Optional[Callable] = None) -> Callable:
+  """Returns step(state, batch) -> (state, metrics); train/setup.py jits it with shardings.
+
+  `regularizer(params, step) -> (loss, metrics)`, if given, is added to the loss (and its
+  gradient to the gradient): a term of the parameters alone, such as learned inheritance's
+  sparsity constraint (inheritance/masks.py).
+  """
   kinds = 2 if use_syn else 1
 
   def loss_fn(image_emb, text_emb, logit_scale, logit_bias, batch):
@@ -132,6 +138,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     grads = {**g_towers, 'logit_scale': g_scale}
     if bias is not None:
       grads['logit_bias'] = g_bias
+    if regularizer is not None:
+      (penalty, penalty_metrics), g_penalty = jax.value_and_grad(regularizer, has_aux=True)(
+          params, state.step)
+      grads = jax.tree.map(jnp.add, grads, g_penalty)
+      loss, metrics = loss + penalty, {**metrics, **penalty_metrics}
     updates, opt_state = tx.update(grads, state.opt_state, params)
     new_params = optimizer_lib.clamp_logit_scale(optax.apply_updates(params, updates))
     metrics = dict(metrics)
