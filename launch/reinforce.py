@@ -41,7 +41,8 @@ from mobileclip_jax.reinforce import inputs
 from mobileclip_jax.reinforce import teachers as teachers_lib
 
 _SRC = flags.DEFINE_string('src', None, "Input tar shards (braces, globs, a folder; '::' joins "
-                           "patterns) or demo:SPLIT:N for the demo world.", required=True)
+                           "patterns), or a plugin's source, e.g. demo:SPLIT:N[:image_size=64,"
+                           "seed=0,samples_per_shard=1000] for the demo world.", required=True)
 _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
 _TEACHERS = flags.DEFINE_list('teachers', None, 'Teachers in embedding order: model checkpoint '
                               'or training-run folders, or open_clip:NAME=STATE_DICT_PATH.',
@@ -50,11 +51,10 @@ _TEACHER_DTYPE = flags.DEFINE_enum('teacher_dtype', None, ['float32', 'bfloat16'
                                    'Teacher compute dtype (default: as in the checkpoint).')
 _K = flags.DEFINE_integer('k', 10, 'Augmentations per image.')
 _NUM_SYN = flags.DEFINE_integer('num_syn', 5, 'Synthetic captions per image.')
-_CAPTIONER = flags.DEFINE_enum('captioner', 'existing', list(captioners.CAPTIONERS),
-                               "existing: the source's syn.json captions; demo: the demo "
-                               "world's captioner on the labels in each sample's json.")
-_DEMO_TEMPERATURE = flags.DEFINE_float('demo_temperature', 0.7, 'Diversity of the demo '
-                                       'captioner (0: always the same caption).')
+_CAPTIONER = flags.DEFINE_string('captioner', 'existing', "NAME[:key=value,...]: existing (the "
+                                 "source's syn.json captions) or a plugin's, e.g. "
+                                 "demo[:temperature=0.7] (the demo world's captioner on the "
+                                 "labels in each sample's json).")
 _SYN_KEY = flags.DEFINE_string('syn_key', 'syn_text', 'syn.json key of the synthetic captions.')
 _GEN_SIZE = flags.DEFINE_integer('gen_size', 224, 'Side of the augmented crops the teachers '
                                  'see (smaller teachers get them bicubic-resized).')
@@ -86,10 +86,6 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Regenerate every shard, even
 distributed.define_flags()
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', None, 'This process (default: JAX\'s).')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Processes (default: JAX\'s).')
-_DEMO_SAMPLES_PER_SHARD = flags.DEFINE_integer('demo_samples_per_shard', 1000,
-                                               'With --src=demo:...: samples per shard.')
-_DEMO_IMAGE_SIZE = flags.DEFINE_integer('demo_image_size', 64, 'With --src=demo:...: image side.')
-_DEMO_SEED = flags.DEFINE_integer('demo_seed', 0, 'With --src=demo:...: the world seed.')
 _BUILD_TFDS = flags.DEFINE_bool('build_tfds', False, 'Build the TFDS dataset when the '
                                 'generation is complete.')
 _NAME = flags.DEFINE_string('name', None, 'With --build_tfds: dataset name.')
@@ -124,13 +120,11 @@ def main(argv):
         syn_key=_SYN_KEY.value, dedup_threshold=_DEDUP_THRESHOLD.value,
         max_regenerate=_MAX_REGENERATE.value, emb_dtype=_EMB_DTYPE.value, seed=_SEED.value,
         chunk_size=_CHUNK_SIZE.value, tokenizer=_TOKENIZER.value)
-    shards = inputs.resolve(_SRC.value, _DEMO_SAMPLES_PER_SHARD.value, _DEMO_IMAGE_SIZE.value,
-                             _DEMO_SEED.value)
+    shards = inputs.resolve(_SRC.value)
     ensemble = teachers_lib.TeacherEnsemble(
         [teachers_lib.load_teacher(spec, _TEACHER_DTYPE.value) for spec in _TEACHERS.value],
         images_per_device=_IMAGES_PER_DEVICE.value, texts_per_device=_TEXTS_PER_DEVICE.value)
-    captioner = captioners.make_captioner(_CAPTIONER.value, _SYN_KEY.value,
-                                        _DEMO_TEMPERATURE.value)
+    captioner = captioners.make_captioner(_CAPTIONER.value, _SYN_KEY.value)
     report = generate.reinforce(
         shards, _OUT.value, ensemble, captioner, generation,
         policy=ErrorPolicy.parse(_POLICY.value, _MAX_CORRUPT.value),

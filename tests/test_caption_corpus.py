@@ -4,7 +4,8 @@ import json
 import pytest
 
 from mobileclip_jax.data import caption_corpus
-from mobileclip_jax.data import demo_dataset
+from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.data import wds
 
 
@@ -34,6 +35,7 @@ def test_webdataset_tars_give_gt_and_synthetic_captions(tmp_path):
 
 def test_built_dataset(tmp_path):
   data_dir = str(tmp_path / 'tfds')
-  demo_dataset.ensure_plain_dataset(data_dir, num_samples=12, image_size=16, samples_per_shard=6)
-  got = list(caption_corpus.iter_captions([f'tfds:{demo_dataset.PLAIN_NAME}@{data_dir}']))
+  demo_datasets.build_plain('demo_world', data_dir, 12, 16, 0, 6,
+                            demo_world.DemoWorldConfig())
+  got = list(caption_corpus.iter_captions([f'tfds:demo_world@{data_dir}']))
   assert len(got) == 12 and all(isinstance(c, str) and c for c in got)

@@ -1,6 +1,7 @@
-"""launch/demo.py's pipeline at toy sizes (`demo.quick()`): every stage, results, reuse, export.
+"""launch/demo.py's pipeline at toy sizes (`settings.quick()`): every stage, results, reuse,
+export, inspection.
 
-The toy numbers are noise; the real run's table is in the demo's docstring and README.
+The toy numbers are noise; the real run's table is in README.
 """
 import dataclasses
 import json
@@ -10,72 +11,102 @@ import pytest
 
 from mobileclip_jax import checkpoint
 from mobileclip_jax import config as config_lib
-from mobileclip_jax import demo
+from mobileclip_jax import experiment
 from mobileclip_jax.convert import files
-from mobileclip_jax.data import demo_dataset
-from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
-from mobileclip_jax.evaluation import runner
+from mobileclip_jax.demo import inspection
+from mobileclip_jax.demo import recipe
+from mobileclip_jax.demo import report
+from mobileclip_jax.demo import samples
+from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import tasks
+from mobileclip_jax.demo import world
 from mobileclip_jax.reinforce import generate
-from mobileclip_jax.train import setup
 from mobileclip_jax.train import loop
+from mobileclip_jax.train import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = demo.quick()
+SETTINGS = settings_lib.quick()
 
 
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('demo'))
   printed = []
-  results = demo.run(workdir, SETTINGS, print_fn=printed.append)
+  results = recipe.run(workdir, SETTINGS, print_fn=printed.append)
   return workdir, results, '\n'.join(printed)
 
 
-def _metrics(workdir, role):
-  with open(os.path.join(demo.run_dir(workdir, role), 'metrics.jsonl')) as f:
+def _metrics(directory):
+  with open(os.path.join(directory, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
 
-def test_results_json_holds_every_model_and_stage(first_run):
+def test_results_json_has_the_stated_layout(first_run):
   workdir, results, printed = first_run
-  with open(os.path.join(workdir, demo.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, recipe.RESULTS_FILE)) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   assert results['settings'] == SETTINGS.to_dict()
-  assert list(results['models']) == list(demo.ROLES)
-  tasks = set(demo_world.zero_shot_tasks(demo_world.DemoWorldConfig()))
+  assert list(results['models']) == list(settings_lib.ROLES)
+  task_names = set(tasks.zero_shot_tasks(world.DemoWorldConfig()))
   for role, m in results['models'].items():
-    assert set(m['zeroshot']) == tasks
-    for key in ('zeroshot_mean', 'heldout_object', 'i2t_R@1', 't2i_R@1'):
-      assert 0.0 <= m[key] <= 1.0, (role, key)
-    assert m['train_wall_s'] > 0 and m['train_cpu_s'] > 0
-    assert demo.LABELS[role] in printed
-  expected_stages = {'data', 'reinforce', 'export', 'plot', *demo.ROLES,
-                     *(f'evaluate_{r}' for r in demo.ROLES)}
-  assert set(results['this_run']['stages']) == expected_stages
-  with open(os.path.join(workdir, demo.PLOT_FILE), 'rb') as f:
+    seeds = 1 if role in settings_lib.TEACHERS else SETTINGS.student_seeds
+    for key in ('zero_shot_mean', 'heldout', 'i2t_r1', 't2i_r1'):
+      s = m[key]
+      assert len(s['values']) == seeds and all(0.0 <= v <= 1.0 for v in s['values']), (role, key)
+      assert s['mean'] == pytest.approx(sum(s['values']) / seeds)
+    assert set(m['zeroshot']) == task_names
+    # The headline zero-shot mean is the mean of the per-task accuracies, seed by seed.
+    for i in range(seeds):
+      per_task = [m['zeroshot'][t]['values'][i] for t in task_names]
+      assert m['zero_shot_mean']['values'][i] == pytest.approx(sum(per_task) / len(per_task))
+    assert m['train']['wall_s'] > 0 and m['train']['cpu_s'] > 0
+    assert settings_lib.LABELS[role] in printed
+  assert results['seconds'] == results['this_run']['wall_s'] > 0
+  assert set(results['this_run']['stages']) == {'data', 'teachers', 'reinforce', 'students',
+                                                 'export', 'plot'}
+  with open(os.path.join(workdir, recipe.PLOT_FILE), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-def test_models_trained_their_steps_on_their_data(first_run):
+def test_models_trained_their_steps_on_their_data_with_their_seeds(first_run):
   workdir, _, _ = first_run
-  for role in demo.ROLES:
-    steps = SETTINGS.teacher_steps if role in demo.TEACHERS else SETTINGS.student_steps
-    assert checkpoint.training_steps(
-        os.path.join(demo.run_dir(workdir, role), 'checkpoints'))[-1] == steps
+  for role in settings_lib.ROLES:
+    dirs = recipe.run_dirs(workdir, role, SETTINGS)
+    assert len(dirs) == (1 if role in settings_lib.TEACHERS else SETTINGS.student_seeds)
+    steps = SETTINGS.teacher_steps if role in settings_lib.TEACHERS else SETTINGS.student_steps
+    seeds = []
+    for directory in dirs:
+      assert checkpoint.training_steps(os.path.join(directory, 'checkpoints'))[-1] == steps
+      with open(os.path.join(directory, 'config.json')) as f:
+        seeds.append(json.load(f)['seed'])
+    first = settings_lib.role_seed(role, SETTINGS)
+    assert seeds == list(range(first, first + len(dirs)))
   # Both students are the same model; only the DR one distills, from both teachers.
-  configs = [checkpoint.load_variables(demo.run_dir(workdir, r))[1] for r in demo.STUDENTS]
+  configs = [checkpoint.load_variables(recipe.run_dirs(workdir, r, SETTINGS)[0])[1]
+             for r in settings_lib.STUDENTS]
   assert configs[0] == configs[1]
-  assert not any('gt/distill' in row for row in _metrics(workdir, 'student_clip'))
-  assert any('syn/distill' in row for row in _metrics(workdir, 'student_dr'))
+  clip_dir, dr_dir = (recipe.run_dirs(workdir, r, SETTINGS)[0] for r in settings_lib.STUDENTS)
+  assert not any('gt/distill' in row for row in _metrics(clip_dir))
+  assert any('syn/distill' in row for row in _metrics(dr_dir))
   data_dir = os.path.join(workdir, 'tfds')
-  source, meta = reinforced_tfds.open_reinforced(demo_dataset.REINFORCED_NAME, data_dir)
+  source, meta = reinforced_tfds.open_reinforced(settings_lib.REINFORCED_NAME, data_dir)
   assert len(source) == SETTINGS.num_samples
   assert (meta.k, meta.num_syn, len(meta.teachers)) == (SETTINGS.k, SETTINGS.num_syn, 2)
   assert meta.teacher_dims == (SETTINGS.embed_dim,) * 2
-  teachers_source, teachers_meta = reinforced_tfds.open_reinforced(demo.TEACHERS_NAME, data_dir)
+  teachers_source, teachers_meta = reinforced_tfds.open_reinforced(settings_lib.TEACHERS_NAME,
+                                                                   data_dir)
   assert (len(teachers_source), teachers_meta.kind) == (SETTINGS.teacher_samples, 'plain')
+
+
+def test_students_went_through_the_experiment_runner(first_run):
+  workdir, results, _ = first_run
+  with open(os.path.join(recipe.group_dir(workdir, 'student_dr'), experiment.RESULTS_FILE)) as f:
+    runner = json.load(f)
+  for role in settings_lib.STUDENTS:
+    for name, key in report.METRICS.items():
+      assert runner['variants'][role][key] == results['models'][role][name]
 
 
 def test_export_matches_jax_in_open_clip(first_run):
@@ -94,10 +125,11 @@ def test_second_run_reuses_every_stage(first_run, monkeypatch):
     raise AssertionError('a finished stage ran again')
 
   for module, name in ((loop, 'train'), (generate, 'reinforce'),
-                       (dataset_build, 'build_dataset'), (demo_world, 'write_split'),
-                       (runner, 'run_evaluators'), (files, 'export_checkpoint')):
+                       (dataset_build, 'build_dataset'), (generate, 'build_tfds'),
+                       (samples, 'write_split'),
+                       (experiment, 'evaluate_run'), (files, 'export_checkpoint')):
     monkeypatch.setattr(module, name, refuse)
-  again = demo.run(workdir, SETTINGS, print_fn=lambda _: None)
+  again = recipe.run(workdir, SETTINGS, print_fn=lambda _: None)
   assert again['models'] == results['models']
   assert again['export'] == results['export']
 
@@ -105,19 +137,55 @@ def test_second_run_reuses_every_stage(first_run, monkeypatch):
 def test_other_settings_in_the_same_workdir_are_refused(first_run):
   workdir, _, _ = first_run
   with pytest.raises(ValueError, match='student_steps'):
-    demo.run(workdir, dataclasses.replace(SETTINGS, student_steps=SETTINGS.student_steps + 1))
+    recipe.run(workdir, dataclasses.replace(SETTINGS, student_steps=SETTINGS.student_steps + 1))
+
+
+def test_inspection_writes_its_outputs(first_run):
+  workdir, _, printed = first_run
+  lines = []
+  stats = inspection.inspect(workdir, SETTINGS, print_fn=lines.append)
+  out = os.path.join(workdir, inspection.INSPECT_DIR)
+  names = set(os.listdir(out))
+  assert {'data.json', 'models.json', 'eval_vs_train.png'} <= names
+  assert {f'crops_{r}.png' for r in settings_lib.ROLES} <= names
+  assert {f'confusion_{r}.png' for r in settings_lib.ROLES} <= names
+  assert set(stats['data']) == {settings_lib.PLAIN_NAME, settings_lib.REINFORCED_NAME,
+                                settings_lib.TEACHERS_NAME}
+  assert set(stats['data'][settings_lib.REINFORCED_NAME]['captions']) == {'gt', 'syn'}
+  for role, per_task in stats['models'].items():
+    assert set(per_task) == set(tasks.zero_shot_tasks(world.DemoWorldConfig()))
+    for s in per_task.values():
+      n = len(s['classes'])
+      assert len(s['confusion']) == n and sum(map(sum, s['confusion'])) == SETTINGS.eval_samples
+  # The inspection's zero-shot accuracy is the evaluator's (same prompts, same renders).
+  with open(os.path.join(recipe.run_dirs(workdir, 'teacher_a', SETTINGS)[0],
+                         experiment.RUN_FILE)) as f:
+    evaluated = json.load(f)['metrics']
+  for task, s in stats['models']['teacher_a'].items():
+    assert s['zero_shot_top1'] == pytest.approx(evaluated[f'zeroshot/demo_{task}/top1'])
+  assert 'main object fully in the crop' in '\n'.join(lines)
 
 
 @pytest.mark.parametrize('arg', ['teacher_a', 'teacher_b', 'student_clip', 'student_dr,quick'])
 def test_config_file_gives_each_role(arg):
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'demo.py:{arg}'))
   role, _, quick = arg.partition(',')
-  settings = demo.quick() if quick else demo.DemoSettings()
-  workdir = demo.QUICK_WORKDIR if quick else demo.DEFAULT_WORKDIR
-  assert config == demo.train_config(role, settings, os.path.join(workdir, 'tfds'))
-  assert config.data.name == {'teacher_a': demo.TEACHERS_NAME, 'teacher_b': demo.TEACHERS_NAME,
-                              'student_clip': demo_dataset.PLAIN_NAME,
-                              'student_dr': demo_dataset.REINFORCED_NAME}[role]
+  settings = settings_lib.quick() if quick else settings_lib.DemoSettings()
+  workdir = settings_lib.QUICK_WORKDIR if quick else settings_lib.DEFAULT_WORKDIR
+  assert config == settings_lib.train_config(role, settings,
+                                             os.path.join(os.path.expanduser(workdir), 'tfds'))
+  assert config.data.name == {'teacher_a': settings_lib.TEACHERS_NAME,
+                              'teacher_b': settings_lib.TEACHERS_NAME,
+                              'student_clip': settings_lib.PLAIN_NAME,
+                              'student_dr': settings_lib.REINFORCED_NAME}[role]
+
+
+def test_config_file_sweep_objective_gives_the_two_students():
+  module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
+  sweep = module.get_sweeps('student_dr')['objective']
+  base = module.get_config('student_dr')
+  for name, role in (('clip', 'student_clip'), ('dr', 'student_dr')):
+    assert experiment.apply_overrides(base, sweep.variants[name]) == module.get_config(role)
 
 
 def test_config_file_names_the_roles_on_a_bad_argument():
@@ -134,7 +202,7 @@ def test_every_recipe_runlocal_reads_the_reinforced_demo_data(first_run, spec):
   config.data.data_dir = os.path.join(workdir, 'tfds')  # Instead of the default demo workdir.
   model_config = setup.model_config(config)
   data = setup.open_input(config, model_config)
-  assert (data.name, data.iterator.kind) == (demo_dataset.REINFORCED_NAME, 'reinforced')
+  assert (data.name, data.iterator.kind) == (settings_lib.REINFORCED_NAME, 'reinforced')
   batch = next(data.iterator)
   size = model_config.image_size
   assert batch['image'].shape == (config.batch_size, size, size, 3)

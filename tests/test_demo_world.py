@@ -11,8 +11,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mobileclip_jax.data import demo_world as dw
 from mobileclip_jax.data import sample_codec
+from mobileclip_jax.demo import captions as captions_lib
+from mobileclip_jax.demo import render as render_lib
+from mobileclip_jax.demo import samples as samples_lib
+from mobileclip_jax.demo import tasks as tasks_lib
+from mobileclip_jax.demo import world as world_lib
 from mobileclip_jax.data import wds
 
 _WORD = re.compile(r"[a-z][a-z\-]*")
@@ -23,19 +27,19 @@ def _words(text):
 
 
 def _png(image):
-  return dw.encode_image(image, 'png')
+  return render_lib.encode_image(image, 'png')
 
 
 def _scene_labels(config, split, n, seed=0):
-  return [dw.sample_scene(config, split, i, seed).labels() for i in range(n)]
+  return [world_lib.sample_scene(config, split, i, seed).labels() for i in range(n)]
 
 
-@pytest.mark.parametrize('split', dw.SPLITS)
+@pytest.mark.parametrize('split', world_lib.SPLITS)
 def test_same_seed_same_bytes_other_seed_or_split_differs(split):
-  config = dw.DemoWorldConfig()
+  config = world_lib.DemoWorldConfig()
 
   def samples(split, seed):
-    return [dw.make_sample(split, i, 48, seed, config) for i in range(8)]
+    return [samples_lib.make_sample(split, i, 48, seed, config) for i in range(8)]
 
   first, second = samples(split, 3), samples(split, 3)
   for a, b in zip(first, second):
@@ -48,16 +52,16 @@ def test_same_seed_same_bytes_other_seed_or_split_differs(split):
 
 
 def test_layout_is_the_same_at_every_resolution():
-  config = dw.DemoWorldConfig()
+  config = world_lib.DemoWorldConfig()
   same, different = [], []
   for i in range(24):
-    scene = dw.sample_scene(config, 'train', i, seed=0)
-    small = np.asarray(dw.render(scene, 32), np.float32)
+    scene = world_lib.sample_scene(config, 'train', i, seed=0)
+    small = np.asarray(render_lib.render(scene, 32), np.float32)
     for size in (64, 224):
-      image = dw.render(scene, size)
+      image = render_lib.render(scene, size)
       assert image.size == (size, size) and image.mode == 'RGB'
       same.append(np.abs(np.asarray(image.resize((32, 32), Image.BOX), np.float32) - small).mean())
-    other = dw.render(dw.sample_scene(config, 'train', i + 1000, seed=0), 32)
+    other = render_lib.render(world_lib.sample_scene(config, 'train', i + 1000, seed=0), 32)
     different.append(np.abs(np.asarray(other, np.float32) - small).mean())
   # Box-downsampled high-resolution renders match the 32 px render to about one grey level.
   assert max(same) < 3.0, max(same)
@@ -65,7 +69,7 @@ def test_layout_is_the_same_at_every_resolution():
 
 
 def test_heldout_pairs_only_in_heldout_split():
-  config = dw.DemoWorldConfig()
+  config = world_lib.DemoWorldConfig()
   held = set(config.heldout_pairs)
   seen_main = set()
   for split, n in (('train', 3000), ('val', 1000)):
@@ -82,7 +86,7 @@ def test_heldout_pairs_only_in_heldout_split():
 
 
 def test_scene_labels_are_consistent():
-  config = dw.DemoWorldConfig()
+  config = world_lib.DemoWorldConfig()
   counts = np.zeros(len(config.count_probs) + 1)
   for labels in _scene_labels(config, 'train', 1500):
     main = labels['objects'][0]
@@ -94,33 +98,33 @@ def test_scene_labels_are_consistent():
 
 
 def test_config_round_trips_and_rejects_bad_values():
-  config = dw.DemoWorldConfig(colors=('red', 'blue', 'green'), heldout_pairs=(('star', 'red'),),
-                              caption_noise=0.5)
+  config = world_lib.DemoWorldConfig(colors=('red', 'blue', 'green'),
+                                     heldout_pairs=(('star', 'red'),), caption_noise=0.5)
   d = config.to_dict()
   assert json.loads(json.dumps(d)) == d
-  assert dw.DemoWorldConfig.from_dict(d) == config
+  assert world_lib.DemoWorldConfig.from_dict(d) == config
   with pytest.raises(ValueError, match='Unknown DemoWorldConfig keys'):
-    dw.DemoWorldConfig.from_dict({**d, 'colour': 'red'})
+    world_lib.DemoWorldConfig.from_dict({**d, 'colour': 'red'})
   with pytest.raises(ValueError, match='colors'):
-    dw.DemoWorldConfig(colors=('red', 'mauve'))
+    world_lib.DemoWorldConfig(colors=('red', 'mauve'))
   with pytest.raises(ValueError, match='every colour'):
-    dw.DemoWorldConfig(colors=('red',), heldout_pairs=(('star', 'red'),))
+    world_lib.DemoWorldConfig(colors=('red',), heldout_pairs=(('star', 'red'),))
   with pytest.raises(ValueError, match='count_probs'):
-    dw.DemoWorldConfig(count_probs=(0.5, 0.2))
+    world_lib.DemoWorldConfig(count_probs=(0.5, 0.2))
   with pytest.raises(ValueError, match='split'):
-    dw.make_sample('test', 0, 32, seed=0)
+    samples_lib.make_sample('test', 0, 32, seed=0)
 
 
 def _parse_gt(caption, labels, config):
   words = _words(caption)
-  size_words = {w for ws in dw.SIZE_WORDS.values() for w in ws}
+  size_words = {w for ws in captions_lib.SIZE_WORDS.values() for w in ws}
   return {
       'informative': bool(words & set(config.shapes)),
       'color': bool(words & set(config.colors)),
       'size': bool(words & size_words),
-      'position': any(p in caption for ps in dw.POSITION_PHRASES.values() for p in ps),
+      'position': any(p in caption for ps in captions_lib.POSITION_PHRASES.values() for p in ps),
       'background': 'background' in words,
-      'filler': any(f in caption for f in dw.FILLER_PHRASES),
+      'filler': any(f in caption for f in captions_lib.FILLER_PHRASES),
       'wrong': bool((words & set(config.shapes)) - {labels['shape']}
                     or (words & set(config.colors)) - {labels['color']}),
   }
@@ -128,12 +132,12 @@ def _parse_gt(caption, labels, config):
 
 def test_gt_caption_noise_matches_configured_rates():
   # One object per scene, so every attribute word in a caption is about the main object.
-  config = dw.DemoWorldConfig(count_probs=(1.0,), caption_noise=1.5, omit_rate=0.4,
+  config = world_lib.DemoWorldConfig(count_probs=(1.0,), caption_noise=1.5, omit_rate=0.4,
                               filler_rate=0.2, wrong_rate=0.1, uninformative_rate=0.1)
   rates = config.caption_rates()
   assert rates == pytest.approx({'omit': 0.6, 'filler': 0.3, 'wrong': 0.15, 'uninformative': 0.15})
   rng = np.random.default_rng(0)
-  parsed = [_parse_gt(dw.gt_caption(labels, config, rng), labels, config)
+  parsed = [_parse_gt(captions_lib.gt_caption(labels, config, rng), labels, config)
             for labels in _scene_labels(config, 'train', 4000)]
   informative = [p for p in parsed if p['informative']]
   assert 1 - len(informative) / len(parsed) == pytest.approx(rates['uninformative'], abs=0.025)
@@ -145,10 +149,10 @@ def test_gt_caption_noise_matches_configured_rates():
 
 
 def test_gt_caption_without_noise_is_complete_and_right():
-  config = dw.DemoWorldConfig(caption_noise=0.0)
+  config = world_lib.DemoWorldConfig(caption_noise=0.0)
   rng = np.random.default_rng(1)
   for labels in _scene_labels(config, 'train', 300):
-    caption = dw.gt_caption(labels, config, rng)
+    caption = captions_lib.gt_caption(labels, config, rng)
     parsed = _parse_gt(caption, labels, config)
     assert parsed['informative'] and not parsed['filler'], caption
     assert all(parsed[p] for p in ('color', 'size', 'position', 'background')), caption
@@ -157,44 +161,46 @@ def test_gt_caption_without_noise_is_complete_and_right():
 
 
 def test_gt_caption_wrong_values_are_absent_from_the_scene():
-  config = dw.DemoWorldConfig(wrong_rate=0.0)
+  config = world_lib.DemoWorldConfig(wrong_rate=0.0)
   rng = np.random.default_rng(2)
   for labels in _scene_labels(config, 'train', 500):
-    words = _words(dw.gt_caption(labels, config, rng))
+    words = _words(captions_lib.gt_caption(labels, config, rng))
     assert words & set(config.colors) <= {o['color'] for o in labels['objects']}
     assert words & set(config.shapes) <= {o['shape'] for o in labels['objects']}
 
 
 def test_captioner_is_accurate_descriptive_and_diverse():
-  config = dw.DemoWorldConfig()
+  config = world_lib.DemoWorldConfig()
   labels_batch = _scene_labels(config, 'train', 300)
-  captions = dw.DemoCaptioner(temperature=0.7)(labels_batch, 5, np.random.default_rng(0))
+  captions = captions_lib.DemoCaptioner(temperature=0.7)(labels_batch, 5, np.random.default_rng(0))
   assert len(captions) == len(labels_batch) and all(len(c) == 5 for c in captions)
   for labels, texts in zip(labels_batch, captions):
     for text in texts:
       words = _words(text)
       assert words & set(config.colors) == {o['color'] for o in labels['objects']}, text
       assert words & set(config.shapes) == {o['shape'] for o in labels['objects']}, text
-      assert words & set(dw.SIZE_WORDS[labels['size']]), text
-      assert words & set(dw.TEXTURE_WORDS[labels['texture']]) or 'background' not in words, text
+      assert words & set(captions_lib.SIZE_WORDS[labels['size']]), text
+      assert (words & set(captions_lib.TEXTURE_WORDS[labels['texture']])
+              or 'background' not in words), text
       count = re.search(r'(\w+) shapes?\b', text)
-      assert count is None or count.group(1) == dw.COUNT_WORDS[labels['count']], text
+      assert count is None or count.group(1) == captions_lib.COUNT_WORDS[labels['count']], text
   unique = np.array([len(set(texts)) for texts in captions])
   assert 3.5 < unique.mean() < 5.0  # varied, with duplicates for de-duplication to remove
-  canonical = dw.DemoCaptioner(temperature=0.0)(labels_batch[:20], 4, np.random.default_rng(0))
+  canonical = captions_lib.DemoCaptioner(temperature=0.0)(labels_batch[:20], 4,
+                                                         np.random.default_rng(0))
   assert all(len(set(texts)) == 1 for texts in canonical)
-  again = dw.DemoCaptioner(temperature=0.7)(labels_batch, 5, np.random.default_rng(0))
+  again = captions_lib.DemoCaptioner(temperature=0.7)(labels_batch, 5, np.random.default_rng(0))
   assert again == captions
 
 
 def test_zero_shot_tasks_cover_all_labels():
-  config = dw.DemoWorldConfig()
-  tasks = dw.zero_shot_tasks(config)
+  config = world_lib.DemoWorldConfig()
+  tasks = tasks_lib.zero_shot_tasks(config)
   assert tasks['shape'].values == tuple((s,) for s in config.shapes)
   assert tasks['color'].values == tuple((c,) for c in config.colors)
   assert len(tasks['object'].values) == len(config.shapes) * len(config.colors)
   labels_batch = _scene_labels(config, 'train', 600) + _scene_labels(config, 'heldout', 100)
-  canonical = dw.DemoCaptioner(temperature=0.0)(labels_batch, 1, np.random.default_rng(0))
+  canonical = captions_lib.DemoCaptioner(temperature=0.0)(labels_batch, 1, np.random.default_rng(0))
   for task in tasks.values():
     assert len(task.values) == len(task.classnames) == len(set(task.classnames))
     assert task.templates and all(t.count('{}') == 1 for t in task.templates)
@@ -209,11 +215,11 @@ def test_zero_shot_tasks_cover_all_labels():
 
 
 def test_write_split_makes_readable_datacompdr_style_tars(tmp_path):
-  config = dw.DemoWorldConfig()
-  paths = dw.write_split(str(tmp_path), 'val', num_samples=25, image_size=32,
+  config = world_lib.DemoWorldConfig()
+  paths = samples_lib.write_split(str(tmp_path), 'val', num_samples=25, image_size=32,
                          samples_per_shard=10, seed=5, config=config)
   assert [p.rsplit('/', 2)[1:] for p in paths] == [['val', f'0000000{i}.tar'] for i in range(3)]
-  expected = list(dw.iter_samples('val', 25, 32, seed=5, config=config))
+  expected = list(samples_lib.iter_samples('val', 25, 32, seed=5, config=config))
   names = []
   for path in paths:
     with tarfile.open(path) as tar:
@@ -237,7 +243,7 @@ def test_write_split_makes_readable_datacompdr_style_tars(tmp_path):
              for path in paths for raw in wds.iter_samples(path)]
   assert [(d.uid, d.captions) for d in decoded] == [(s['uid'], [s['caption']]) for s in expected]
   # Same arguments, same bytes.
-  again = dw.write_split(str(tmp_path / 'again'), 'val', 25, 32, 10, seed=5, config=config)
+  again = samples_lib.write_split(str(tmp_path / 'again'), 'val', 25, 32, 10, seed=5, config=config)
   assert [pathlib.Path(p).read_bytes() for p in again] == [
       pathlib.Path(p).read_bytes() for p in paths]
 
@@ -272,11 +278,11 @@ def _ridge_accuracy(train_x, train_y, test_x, test_y, num_classes, l2=1e-2):
 
 
 def test_pixels_carry_the_labels():
-  config = dw.DemoWorldConfig()
-  tasks = dw.zero_shot_tasks(config)
+  config = world_lib.DemoWorldConfig()
+  tasks = tasks_lib.zero_shot_tasks(config)
 
   def load(split, n):
-    samples = list(dw.iter_samples(split, n, 64, seed=0, config=config))
+    samples = list(samples_lib.iter_samples(split, n, 64, seed=0, config=config))
     images = np.stack([np.asarray(s['image'].reduce(2)) for s in samples]) / np.float32(255)
     return images, [s['labels'] for s in samples]
 

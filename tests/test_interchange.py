@@ -13,7 +13,8 @@ from mobileclip_jax import checkpoint
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import sharding
 from mobileclip_jax.convert import files
-from mobileclip_jax.data import demo_dataset
+from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib
 from mobileclip_jax.evaluation import evaluator as evaluator_lib
@@ -46,7 +47,8 @@ def _config(data_dir):
 def trained(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('interchange')
   data_dir = str(tmp / 'tfds')
-  demo_dataset.ensure_plain_dataset(data_dir, num_samples=64, image_size=32, samples_per_shard=64)
+  demo_datasets.build_plain('demo_world', data_dir, 64, 32, 0, 64,
+                            demo_world.DemoWorldConfig())
   workdir = str(tmp / 'work')
   last = loop.train(_config(data_dir), workdir)
   return tmp, workdir, last

@@ -43,8 +43,8 @@ def _losses(workdir):
 def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('multihost')
   data_dir = str(tmp / 'tfds')
-  single.demo_dataset.ensure_plain_dataset(data_dir, num_samples=256, image_size=32,
-                                           samples_per_shard=128)
+  single.demo_datasets.build_plain('demo_world', data_dir, 256, 32, 0, 128,
+                                   single.demo_world.DemoWorldConfig())
   return tmp, single._config_file(tmp, data_dir, total=4, every=2)  # pylint: disable=protected-access
 
 

@@ -23,8 +23,8 @@ import pytest
 
 from mobileclip_jax import checkpoint
 from mobileclip_jax.data import augment
+from mobileclip_jax import demo as demo_world
 from mobileclip_jax.data import dataset_build
-from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import sample_codec
@@ -79,7 +79,7 @@ def world(tmp_path_factory):
 
 def _run(world, out, config=GEN, captioner=None, **kwargs):
   kwargs.setdefault('progress', False)
-  captioner = captioner or captioners.make_captioner('demo', demo_temperature=DEMO_TEMPERATURE)
+  captioner = captioner or captioners.make_captioner(f'demo:temperature={DEMO_TEMPERATURE}')
   return generate.reinforce(inputs.resolve(world['src']), str(out), world['ensemble'],
                             captioner, config, workers=2, **kwargs)
 
@@ -297,7 +297,7 @@ def test_bfloat16_embeddings_are_stored_as_pth_gz(world, generated, tmp_path):
   pytest.importorskip('torch')
   last = inputs.resolve(world['src'])[2:]
   generate.reinforce(last, str(tmp_path), world['ensemble'],
-                     captioners.make_captioner('demo', demo_temperature=DEMO_TEMPERATURE),
+                     captioners.make_captioner(f'demo:temperature={DEMO_TEMPERATURE}'),
                      dataclasses.replace(GEN, emb_dtype='bfloat16'), workers=1, progress=False)
   (raw, sample), = _read_shards(tmp_path, ['00000002.tar'])
   (_, want), = _read_shards(generated['out'], ['00000002.tar'])
@@ -396,8 +396,8 @@ def test_corrupt_and_uncaptionable_samples_follow_the_policy(world, tmp_path):
 
 def test_command_line_on_the_demo_world_builds_tfds(world, tmp_path):
   teachers = ','.join(str(world['root'] / name) for name in TEACHERS)
-  cmd = [sys.executable, os.path.join(REPO, 'launch', 'reinforce.py'), '--src=demo:train:4',
-         '--demo_samples_per_shard=2', '--demo_image_size=48', f'--out={tmp_path / "out"}',
+  cmd = [sys.executable, os.path.join(REPO, 'launch', 'reinforce.py'),
+         '--src=demo:train:4:samples_per_shard=2,image_size=48', f'--out={tmp_path / "out"}',
          f'--teachers={teachers}', '--k=2', '--num_syn=2', '--captioner=demo', '--gen_size=32',
          '--images_per_device=2', '--texts_per_device=4', '--workers=2', '--build_tfds',
          '--name=demo_cli', f'--data_dir={tmp_path / "tfds"}']

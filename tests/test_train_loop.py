@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mobileclip_jax import config as config_lib
-from mobileclip_jax.data import demo_dataset
+from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import loop
 from mobileclip_jax.train import setup
@@ -52,7 +53,8 @@ def get_config(arg=None):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
-  demo_dataset.ensure_plain_dataset(path, num_samples=256, image_size=32, samples_per_shard=128)
+  demo_datasets.build_plain('demo_world', path, 256, 32, 0, 128,
+                            demo_world.DemoWorldConfig())
   return path
 
 

@@ -56,9 +56,10 @@ import numpy as np
 from PIL import Image
 
 from mobileclip_jax.benchmark import common
+from mobileclip_jax import demo as demo_world
+from mobileclip_jax.benchmark import common
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import dataset_build
-from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds

@@ -262,7 +262,6 @@ def _unit_gflops(model, variables, tower: str, spec, artifacts, side: int) -> fl
 
 def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str,
                    quick: bool) -> Iterator[Dict[str, Any]]:
-  from mobileclip_jax import demo  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import embedding  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import inference as inference_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import reducers  # pylint: disable=g-import-not-at-top
@@ -270,9 +269,14 @@ def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str
   from mobileclip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.evaluation import evaluator as ev_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, demo.SETTINGS_FILE), encoding='utf-8') as f:
+  from mobileclip_jax.demo import recipe  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.demo import settings as demo_settings  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, recipe.SETTINGS_FILE), encoding='utf-8') as f:
     stored = json.load(f)
-  model, variables = runner.load_model(checkpoint_dir=os.path.join(workdir, 'runs', role))
+  demo = demo_settings.DemoSettings(seed=stored['seed'], eval_samples=stored['eval_samples'],
+                                    teacher_seeds=tuple(stored['teacher_seeds']))
+  model, variables = runner.load_model(
+      checkpoint_dir=recipe.run_dirs(workdir, role, demo)[0])  # The role's first seed.
   c = model.config
   settings, low = _demo_settings(c, quick)
   out_dir = os.path.join(reducer_dir, role)
@@ -294,8 +298,7 @@ def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str
     reports[task] = meta.get('report')
   yield {'part': 'reducers', 'model': role, 'reports': reports}
   mesh = sharding.create_mesh()
-  entries = demo.eval_entries(demo.DemoSettings(eval_samples=stored['eval_samples'],
-                                                seed=stored['seed']))
+  entries = demo_settings.eval_entries(demo)
   base = None
   for method, text in [('none', '')] + settings:
     spec = inference_lib.parse(text)

@@ -1,4 +1,4 @@
-"""Evaluation datasets as random-access examples: webdataset folders, TFDS, local files, demo world.
+"""Evaluation datasets as random-access examples: webdataset folders, TFDS, local files, plugins.
 
 `open_source(spec, eval_type, image_size)` returns an `EvalData`: `examples[i]` reads example i
 on demand (each process reads only its own share), and for classification the zero-shot tasks
@@ -33,13 +33,9 @@ takes `limit` (evaluate only the first N examples, 0 = all). Unknown fields are 
       PATH/classnames.txt (one per class folder, same order) or the folder names ('_' -> ' '),
       templates from PATH/zeroshot_classification_templates.txt or `templates`.
       Classification only.
-  demo            split='val', num_samples=1000, seed=0, world=None, tasks=None,
-                  image_size=None, captions='captioner', num_captions=5, temperature=0.7
-      The demo world (data/demo_world.py), rendered on the fly at `image_size` (default: the
-      model's). Classification: its zero-shot tasks (`tasks` picks some, default all); on the
-      'heldout' split the 'object' task (colour + shape) is the compositional test. Retrieval:
-      `num_captions` accurate captioner captions per image, or captions='gt' for the noisy
-      ground-truth caption.
+
+Other packages add kinds with `register_source` (mobileclip_jax/plugins.py loads them): the demo
+world's 'demo' kind is mobileclip_jax/demo/sources.py.
 
 Class names and templates take the specs of `templates.py` (None = what the dataset ships).
 """
@@ -54,8 +50,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 from PIL import Image
 
+from mobileclip_jax import plugins
 from mobileclip_jax import utils
-from mobileclip_jax.data import demo_world
 from mobileclip_jax.data import wds
 from mobileclip_jax.evaluation import templates as templates_lib
 
@@ -395,57 +391,6 @@ def _open_class_folder(spec: Mapping[str, Any]) -> EvalData:
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo world.
-
-_CAPTIONER_STREAM = 0xCA97  # Seeds the demo captioner per (seed, split, index) for retrieval.
-
-
-def _open_demo(spec: Mapping[str, Any], eval_type: str, image_size: int) -> EvalData:
-  config = demo_world.DemoWorldConfig.from_dict(dict(spec.get('world') or {}))
-  split, seed = spec.get('split', 'val'), int(spec.get('seed', 0))
-  if split not in demo_world.SPLITS:
-    raise ValueError(f'Unknown demo-world split {split!r}; splits are {demo_world.SPLITS}.')
-  num_samples = int(spec.get('num_samples', 1000))
-  size = int(spec.get('image_size') or image_size)
-  description = f'demo:{split}'
-
-  if eval_type == CLASSIFICATION:
-    all_tasks = demo_world.zero_shot_tasks(config)
-    names = spec.get('tasks') or tuple(all_tasks)
-    names = names.split(',') if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in all_tasks]
-    if unknown:
-      raise ValueError(f'Unknown demo-world tasks {unknown}; tasks are {sorted(all_tasks)}.')
-    chosen = [all_tasks[n] for n in names]
-
-    def read(i: int) -> Example:
-      sample = demo_world.make_sample(split, i, size, seed, config)
-      return Example(sample['image'], labels=tuple(t.target(sample['labels']) for t in chosen),
-                     where=f'{description}:{i}')
-
-    tasks = tuple(ClassificationTask(t.name, t.classnames, t.templates) for t in chosen)
-    return EvalData(description, Examples(num_samples, read), tasks)
-
-  mode = spec.get('captions', 'captioner')
-  if mode not in ('captioner', 'gt'):
-    raise ValueError(f"Demo retrieval captions must be 'captioner' or 'gt', got {mode!r}.")
-  captioner = demo_world.DemoCaptioner(float(spec.get('temperature', 0.7)))
-  num_captions = int(spec.get('num_captions', 5))
-
-  def read_pair(i: int) -> Example:
-    sample = demo_world.make_sample(split, i, size, seed, config)
-    if mode == 'gt':
-      captions = (sample['caption'],)
-    else:
-      rng = np.random.default_rng(
-          [seed, demo_world.SPLITS.index(split), i, _CAPTIONER_STREAM])
-      captions = tuple(captioner.caption(sample['labels'], rng) for _ in range(num_captions))
-    return Example(sample['image'], captions=captions, where=f'{description}:{i}')
-
-  return EvalData(description, Examples(num_samples, read_pair))
-
-
-# ----------------------------------------------------------------------------------------------
 # Dispatch.
 
 _FIELDS = {
@@ -455,14 +400,37 @@ _FIELDS = {
     'jsonl': ('path', 'image_root', 'image_key', 'caption_key'),
     'caption_folder': ('path',),
     'class_folder': ('path', 'classnames', 'templates'),
-    'demo': ('split', 'num_samples', 'seed', 'world', 'tasks', 'image_size', 'captions',
-             'num_captions', 'temperature'),
 }
 _REQUIRED = {'wds': ('path',), 'tfds': ('name', 'split'), 'jsonl': ('path',),
-             'caption_folder': ('path',), 'class_folder': ('path',), 'demo': ()}
+             'caption_folder': ('path',), 'class_folder': ('path',)}
 _TYPES = {'jsonl': (RETRIEVAL,), 'caption_folder': (RETRIEVAL,),
           'class_folder': (CLASSIFICATION,)}
-KINDS = tuple(_FIELDS)
+_OPENERS: Dict[str, Callable[[Dict[str, Any], str, int], 'EvalData']] = {
+    'wds': lambda spec, eval_type, _: _open_wds(spec, eval_type),
+    'tfds': lambda spec, eval_type, _: _open_tfds(spec, eval_type),
+    'jsonl': lambda spec, *_: _open_jsonl(spec),
+    'caption_folder': lambda spec, *_: _open_caption_folder(spec),
+    'class_folder': lambda spec, *_: _open_class_folder(spec),
+}
+_PATH_KINDS = ('wds', 'jsonl', 'caption_folder', 'class_folder')
+
+
+def register_source(kind: str, open_fn: Callable[[Dict[str, Any], str, int], 'EvalData'],
+                    fields: Sequence[str], required: Sequence[str] = (),
+                    types: Sequence[str] = EVAL_TYPES) -> None:
+  """Adds a source kind: `open_fn(spec without 'kind' and 'limit', eval_type, image_size)`
+  returns its `EvalData`; `fields` are the spec's valid fields, `types` its evaluation types."""
+  if kind in _OPENERS:
+    raise ValueError(f'Source kind {kind!r} is registered already.')
+  _OPENERS[kind], _FIELDS[kind], _REQUIRED[kind] = open_fn, tuple(fields), tuple(required)
+  if tuple(types) != EVAL_TYPES:
+    _TYPES[kind] = tuple(types)
+
+
+def kinds() -> Tuple[str, ...]:
+  """The source kinds, plugins' included."""
+  plugins.load()
+  return tuple(_OPENERS)
 
 
 class _Limited(Examples):
@@ -476,7 +444,7 @@ def open_source(spec: Mapping[str, Any], eval_type: str, image_size: int) -> Eva
   Args:
     spec: {'kind': ..., **fields}.
     eval_type: 'zeroshot' or 'retrieval'.
-    image_size: the model's input size (the demo world renders at it by default).
+    image_size: the model's input size (generated sources render at it).
 
   Raises:
     ValueError / FileNotFoundError: a bad spec, missing files or fields, no class names or
@@ -484,8 +452,8 @@ def open_source(spec: Mapping[str, Any], eval_type: str, image_size: int) -> Eva
   """
   spec = dict(spec)
   kind = spec.pop('kind', None)
-  if kind not in _FIELDS:
-    raise ValueError(f'Source kind {kind!r} is not one of {KINDS} (source {spec}).')
+  if kind not in kinds():
+    raise ValueError(f'Source kind {kind!r} is not one of {kinds()} (source {spec}).')
   if eval_type not in EVAL_TYPES:
     raise ValueError(f'Evaluation type {eval_type!r} is not one of {EVAL_TYPES}.')
   if eval_type not in _TYPES.get(kind, EVAL_TYPES):
@@ -498,22 +466,9 @@ def open_source(spec: Mapping[str, Any], eval_type: str, image_size: int) -> Eva
   missing = [k for k in _REQUIRED[kind] if not spec.get(k)]
   if missing:
     raise ValueError(f'A {kind!r} source needs {missing} (got {spec}).')
-  if kind in ('wds', 'jsonl', 'caption_folder', 'class_folder') and not os.path.exists(
-      os.path.expanduser(spec['path'])):
+  if kind in _PATH_KINDS and not os.path.exists(os.path.expanduser(spec['path'])):
     raise FileNotFoundError(f'{kind} source path {spec["path"]} does not exist.')
-
-  if kind == 'wds':
-    data = _open_wds(spec, eval_type)
-  elif kind == 'tfds':
-    data = _open_tfds(spec, eval_type)
-  elif kind == 'jsonl':
-    data = _open_jsonl(spec)
-  elif kind == 'caption_folder':
-    data = _open_caption_folder(spec)
-  elif kind == 'class_folder':
-    data = _open_class_folder(spec)
-  else:
-    data = _open_demo(spec, eval_type, image_size)
+  data = _OPENERS[kind](spec, eval_type, image_size)
   if limit:
     data = dataclasses.replace(data, examples=_Limited(data.examples, limit))
   if not len(data.examples):

@@ -82,7 +82,7 @@ def build_evaluator(name: str, entry: Mapping[str, Any], model_config, mesh: Mes
     eval_type = standard_type
   if not isinstance(source, Mapping):
     raise ValueError(f'evals.{name}.source must be a source spec dict or a standard evaluation '
-                     f'name ({sorted(registry.STANDARD_EVALS)}), got {source!r}.')
+                     f'name ({list(registry.names())}), got {source!r}.')
   if eval_type not in EVALUATORS:
     raise ValueError(f'evals.{name}.type must be one of {sorted(EVALUATORS)}, got {eval_type!r}.')
   try:

@@ -7,9 +7,9 @@
   coco            retrieval  wds_mscoco_captions[_test]/, TFDS coco_captions 'test' (Karpathy 5k),
                              coco/test.jsonl
   flickr          retrieval  wds_flickr30k[_test]/, flickr30k/test.jsonl (the 1k test images)
-  demo            zeroshot   nothing: the demo world's 'val' split, all its tasks (1,000 images)
-  demo_heldout    zeroshot   nothing: the 'heldout' split (its 'object' task is compositional)
-  demo_retrieval  retrieval  nothing: 'val' images with 5 captioner captions each
+
+Plugins add names with `register_standard_eval` (the demo world's 'demo', 'demo_heldout' and
+'demo_retrieval': mobileclip_jax/demo/sources.py).
 
 The webdataset folders are the clip_benchmark / DataComp downloads (Hugging Face
 `djghosh/wds_<task>_test` or `clip-benchmark/wds_<task>`, split folder 'test'); they ship their
@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from mobileclip_jax import plugins
 from mobileclip_jax.evaluation import templates
 
 ZEROSHOT, RETRIEVAL = 'zeroshot', 'retrieval'
@@ -60,8 +61,9 @@ def _jsonl(path: str) -> _Layout:
   return _Layout(f'{path} (JSONL image-caption pairs)', find)
 
 
-def _demo(**fields) -> _Layout:
-  return _Layout('nothing (generated)', lambda _: dict(kind='demo', **fields))
+def generated(kind: str, **fields) -> _Layout:
+  """A source that needs no files (e.g. rendered on the fly): always found."""
+  return _Layout('nothing (generated)', lambda _: dict(kind=kind, **fields))
 
 
 STANDARD_EVALS: Dict[str, Tuple[str, Tuple[_Layout, ...]]] = {
@@ -75,10 +77,20 @@ STANDARD_EVALS: Dict[str, Tuple[str, Tuple[_Layout, ...]]] = {
                          _tfds('coco_captions', 'test', caption_key='captions/text'),
                          _jsonl(os.path.join('coco', 'test.jsonl')))),
     'flickr': (RETRIEVAL, (_wds('wds_flickr30k'), _jsonl(os.path.join('flickr30k', 'test.jsonl')))),
-    'demo': (ZEROSHOT, (_demo(split='val', num_samples=1000),)),
-    'demo_heldout': (ZEROSHOT, (_demo(split='heldout', num_samples=1000),)),
-    'demo_retrieval': (RETRIEVAL, (_demo(split='val', num_samples=1000, num_captions=5),)),
 }
+
+
+def register_standard_eval(name: str, eval_type: str, layouts: Tuple[_Layout, ...]) -> None:
+  """Adds a standard evaluation: its type and where its data may be (first found wins)."""
+  if name in STANDARD_EVALS:
+    raise ValueError(f'Standard evaluation {name!r} is registered already.')
+  STANDARD_EVALS[name] = (eval_type, tuple(layouts))
+
+
+def names() -> Tuple[str, ...]:
+  """The standard evaluations, plugins' included, sorted."""
+  plugins.load()
+  return tuple(sorted(STANDARD_EVALS))
 
 
 def standard_eval(name: str, data_dir: str) -> Tuple[str, Dict[str, Any]]:
@@ -87,8 +99,8 @@ def standard_eval(name: str, data_dir: str) -> Tuple[str, Dict[str, Any]]:
   Raises:
     ValueError: unknown name. FileNotFoundError: no layout found; the message lists them all.
   """
-  if name not in STANDARD_EVALS:
-    raise ValueError(f'Unknown standard evaluation {name!r}; known: {sorted(STANDARD_EVALS)}.')
+  if name not in names():
+    raise ValueError(f'Unknown standard evaluation {name!r}; known: {list(names())}.')
   eval_type, layouts = STANDARD_EVALS[name]
   data_dir = os.path.expanduser(data_dir or '')
   for layout in layouts:

@@ -1,9 +1,9 @@
 """Synthetic captions: the captioner interface, and quality control of near-duplicate captions.
 
 A captioner maps a batch of `CaptionInput`s (the decoded image, the sample's json labels and
-any synthetic captions the source already has) to `num_captions` captions per input. Two exist:
-'existing' takes the source's syn.json captions as they are, 'demo' is the demo world's
-`DemoCaptioner`, which describes the labels in each sample's json.
+any synthetic captions the source already has) to `num_captions` captions per input. Built in:
+'existing' takes the source's syn.json captions as they are; plugins register others with
+`register_captioner` (the demo world's 'demo' captioner: mobileclip_jax/demo/sources.py).
 
 Quality control (seed-improvements.md part b): independently sampled captions of one image are
 often the same sentence, which wastes caption slots and their teacher embeddings. Caption j of
@@ -16,6 +16,7 @@ in order, so once no offender is left every pair of an image's captions is below
 pairwise cosine and distinct-n.
 """
 import abc
+import ast
 import dataclasses
 import unicodedata
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,13 +24,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import plugins
 from mobileclip_jax.data import errors
 from mobileclip_jax.data.errors import CorruptSampleError
 
 # Reasons for CorruptSampleError raised by captioners' `check`.
 TOO_FEW_CAPTIONS = 'too_few_captions'
-NO_LABELS = 'no_labels'
 DISTINCT_N = (1, 2)
 
 
@@ -98,37 +98,39 @@ class ExistingCaptioner(Captioner):
     return {'name': self.name, 'syn_key': self.syn_key}
 
 
-class DemoWorldCaptioner(Captioner):
-  """The demo world's `DemoCaptioner` on the labels in each sample's json."""
-  name = 'demo'
-
-  def __init__(self, temperature: float = 0.7):
-    self._captioner = demo_world.DemoCaptioner(temperature)
-
-  def check(self, item: CaptionInput, num_captions: int) -> None:
-    if 'objects' not in item.labels:
-      raise CorruptSampleError(item.shard, item.key, NO_LABELS,
-                               'the json member has no demo-world labels (objects, background); '
-                               '--captioner=demo only captions demo-world samples')
-
-  def __call__(self, batch, num_captions, rng):
-    return self._captioner([item.labels for item in batch], num_captions, rng)
-
-  def describe(self):
-    return {'name': self.name, 'temperature': self._captioner.temperature}
+# name -> factory(syn_key, **options) -> Captioner.
+_FACTORIES: Dict[str, Callable[..., Captioner]] = {
+    'existing': lambda syn_key: ExistingCaptioner(syn_key)}
 
 
-CAPTIONERS = ('existing', 'demo')
+def register_captioner(name: str, factory: Callable[..., Captioner]) -> None:
+  """Adds a captioner: `factory(syn_key, **options)` builds it (options from its spec)."""
+  if name in _FACTORIES:
+    raise ValueError(f'Captioner {name!r} is registered already.')
+  _FACTORIES[name] = factory
 
 
-def make_captioner(name: str, syn_key: str = 'syn_text',
-                   demo_temperature: float = 0.7) -> Captioner:
-  """The captioner called `name` (one of CAPTIONERS)."""
-  if name == 'existing':
-    return ExistingCaptioner(syn_key)
-  if name == 'demo':
-    return DemoWorldCaptioner(demo_temperature)
-  raise ValueError(f'Unknown captioner {name!r}; known: {", ".join(CAPTIONERS)}.')
+def names() -> Tuple[str, ...]:
+  """The captioners, plugins' included."""
+  plugins.load()
+  return tuple(_FACTORIES)
+
+
+def make_captioner(spec: str, syn_key: str = 'syn_text') -> Captioner:
+  """The captioner of `spec`, 'NAME' or 'NAME:key=value,...' (e.g. 'demo:temperature=0.5')."""
+  name, _, text = spec.partition(':')
+  if name not in names():
+    raise ValueError(f'Unknown captioner {name!r}; known: {", ".join(names())}.')
+  options = {}
+  for item in filter(None, text.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'Captioner spec {spec!r}: options are key=value, got {item!r}.')
+    options[key.strip()] = ast.literal_eval(value.strip())
+  try:
+    return _FACTORIES[name](syn_key, **options)
+  except TypeError as e:
+    raise ValueError(f'Captioner spec {spec!r}: {e}') from None
 
 
 # ----------------------------------------------------------------------------------------------

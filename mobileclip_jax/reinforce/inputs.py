@@ -1,21 +1,18 @@
-"""Input shards of a generation: DataCompDR-style tars, or demo-world samples made in memory.
+"""Input shards of a generation: DataCompDR-style tars, or shards a plugin makes.
 
 Each input shard becomes one output shard under the same name: a tar's path relative to the
 common folder of all input tars ('00000000.tar', or '03/00000000.tar' for DataCompDR-1B's
-layout), or '%08d.tar' for the demo world. `src='demo:SPLIT:N'` makes samples 0..N-1 of a
-demo-world split, with the members `demo_world.write_split` would write to disk.
+layout). A `src` of the form 'SCHEME:...' with a registered scheme (`register_scheme`) is
+resolved by that plugin instead, e.g. the demo world's 'demo:SPLIT:N' (samples made in memory,
+mobileclip_jax/demo/sources.py). An input shard has `index`, `name`, `read(on_error)` (raw samples)
+and `fingerprint()` (what identifies its content, for resume).
 """
 import dataclasses
-import hashlib
-import json
 import os
-import re
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from mobileclip_jax.data import demo_world
+from mobileclip_jax import plugins
 from mobileclip_jax.data import wds
-
-DEMO_PREFIX = 'demo:'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,50 +31,23 @@ class TarShard:
     return {'path': self.path, 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoShard:
-  """Samples start .. start + count - 1 of a demo-world split, encoded as tar members."""
-  index: int
-  name: str
-  split: str
-  start: int
-  count: int
-  image_size: int
-  seed: int
-
-  def read(self, on_error: Optional[wds.ErrorHandler]) -> Iterator[wds.RawSample]:
-    del on_error  # Made in memory: nothing can be corrupt.
-    for sample in demo_world.iter_samples(self.split, self.count, self.image_size, self.seed,
-                                          start=self.start):
-      image = demo_world.encode_image(sample['image'])
-      meta = {'uid': sample['uid'], 'sha256': hashlib.sha256(image).hexdigest(),
-              **sample['labels']}
-      yield wds.RawSample(self.name, sample['uid'], {
-          'jpg': image, 'txt': sample['caption'].encode('utf-8'),
-          'json': json.dumps(meta, sort_keys=True).encode('utf-8')})
-
-  def fingerprint(self) -> Dict[str, Any]:
-    return dataclasses.asdict(self)
+InputShard = Any  # TarShard or a plugin's shard (same attributes and methods).
+_SCHEMES: Dict[str, Callable[[str], List[InputShard]]] = {}
 
 
-InputShard = Union[TarShard, DemoShard]
+def register_scheme(scheme: str, resolve_fn: Callable[[str], List[InputShard]]) -> None:
+  """Adds a `src` scheme: `resolve_fn(src)` gives the input shards of 'SCHEME:...'."""
+  if scheme in _SCHEMES:
+    raise ValueError(f'Input scheme {scheme!r} is registered already.')
+  _SCHEMES[scheme] = resolve_fn
 
 
-def resolve(src: str, demo_samples_per_shard: int = 1000, demo_image_size: int = 64,
-            demo_seed: int = 0) -> List[InputShard]:
-  """The input shards of `src`: tar patterns (see `wds.expand_shards`) or 'demo:SPLIT:N'."""
-  if src.startswith(DEMO_PREFIX):
-    match = re.fullmatch(r'demo:(\w+):(\d+)', src)
-    if not match or match.group(1) not in demo_world.SPLITS or int(match.group(2)) < 1:
-      raise ValueError(f'--src={src!r}: the demo world is demo:SPLIT:N with SPLIT one of '
-                       f'{demo_world.SPLITS} and N >= 1 samples, e.g. demo:train:1000.')
-    if demo_samples_per_shard < 1:
-      raise ValueError(f'demo_samples_per_shard must be >= 1, got {demo_samples_per_shard}.')
-    split, total = match.group(1), int(match.group(2))
-    starts = range(0, total, demo_samples_per_shard)
-    return [DemoShard(i, f'{i:08d}.tar', split, start,
-                      min(demo_samples_per_shard, total - start), demo_image_size, demo_seed)
-            for i, start in enumerate(starts)]
+def resolve(src: str) -> List[InputShard]:
+  """The input shards of `src`: tar patterns (see `wds.expand_shards`) or a registered scheme."""
+  plugins.load()
+  scheme = src.split(':', 1)[0]
+  if ':' in src and scheme in _SCHEMES:
+    return _SCHEMES[scheme](src)
   paths = [os.path.abspath(p) for p in wds.expand_shards(src)]
   root = os.path.commonpath([os.path.dirname(p) for p in paths])
   return [TarShard(i, os.path.relpath(p, root), p) for i, p in enumerate(paths)]

@@ -1,0 +1,179 @@
+"""The whole MobileCLIP recipe on the demo world, on one CPU in minutes (launch/demo.py).
+
+  1. data       `demo_world`: the students' image-caption set (DataCompDR-style tars -> TFDS),
+                and `demo_world_teachers`: more images with cleaner captions for the teachers
+  2. teachers   two small CLIP models (MCi image tower, wider and deeper than the students'; one
+                architecture, two seeds) trained with the CLIP loss, once each, through the
+                experiment runner (mobileclip_jax/experiment.py)
+  3. reinforce  k stored augmentations per student image embedded by both teachers, synthetic
+                captions from the demo captioner (near-duplicates regenerated), teacher text
+                embeddings of every caption -> `demo_world_reinforced`
+  4. students   one reduced MobileCLIP2-S0 (MCi image tower, text transformer) trained with the
+                same steps, batch and schedule with the CLIP loss on `demo_world` (the baseline)
+                and the DR objective on `demo_world_reinforced`, `student_seeds` seeds each,
+                through the same runner
+  5. evaluate   (by the runner, per run) zero-shot top-1 on the 'val' tasks, the held-out
+                colour-shape pairs ('heldout' split, 'object' task: compositional
+                generalization), retrieval R@1 on 'val'
+  6. export     the DR student (first seed) in open_clip's names, loaded by open_clip (torch) and
+                compared with JAX
+  7. report     a table, <workdir>/results.json and <workdir>/loss_curves.png
+
+Why the teachers see another variant of the world: real teachers (OpenAI CLIP, DFN-2B) are
+trained on far more, and filtered, data than the students' dataset; `DemoSettings.teacher_samples`
+and `teacher_caption_noise` stand for that. Held-out pairs stay held out for every model.
+
+Every stage skips what is complete (datasets and the reinforcement are found on disk, the runner
+skips finished runs and resumes interrupted ones), so a rerun only redoes what is missing. The
+settings of a workdir are recorded in <workdir>/demo_settings.json; a run with other settings
+there is refused.
+
+Layout of <workdir>: tfds/ (datasets), reinforced/ (DataCompDR-format shards), teachers/ and
+students/ (the runner's workdirs: runs/<role>/seed<N>/, results.json, results.md, plots), export/
+(the PyTorch export), results.json, loss_curves.png, inspect/ (`--inspect`).
+"""
+import json
+import logging
+import os
+from typing import Any, Callable, Dict, Mapping
+
+from mobileclip_jax import experiment
+from mobileclip_jax import utils
+from mobileclip_jax.demo import datasets
+from mobileclip_jax.demo import report
+from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import torch_check
+from mobileclip_jax.demo.settings import DemoSettings, STUDENTS, TEACHERS
+
+log = logging.getLogger('mobileclip_jax')
+SETTINGS_FILE = 'demo_settings.json'
+RESULTS_FILE = 'results.json'
+PLOT_FILE = 'loss_curves.png'
+FORMAT = 'mobileclip_jax.demo/2'
+
+
+def _read_json(path: str):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def check_settings(workdir: str, settings: DemoSettings) -> None:
+  """Records the settings of a new workdir; refuses a workdir made with other settings."""
+  path = os.path.join(workdir, SETTINGS_FILE)
+  old, new = _read_json(path), settings.to_dict()
+  if old is None:
+    utils.write_json_atomic(path, new)
+  elif old != new:
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ValueError(f'{workdir} holds a demo run with other settings ({", ".join(changed)} '
+                     f'differ; see {path}). Use another --workdir, or delete this one to start '
+                     'over.')
+
+
+def group_dir(workdir: str, role: str) -> str:
+  """The runner's workdir of a role's group (teachers/ or students/)."""
+  return os.path.join(workdir, 'teachers' if role in TEACHERS else 'students')
+
+
+def run_dirs(workdir: str, role: str, settings: DemoSettings) -> list:
+  """The role's training runs, one per seed (`experiment.run_dir`)."""
+  seed = settings_lib.role_seed(role, settings)
+  count = 1 if role in TEACHERS else settings.student_seeds
+  return [experiment.run_dir(group_dir(workdir, role), role, seed + i) for i in range(count)]
+
+
+def train_group(roles, settings: DemoSettings, data_dir: str, workdir: str,
+                print_fn: Callable[[str], None]) -> Dict[str, Any]:
+  """Trains and evaluates `roles` through the experiment runner (teachers once, students
+  `student_seeds` times); returns the runner's results."""
+  num_seeds = 1 if roles == TEACHERS else settings.student_seeds
+  configs = {role: settings_lib.train_config(role, settings, data_dir) for role in roles}
+  return experiment.run(configs, num_seeds, group_dir(workdir, roles[0]),
+                        metrics=report.METRICS, description=', '.join(roles),
+                        print_fn=print_fn)
+
+
+def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, Any]:
+  """Makes `demo_world_reinforced` from the students' tars and the two teachers (if not built).
+
+  Returns the generation's summary (caption quality, counts) as written next to the shards.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from mobileclip_jax.data import reinforced_tfds
+  from mobileclip_jax.reinforce import captioners
+  from mobileclip_jax.reinforce import generate
+  from mobileclip_jax.reinforce import inputs
+  from mobileclip_jax.reinforce import settings as reinforce_settings
+  from mobileclip_jax.reinforce import teachers as teachers_lib
+  # pylint: enable=g-import-not-at-top
+  out = os.path.join(workdir, 'reinforced')
+  name = settings_lib.REINFORCED_NAME
+  if not datasets.exists(name, data_dir):
+    _, meta = reinforced_tfds.open_reinforced(settings_lib.PLAIN_NAME, data_dir)
+    shards = inputs.resolve('::'.join(meta.source_shards))
+    per_device = max(1, 128 // jax.local_device_count())
+    ensemble = teachers_lib.TeacherEnsemble(
+        [teachers_lib.load_checkpoint_teacher(run_dirs(workdir, role, settings)[0])
+         for role in TEACHERS],
+        images_per_device=per_device, texts_per_device=per_device)
+    generation = reinforce_settings.GenerationConfig(
+        k=settings.k, num_syn=settings.num_syn,
+        augmentation=settings_lib.augmentation(settings), seed=settings.seed,
+        chunk_size=128)
+    captioner = captioners.make_captioner(f'demo:temperature={settings.captioner_temperature}')
+    summary = generate.reinforce(shards, out, ensemble, captioner, generation, progress=False)
+    log.info('%s', summary.summary())
+    build = generate.build_tfds(out, name, data_dir, overwrite=True, progress=False)
+    log.info('%s', build.summary())
+  datasets.check_size(name, data_dir, settings.num_samples)
+  return _read_json(os.path.join(out, generate.SUMMARY_FILE)) or {}
+
+
+def run(workdir: str, settings: DemoSettings = DemoSettings(),
+        print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Runs (or completes) the demo in `workdir`; returns what results.json holds."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  check_settings(workdir, settings)
+  data_dir = os.path.join(workdir, 'tfds')
+  stages: Dict[str, Dict[str, float]] = {}
+  total = experiment.Clock()
+
+  def stage(name: str, fn: Callable[[], Any]) -> Any:
+    clock = experiment.Clock()
+    value = fn()
+    stages[name] = clock.seconds()
+    log.info('Stage %s: %.1f s wall, %.1f s CPU.', name, stages[name]['wall_s'],
+             stages[name]['cpu_s'])
+    return value
+
+  progress = lambda line: log.info('%s', line)
+  stage('data', lambda: datasets.build_data(settings, data_dir))
+  teachers = stage('teachers', lambda: train_group(TEACHERS, settings, data_dir, workdir,
+                                                   progress))
+  reinforcement = stage('reinforce', lambda: reinforce(settings, data_dir, workdir))
+  students = stage('students', lambda: train_group(STUDENTS, settings, data_dir, workdir,
+                                                   progress))
+  models = {}
+  for group in (teachers, students):
+    for role, variant in group['variants'].items():
+      runs = {seed: {'train': r['train']} for seed, r in group['runs'][role].items()}
+      models[role] = report.model_entry(variant, runs)
+  exported = stage('export', lambda: torch_check.export(
+      workdir, run_dirs(workdir, 'student_dr', settings)[0]))
+  stage('plot', lambda: report.plot_losses(
+      {r: run_dirs(workdir, r, settings) for r in TEACHERS},
+      {r: run_dirs(workdir, r, settings) for r in STUDENTS}, os.path.join(workdir, PLOT_FILE)))
+  this_run = {'stages': stages, **total.seconds()}
+  results = {'format': FORMAT, 'workdir': workdir, 'settings': settings.to_dict(),
+             'models': models, 'export': exported, 'seconds': this_run['wall_s'],
+             'this_run': this_run,
+             'reinforcement': {'captions': reinforcement.get('captions'),
+                               'samples': reinforcement.get('samples')}}
+  utils.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+  report.print_summary(results, workdir, print_fn)
+  return results
