@@ -1,8 +1,8 @@
-"""Test setup: 8 fake CPU devices, a persistent compilation cache, the `slow` marker.
+"""Test setup: 8 fake CPU devices, a persistent compilation cache, the slow and exhaustive marks.
 
 `python -m pytest` runs the fast suite; `python -m pytest -m slow` runs the full-size parity
-tests (CI runs both). Multi-device tests build meshes from the 8 fake devices configured here,
-before anything imports JAX.
+tests (CI runs both, the latter as `-m 'slow and not exhaustive'`). Multi-device tests build
+meshes from the 8 fake devices configured here, before anything imports JAX.
 """
 import os
 
@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: full-size models; run with `-m slow` (CI does)')
+  config.addinivalue_line('markers', 'exhaustive: slow tests repeated for every released variant '
+                          '(exports); run with `-m exhaustive` (CI does not: hours on 2 cores)')
 
 
 def pytest_collection_modifyitems(config, items):
