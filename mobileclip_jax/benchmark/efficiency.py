@@ -170,9 +170,10 @@ def measure_cost(variant: str, tower: str, batch_sizes: Sequence[int], repeats: 
           'part': 'cost', 'variant': variant, 'tower': tower, 'method': method_name,
           'setting': text, 'batch': batch, 'input_shape': list(shape),
           'gflops': round(flops / 1e9, 4), 'gflops_ratio': round(flops / base_flops, 4),
-          'median_s': round(t['median_s'], 5), 'min_s': round(t['min_s'], 5),
-          'base_median_s': round(timing[0]['median_s'], 5),
-          'speedup': round(timing[0]['median_s'] / t['median_s'], 3),
+          'median_s': common.significant(t['median_s']),
+          'min_s': common.significant(t['min_s']),
+          'base_median_s': common.significant(timing[0]['median_s']),
+          'speedup': common.significant(timing[0]['median_s'] / t['median_s']),
           'cosine_mean': round(float(cos.mean()), 5), 'cosine_min': round(float(cos.min()), 5),
           'compile_s': round(compile_s, 2), 'weights': 'random', 'repeats': repeats})
   return rows
