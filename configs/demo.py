@@ -14,7 +14,7 @@ import os
 
 from mobileclip_jax import experiment
 from mobileclip_jax.demo import report
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 
 METRICS = report.METRICS
 

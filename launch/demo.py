@@ -21,7 +21,7 @@ from absl import flags
 
 from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where everything goes (default: '
                                f'{settings_lib.DEFAULT_WORKDIR}, or '

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from mobileclip_jax.data import caption_corpus
-from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import training_sets as demo_datasets
 from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.data import wds
 

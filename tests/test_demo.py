@@ -19,7 +19,7 @@ from mobileclip_jax.demo import inspection
 from mobileclip_jax.demo import recipe
 from mobileclip_jax.demo import report
 from mobileclip_jax.demo import samples
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 from mobileclip_jax.demo import tasks
 from mobileclip_jax.demo import world
 from mobileclip_jax.reinforce import generate

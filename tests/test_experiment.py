@@ -15,7 +15,7 @@ import pytest
 
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import experiment
-from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import training_sets as demo_datasets
 from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.train import loop
 

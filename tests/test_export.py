@@ -342,7 +342,7 @@ def test_exported_pair_scores_what_the_jax_evaluator_scores_on_the_demo_world(tm
   # pylint: disable=g-import-not-at-top
   from mobileclip_jax import sharding
   from mobileclip_jax.evaluation import evaluator as evaluator_lib
-  from mobileclip_jax.export import zeroshot
+  from mobileclip_jax.export import app_zeroshot as zeroshot
   # pylint: enable=g-import-not-at-top
   config = clip_lib.get_config('MobileCLIP2-S0', **dict(TINY, image_size=64))
   variables = towers.random_variables(config, seed=8)

@@ -13,7 +13,7 @@ from mobileclip_jax import checkpoint
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import sharding
 from mobileclip_jax.convert import files
-from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import training_sets as demo_datasets
 from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import tokenizer as tokenizer_lib

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mobileclip_jax import config as config_lib
-from mobileclip_jax.demo import datasets as demo_datasets
+from mobileclip_jax.demo import training_sets as demo_datasets
 from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import loop

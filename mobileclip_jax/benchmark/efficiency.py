@@ -271,7 +271,7 @@ def _accuracy_rows(workdir: str, role: str, train_samples: int, reducer_dir: str
   from mobileclip_jax.evaluation import evaluator as ev_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.demo import recipe  # pylint: disable=g-import-not-at-top
-  from mobileclip_jax.demo import settings as demo_settings  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.demo import hparams as demo_settings  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, recipe.SETTINGS_FILE), encoding='utf-8') as f:
     stored = json.load(f)
   demo = demo_settings.DemoSettings(seed=stored['seed'], eval_samples=stored['eval_samples'],

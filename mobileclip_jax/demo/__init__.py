@@ -5,8 +5,8 @@
   captions.py    noisy ground-truth captions and the accurate demo captioner
   tasks.py       the zero-shot tasks (label fields, class names, prompts)
   samples.py     samples (image, caption, labels) and their DataCompDR-style tar shards
-  datasets.py    the plain training datasets (tars -> TFDS)
-  settings.py    the demo's sizes and hyper-parameters; each model's training config
+  training_sets.py the plain training datasets (tars -> TFDS)
+  hparams.py     the demo's sizes and hyper-parameters; each model's training config
   recipe.py      the stages of launch/demo.py (data, teachers, reinforcement, students, export)
   report.py      results.json, the tables and the loss curves
   torch_check.py the exported student in open_clip, compared with JAX

@@ -34,7 +34,7 @@ from mobileclip_jax.data import loader
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.demo import captions as captions_lib
 from mobileclip_jax.demo import samples
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 from mobileclip_jax.demo import tasks as tasks_lib
 from mobileclip_jax.demo import world as world_lib
 
@@ -387,7 +387,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
   from mobileclip_jax import checkpoint
   from mobileclip_jax import utils
   from mobileclip_jax.data import tokenizer as tokenizer_lib
-  from mobileclip_jax.demo import datasets
+  from mobileclip_jax.demo import training_sets
   from mobileclip_jax.demo import recipe
   # pylint: enable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -401,7 +401,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
   tokenizer = tokenizer_lib.get_tokenizer('clip')
   data = {}
   for name, world in worlds.items():
-    if datasets.exists(name, data_dir):
+    if training_sets.exists(name, data_dir):
       data[name] = {
           'augmentation': augmentation_stats(name, data_dir, settings.image_size, world,
                                              settings_lib.augmentation(settings),
@@ -412,7 +412,7 @@ def inspect(workdir: str, settings: settings_lib.DemoSettings,
   models, batches = {}, {}
   for role in settings_lib.ROLES:
     config = settings_lib.train_config(role, settings, data_dir)
-    if not datasets.exists(config.data.name, data_dir):
+    if not training_sets.exists(config.data.name, data_dir):
       continue
     batches[role] = crop_grid(config, os.path.join(out, f'crops_{role}.png'),
                               f'{settings_lib.LABELS[role]}: first training batch '

@@ -39,11 +39,11 @@ from typing import Any, Callable, Dict, Mapping
 
 from mobileclip_jax import experiment
 from mobileclip_jax import utils
-from mobileclip_jax.demo import datasets
+from mobileclip_jax.demo import training_sets
 from mobileclip_jax.demo import report
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 from mobileclip_jax.demo import torch_check
-from mobileclip_jax.demo.settings import DemoSettings, STUDENTS, TEACHERS
+from mobileclip_jax.demo.hparams import DemoSettings, STUDENTS, TEACHERS
 
 log = logging.getLogger('mobileclip_jax')
 SETTINGS_FILE = 'demo_settings.json'
@@ -112,7 +112,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
   # pylint: enable=g-import-not-at-top
   out = os.path.join(workdir, 'reinforced')
   name = settings_lib.REINFORCED_NAME
-  if not datasets.exists(name, data_dir):
+  if not training_sets.exists(name, data_dir):
     _, meta = reinforced_tfds.open_reinforced(settings_lib.PLAIN_NAME, data_dir)
     shards = inputs.resolve('::'.join(meta.source_shards))
     per_device = max(1, 128 // jax.local_device_count())
@@ -129,7 +129,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
     log.info('%s', summary.summary())
     build = generate.build_tfds(out, name, data_dir, overwrite=True, progress=False)
     log.info('%s', build.summary())
-  datasets.check_size(name, data_dir, settings.num_samples)
+  training_sets.check_size(name, data_dir, settings.num_samples)
   return _read_json(os.path.join(out, generate.SUMMARY_FILE)) or {}
 
 
@@ -152,7 +152,7 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
     return value
 
   progress = lambda line: log.info('%s', line)
-  stage('data', lambda: datasets.build_data(settings, data_dir))
+  stage('data', lambda: training_sets.build_data(settings, data_dir))
   teachers = stage('teachers', lambda: train_group(TEACHERS, settings, data_dir, workdir,
                                                    progress))
   reinforcement = stage('reinforce', lambda: reinforce(settings, data_dir, workdir))

@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, Mapping, Sequence
 
 from mobileclip_jax import experiment
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 
 # The headline metrics: name -> the evaluator metric of `settings.eval_entries`.
 METRICS = {'zero_shot_mean': 'zeroshot/demo/mean_top1',

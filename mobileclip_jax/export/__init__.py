@@ -6,7 +6,7 @@
 Modules: towers.py (inference form, fixed shapes, the tower functions), portable.py (platform
 choices resolved for export), onnx_format.py / tflite_format.py (one format each: write, run),
 bundle.py (the export directory and its JSON), coreml.py (Core ML from the PyTorch export),
-zeroshot.py (zero-shot accuracy of an exported pair on the demo world).
+app_zeroshot.py (zero-shot accuracy of an exported pair on the demo world).
 """
 from mobileclip_jax.export.bundle import export_checkpoint
 from mobileclip_jax.export.bundle import export_variables

@@ -10,7 +10,7 @@ import os
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.demo import samples
-from mobileclip_jax.demo import settings as settings_lib
+from mobileclip_jax.demo import hparams as settings_lib
 from mobileclip_jax.demo.world import DemoWorldConfig
 
 log = logging.getLogger('mobileclip_jax')
