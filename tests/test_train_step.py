@@ -17,7 +17,7 @@ CONTEXT = 16
 TINY_TEXT = dict(layers=1, width=32, heads=2, vocab_size=1000, context_length=CONTEXT)
 # Two stages cover every MCi block type (MobileOne stem, RepMixer, downsample with SE, RepCPE,
 # attention) at half the graph of four: compile time dominates these tests.
-TINY_MCI = dict(embed_dim=16, image=dict(depths=(1, 1), widths=(16, 64), token_mixers=(
+TINY_MCI = dict(embed_dim=16, image_size=32, image=dict(depths=(1, 1), widths=(16, 64), token_mixers=(
     'repmixer', 'attention'), pos_emb=(False, True), se_downsample=(False, True)), text=TINY_TEXT)
 # MobileCLIP2-B's conv-stem ViT at one layer: BatchNorm (in the stem) at a fifth of the compile
 # time of the reduced MCi.
