@@ -251,12 +251,5 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         if sampler == 'greedy':
           row['tokens_equal'] = bool(np.array_equal(ours, theirs))
         row['last_eot_position'] = {'jax': _last_eot(ours, eot), 'torch': _last_eot(theirs, eot)}
-        row['repeats'] = {'jax': jax_r['repeats'], 'torch': torch_r['repeats']}
-        row['jax_device'], row['torch_device'] = jax_r['device'], torch_r['device']
-        row['torch_threads'] = torch_r['threads']
-        row['jax_others_cpu_frac'] = jax_r['others_cpu_frac']
-        row['torch_others_cpu_frac'] = torch_r['others_cpu_frac']
-        row['attempts'] = {'jax': jax_r['attempts'], 'torch': torch_r['attempts']}
-        row['load_avg_1m'] = common.machine().get('load_avg_1m')
-        row['versions'] = {**jax_r['versions'], **torch_r['versions']}
+        row.update(common.provenance(jax_r, torch_r))
         yield row

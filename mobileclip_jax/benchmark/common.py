@@ -97,6 +97,19 @@ def cpu_time_s() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def provenance(jax_r: Dict[str, Any], torch_r: Dict[str, Any]) -> Dict[str, Any]:
+  """The fields every JAX-vs-PyTorch row ends with: repeats, devices, threads, contention,
+  attempts, machine load and library versions of the two measured processes."""
+  return {'repeats': {'jax': jax_r['repeats'], 'torch': torch_r['repeats']},
+          'jax_device': jax_r['device'], 'torch_device': torch_r['device'],
+          'torch_threads': torch_r['threads'],
+          'jax_others_cpu_frac': jax_r['others_cpu_frac'],
+          'torch_others_cpu_frac': torch_r['others_cpu_frac'],
+          'attempts': {'jax': jax_r['attempts'], 'torch': torch_r['attempts']},
+          'load_avg_1m': machine().get('load_avg_1m'),
+          'versions': {**jax_r['versions'], **torch_r['versions']}}
+
+
 def machine() -> Dict[str, Any]:
   """What the numbers were measured on."""
   info = {'host': platform.node(), 'cpu': platform.processor() or platform.machine(),

@@ -312,14 +312,7 @@ def _row(variant, tower, form, batch, image_size, jax_r, torch_r, rel_l2, tol) -
   if tol is None:
     tol = _CPU_REL_L2_TOL if jax_r['device'].startswith('cpu:') else _ACCELERATOR_REL_L2_TOL
   row['outputs_agree'] = rel_l2 <= tol
-  row['repeats'] = {'jax': jax_r['repeats'], 'torch': torch_r['repeats']}
-  row['jax_device'], row['torch_device'] = jax_r['device'], torch_r['device']
-  row['torch_threads'] = torch_r['threads']
-  row['jax_others_cpu_frac'] = jax_r['others_cpu_frac']
-  row['torch_others_cpu_frac'] = torch_r['others_cpu_frac']
-  row['attempts'] = {'jax': jax_r['attempts'], 'torch': torch_r['attempts']}
-  row['load_avg_1m'] = common.machine().get('load_avg_1m')
-  row['versions'] = {**jax_r['versions'], **torch_r['versions']}
+  row.update(common.provenance(jax_r, torch_r))
   return row
 
 

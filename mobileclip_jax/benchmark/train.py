@@ -76,7 +76,6 @@ from mobileclip_jax.benchmark import models as models_benchmark
 # Generic helpers of the models benchmark, shared rather than copied.
 # pylint: disable=protected-access
 _busy_cpu_s = common.busy_cpu_s
-_significant = common.significant
 _randomize_normalization_ = models_benchmark._randomize_normalization_
 # pylint: enable=protected-access
 
@@ -367,7 +366,7 @@ def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
          'parameters': torch_r['parameters']}
   flops = jax_r.get('flops_per_step')
   peak = common.peak_flops(jax_r['device'])
-  row['jax_flops_per_step'] = _significant(flops) if flops else None
+  row['jax_flops_per_step'] = common.significant(flops) if flops else None
   row['peak_flops_per_s'] = peak
   sides = [('jax', jax_r)] + [('torch' if m == 'eager' else f'torch_{m}', torch_rs[m])
                               for m in o['torch_modes']]
@@ -375,36 +374,39 @@ def _row(variant: str, batch: int, image_size: int, recipe: Dict[str, Any],
     if 'error' in r:
       row[f'{prefix}_error'] = r['error']
       continue
-    row[f'{prefix}_examples_per_s'] = _significant(batch / r['median_s'])
-    row[f'{prefix}_median_s'] = _significant(r['median_s'])
-    row[f'{prefix}_min_s'] = _significant(r['min_s'])
+    row[f'{prefix}_examples_per_s'] = common.significant(batch / r['median_s'])
+    row[f'{prefix}_median_s'] = common.significant(r['median_s'])
+    row[f'{prefix}_min_s'] = common.significant(r['min_s'])
     # Achieved FLOP/s and MFU from the JAX step's FLOPs: both sides do the same step's work.
-    row[f'{prefix}_tflops_per_s'] = _significant(flops / r['median_s'] / 1e12) if flops else None
-    row[f'{prefix}_mfu'] = _significant(flops / r['median_s'] / peak) if flops and peak else None
+    row[f'{prefix}_tflops_per_s'] = (common.significant(flops / r['median_s'] / 1e12)
+                                     if flops else None)
+    row[f'{prefix}_mfu'] = (common.significant(flops / r['median_s'] / peak)
+                            if flops and peak else None)
     if 'compile_s' in r:
       row[f'{prefix}_compile_s'] = r['compile_s']
     if prefix == 'jax':
       row['jax_compile_peak_rss_mb'] = r['compile_peak_rss_mb']
       if 'step_buffers_mb' in r:
         row['jax_step_buffers_mb'] = r['step_buffers_mb']
-    row[f'{prefix}_cpu_s_per_step'] = _significant(r['cpu_s_per_step'])
+    row[f'{prefix}_cpu_s_per_step'] = common.significant(r['cpu_s_per_step'])
     row[f'{prefix}_peak_rss_mb'] = r['peak_rss_mb']
     if 'peak_device_mb' in r:
       row[f'{prefix}_peak_device_mb'] = r['peak_device_mb']
     row[f'{prefix}_others_cpu_frac'] = r['others_cpu_frac']
-  row['ratio_median'] = _significant(jax_r['median_s'] / torch_r['median_s'])
-  row['ratio_min'] = _significant(jax_r['min_s'] / torch_r['min_s'])
+  row['ratio_median'] = common.significant(jax_r['median_s'] / torch_r['median_s'])
+  row['ratio_min'] = common.significant(jax_r['min_s'] / torch_r['min_s'])
   for mode in o['torch_modes'][1:]:
     if 'error' not in torch_rs[mode]:
-      row[f'ratio_vs_{mode}_median'] = _significant(jax_r['median_s'] / torch_rs[mode]['median_s'])
+      row[f'ratio_vs_{mode}_median'] = common.significant(
+          jax_r['median_s'] / torch_rs[mode]['median_s'])
   jax_first, torch_first = jax_r['first_step'], torch_r['first_step']
   row['jax_first_loss'], row['torch_first_loss'] = jax_first['loss'], torch_first['loss']
-  row['loss_rel_diff'] = _significant(_relative(jax_first['loss'], torch_first['loss']))
+  row['loss_rel_diff'] = common.significant(_relative(jax_first['loss'], torch_first['loss']))
   row['jax_first_grad_norm'] = jax_first['grad_norm']
   row['torch_first_grad_norm'] = torch_first['grad_norm']
-  row['grad_norm_rel_diff'] = _significant(
+  row['grad_norm_rel_diff'] = common.significant(
       _relative(jax_first['grad_norm'], torch_first['grad_norm']))
-  row['term_rel_diff'] = {k: _significant(_relative(jax_first[k], torch_first[k]))
+  row['term_rel_diff'] = {k: common.significant(_relative(jax_first[k], torch_first[k]))
                           for k in LOSS_TERMS}
   kind = 'bfloat16' if o['dtype'] == 'bfloat16' else (
       'cpu' if jax_r['device'].startswith('cpu:') else 'accelerator')
