@@ -187,6 +187,30 @@ def test_choices_uniform_and_syn_key_regex(data_dir):
     loader.make_train_iterator(_config(data_dir, syn_key_regex='^syn_text_blip$'), 0, 1)
 
 
+def test_syn_key_weights_set_the_key_draw(data_dir):
+  source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
+  weights = (('syn_text_coca', 3.0), ('syn_text_dfn', 1.0))
+  choices = loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', weights)
+  draws = np.array([choices.draw(np.random.default_rng([0, i]))[2] for i in range(6000)])
+  # coca 3/4 (each of its 2 captions 3/8), dfn 1/4 (each of 3 captions 1/12). A uniform key draw
+  # (1/4 and 1/6 per caption) is 20 standard deviations away.
+  p = np.array([3 / 8] * 2 + [1 / 12] * 3)
+  counts = np.bincount(draws, minlength=5)
+  sd = np.sqrt(len(draws) * p * (1 - p))
+  assert np.all(np.abs(counts - len(draws) * p) <= 5 * sd), counts
+  uniform = np.array([1 / 4] * 2 + [1 / 6] * 3)
+  assert np.any(np.abs(counts - len(draws) * uniform) > 5 * sd)
+  # Through the loader: a key of weight 0 is never drawn (an unlisted key weighs 1).
+  no_dfn = loader.ChunkLoader(_config(data_dir, syn_key_weights=(('syn_text_dfn', 0),)), source,
+                              meta, 'reinforced', 0, 1)
+  rows = [_decode_row(row)[1] - 1 for u in range(3) for row in no_dfn(u)[keys.TEACHER_SYN_TEXT]]
+  assert set(rows) == {0, 1}
+  with pytest.raises(ValueError, match=r"names \['syn_text_blip'\].*\['syn_text_dfn'\]"):
+    loader.ReinforcedChoices.for_dataset(meta, '^syn_text_dfn$', (('syn_text_blip', 1),))
+  with pytest.raises(ValueError, match='>= 0 and not all 0'):
+    loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', (('syn_text_coca', -1),))
+
+
 def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, tokenizer):
   samples = _samples()
   captions = [sample.captions[0] for sample in samples]

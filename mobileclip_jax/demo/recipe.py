@@ -125,7 +125,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
         augmentation=settings_lib.augmentation(settings), seed=settings.seed,
         chunk_size=128)
     captioner = captioners.make_captioner(f'demo:temperature={settings.captioner_temperature}')
-    summary = generate.reinforce(shards, out, ensemble, captioner, generation, progress=False)
+    summary = generate.reinforce(shards, out, ensemble, [captioner], generation, progress=False)
     log.info('%s', summary.summary())
     build = generate.build_tfds(out, name, data_dir, overwrite=True, progress=False)
     log.info('%s', build.summary())
