@@ -4,6 +4,7 @@ r"""The whole MobileCLIP recipe on the built-in demo world, on one CPU, from not
   python launch/demo.py --workdir=/tmp/demo
   python launch/demo.py --quick               # toy sizes, a smoke run: <default>_quick
   python launch/demo.py --inspect             # what the models see and learned -> <workdir>/inspect
+  python launch/demo.py --captioner=coca      # the students' captions from a CoCa trained here
 
 Makes the demo-world datasets, trains two CLIP teachers, reinforces the students' dataset with
 them (stored augmentations, teacher embeddings, synthetic captions), trains the same small
@@ -14,6 +15,7 @@ interrupted run: finished stages and runs are skipped. `--config=configs/demo.py
 (or teacher_a, teacher_b, student_clip) reruns one model with launch/train.py, and
 launch/experiment.py sweeps it. See mobileclip_jax/demo/recipe.py.
 """
+import dataclasses
 import os
 
 from absl import app
@@ -28,6 +30,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where everything goes (default:
                                f'{settings_lib.QUICK_WORKDIR} with --quick).')
 _QUICK = flags.DEFINE_bool('quick', False, 'Toy sizes: every stage, in a fraction of the time; '
                            'the numbers mean nothing.')
+_CAPTIONER = flags.DEFINE_enum(
+    'captioner', settings_lib.DemoSettings.captioner, settings_lib.CAPTIONERS,
+    "Who writes the students' synthetic captions: the procedural oracle ('demo'), a small CoCa "
+    "trained on the teachers' set ('coca'), or both ('coca+demo', each its own caption key).")
+_CAPTIONER_ABLATION = flags.DEFINE_bool(
+    'captioner_ablation', False, "Also reinforce the students' set with the other --captioner "
+    "choices (for configs/demo.py's captioners sweep); their caption measures go to "
+    'results.json.')
 _INSPECT = flags.DEFINE_bool('inspect', False, 'Instead of running the demo, write what its '
                              'models see and learned (crops, captions, confusion matrices, '
                              'linear probes) for what the workdir holds, to <workdir>/inspect.')
@@ -37,7 +47,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   compilation_cache.enable()
-  settings = settings_lib.quick() if _QUICK.value else settings_lib.DemoSettings()
+  settings = dataclasses.replace(
+      settings_lib.quick() if _QUICK.value else settings_lib.DemoSettings(),
+      captioner=_CAPTIONER.value)
   workdir = os.path.expanduser(_WORKDIR.value or (
       settings_lib.QUICK_WORKDIR if _QUICK.value else settings_lib.DEFAULT_WORKDIR))
   if _INSPECT.value:
@@ -45,7 +57,7 @@ def main(argv):
     inspection.inspect(workdir, settings)
   else:
     from mobileclip_jax.demo import recipe  # pylint: disable=g-import-not-at-top
-    recipe.run(workdir, settings)
+    recipe.run(workdir, settings, captioner_ablation=_CAPTIONER_ABLATION.value)
 
 
 if __name__ == '__main__':

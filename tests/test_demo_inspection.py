@@ -54,7 +54,7 @@ def test_ridge_probe_separates_separable_classes_and_not_noise():
 
 def test_scene_of_a_uid_is_the_sample_scene():
   config = world_lib.DemoWorldConfig()
-  assert inspection._scene_of('demo-val-s3-00000012', config) == world_lib.sample_scene(
+  assert inspection.scene_of('demo-val-s3-00000012', config) == world_lib.sample_scene(
       config, 'val', 12, 3)
   with pytest.raises(ValueError, match='not a demo-world uid'):
-    inspection._scene_of('laion-123', config)
+    inspection.scene_of('laion-123', config)

@@ -2,7 +2,8 @@
 
 `DemoSettings` holds every number of a demo run (`quick()`: the smoke-test sizes);
 `train_config(role, settings, data_dir)` is the trainer's config of one model (also
-`configs/demo.py:<role>`), `eval_entries` the evaluations every model gets.
+`configs/demo.py:<role>`), `captioner_config` the learned captioner's, `eval_entries` the
+evaluations every model gets.
 """
 import dataclasses
 import json
@@ -20,6 +21,9 @@ QUICK_WORKDIR = DEFAULT_WORKDIR + '_quick'
 PLAIN_NAME = 'demo_world'
 REINFORCED_NAME = 'demo_world_reinforced'
 TEACHERS_NAME = 'demo_world_teachers'
+# Who writes the students' synthetic captions (`DemoSettings.captioner`): the procedural oracle,
+# a small CoCa trained on the teachers' set, or both (each its own syn.json key).
+CAPTIONERS = ('demo', 'coca', 'coca+demo')
 TEACHERS, STUDENTS = ('teacher_a', 'teacher_b'), ('student_clip', 'student_dr')
 ROLES = TEACHERS + STUDENTS
 LABELS = {'teacher_a': 'teacher A', 'teacher_b': 'teacher B',
@@ -38,6 +42,22 @@ class Arch:
   text_width: int = 64
   text_heads: int = 1
   text_layers: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CocaArch:
+  """The demo's learned captioner: open_clip's CoCa layout (a ViT whose attentional pooler gives
+  the contrastive embedding and the decoder's memory, a causal text tower, a multimodal decoder
+  with an untied head over the CLIP vocabulary) at toy sizes."""
+  image_width: int = 48
+  image_depth: int = 1
+  image_heads: int = 3
+  patch_size: int = 8
+  pool_queries: int = 9  # The contrastive embedding + 8 memory tokens.
+  pool_heads: int = 4
+  width: int = 32        # Text tower, decoder and joint embedding (CoCa ties them).
+  heads: int = 4
+  layers: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +91,12 @@ class DemoSettings:
     k: stored augmentations per image.
     num_syn: synthetic captions per image.
     captioner_temperature: diversity of the demo captioner.
+    captioner: who writes the students' synthetic captions (CAPTIONERS): 'demo', the procedural
+      oracle (`captions.DemoCaptioner`, never wrong); 'coca', a small CoCa trained with the CoCa
+      objective on the teachers' set, sampling as ml-mobileclip-dr (top_p 0.9); 'coca+demo'
+      both, each `num_syn` captions under its own key (MobileCLIP2: captioners add up).
+    coca: the CoCa captioner's architecture.
+    coca_steps, coca_batch, coca_lr: its training (on `demo_world_teachers`).
     clip_weight, distill_weight: the DR student's (1 - lambda) and lambda.
     teacher_scales: logit scales of the teachers in the distillation targets.
     eval_samples: images per evaluation (val tasks, held-out pairs, retrieval).
@@ -101,14 +127,27 @@ class DemoSettings:
   k: int = 4
   num_syn: int = 4
   captioner_temperature: float = 0.7
+  captioner: str = 'demo'
+  coca: CocaArch = CocaArch()
+  coca_steps: int = 300
+  coca_batch: int = 32
+  coca_lr: float = 2e-3
   clip_weight: float = 0.5
   distill_weight: float = 0.5
   teacher_scales: Tuple[float, float] = (50.0, 50.0)
   eval_samples: int = 500
 
+  def __post_init__(self):
+    if self.captioner not in CAPTIONERS:
+      raise ValueError(f'DemoSettings.captioner must be one of {", ".join(CAPTIONERS)}, got '
+                       f'{self.captioner!r}.')
+
   def to_dict(self) -> Dict[str, Any]:
     """JSON-able (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+QUICK_COCA_STEPS = 24  # Enough for a peaked next-token distribution: top_p's nucleus is small.
 
 
 def quick() -> DemoSettings:
@@ -117,7 +156,8 @@ def quick() -> DemoSettings:
   return DemoSettings(
       num_samples=128, render_size=32, samples_per_shard=64, teacher_samples=128, teacher=tiny,
       teacher_steps=4, teacher_batch=16, student=tiny, student_steps=4, student_batch=16,
-      warmup_steps=1, k=2, num_syn=2, eval_samples=32)
+      warmup_steps=1, k=2, num_syn=2, eval_samples=32, coca_steps=QUICK_COCA_STEPS,
+      coca_batch=16, coca_lr=1e-2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +238,36 @@ def train_config(role: str, settings: DemoSettings, data_dir: str) -> ml_collect
     return c
   # The students differ in their data and objective only (the CLIP objective ignores the rest).
   c.data.name, c.loss.objective = ((PLAIN_NAME, 'clip') if role == 'student_clip'
-                                   else (REINFORCED_NAME, 'dr'))
+                                   else (reinforced_name(settings.captioner), 'dr'))
   c.loss.clip_weight, c.loss.distill_weight = settings.clip_weight, settings.distill_weight
   c.loss.teacher_scales = settings.teacher_scales
+  return c
+
+
+def reinforced_name(captioner: str) -> str:
+  """The students' reinforced set whose synthetic captions come from `captioner` (CAPTIONERS):
+  `demo_world_reinforced` for the oracle, `demo_world_reinforced_<coca|coca_demo>` else."""
+  if captioner not in CAPTIONERS:
+    raise ValueError(f'Unknown demo captioner {captioner!r}; choices: {", ".join(CAPTIONERS)}.')
+  return REINFORCED_NAME if captioner == 'demo' else f'{REINFORCED_NAME}_{captioner.replace("+", "_")}'
+
+
+def captioner_config(settings: DemoSettings, data_dir: str) -> ml_collections.ConfigDict:
+  """The CoCa captioner's training config: configs/coca.py's model and CoCa objective (caption
+  cross-entropy x 2 + CLIP) at `settings.coca`'s sizes, on the teachers' set, the demo's context
+  and augmentation, no evaluations."""
+  c = _base(settings, data_dir, settings.coca_steps, settings.coca_batch, settings.coca_lr)
+  coca = config_lib.load_config_file(os.path.join(config_lib.CONFIGS_DIR, 'coca.py') + ':b32')
+  c.model, c.loss, c.optim.wd_rules = coca.model, coca.loss, coca.optim.wd_rules
+  a = settings.coca
+  c.model.embed_dim, c.model.image_size = a.width, settings.image_size  # CoCa: embed = width.
+  c.model.image.update(width=a.image_width, depth=a.image_depth, heads=a.image_heads,
+                       patch_size=a.patch_size, attn_pool_queries=a.pool_queries,
+                       attn_pool_heads=a.pool_heads)
+  for tower in ('text', 'decoder'):
+    c.model[tower].update(context_length=settings.context_length, width=a.width, heads=a.heads,
+                          layers=a.layers)
+  c.data.name = TEACHERS_NAME
+  c.seed = settings.seed
+  c.evals = ml_collections.ConfigDict()
   return c

@@ -46,7 +46,7 @@ COLOR_OPS = ('Brightness', 'Color', 'Contrast', 'Posterize', 'Solarize', 'AutoCo
 _UID = re.compile(r'^demo-(\w+)-s(\d+)-(\d+)$')
 
 
-def _scene_of(uid: str, world: world_lib.DemoWorldConfig) -> world_lib.Scene:
+def scene_of(uid: str, world: world_lib.DemoWorldConfig) -> world_lib.Scene:
   """The scene behind a demo sample's uid (scenes do not depend on caption settings)."""
   match = _UID.match(uid)
   if not match:
@@ -169,7 +169,7 @@ def augmentation_stats(name: str, data_dir: str, image_size: int,
   kept, diameters, ops = [], [], []
   for i in range(min(num, len(source))):
     record = source[i]
-    scene = _scene_of(record['uid'].decode(), world)
+    scene = scene_of(record['uid'].decode(), world)
     side = Image.open(io.BytesIO(record['image'])).size[0]  # Demo images are square.
     if meta.kind == 'reinforced':
       entries = json.loads(record['paug'])
@@ -253,7 +253,7 @@ def dataset_caption_stats(name: str, data_dir: str, tokenizer, context_length: i
   """`caption_stats` of a built dataset's ground-truth (and synthetic) captions."""
   source, meta = reinforced_tfds.open_reinforced(name, data_dir)
   records = [source[i] for i in range(min(num, len(source)))]
-  labels = [_scene_of(r['uid'].decode(), world).labels() for r in records]
+  labels = [scene_of(r['uid'].decode(), world).labels() for r in records]
   out = {'gt': caption_stats([r['captions'][0].decode() for r in records], labels, tokenizer,
                              context_length)}
   if meta.kind == 'reinforced':
@@ -327,7 +327,7 @@ def model_stats(checkpoint_dir: str, world: world_lib.DemoWorldConfig, seed: int
   crops_x = crop_labels = None
   if train_batch is not None:
     crops_x = _embed(model, variables, mesh, embedding.IMAGE, train_batch['images'])
-    crop_labels = [_scene_of(uid, world).labels() for uid in train_batch['uids']]
+    crop_labels = [scene_of(uid, world).labels() for uid in train_batch['uids']]
   out = {}
   for task, classifier in zip(tasks, classifiers):
     targets = np.array([task.target(l) for l in val_labels])

@@ -5,9 +5,15 @@
   2. teachers   two small CLIP models (MCi image tower, wider and deeper than the students'; one
                 architecture, two seeds) trained with the CLIP loss, once each, through the
                 experiment runner (mobileclip_jax/experiment.py)
-  3. reinforce  k stored augmentations per student image embedded by both teachers, synthetic
-                captions from the demo captioner (near-duplicates regenerated), teacher text
-                embeddings of every caption -> `demo_world_reinforced`
+  3. captioner  (`captioner` 'coca' or 'coca+demo') a small CoCa trained with the CoCa objective
+                on the teachers' set, through the runner's `run_one` -> <workdir>/captioner
+     reinforce  k stored augmentations per student image embedded by both teachers, synthetic
+                captions from `DemoSettings.captioner` (the procedural oracle, the CoCa, or
+                both under their own keys; near-duplicates regenerated), teacher text
+                embeddings of every caption -> `demo_world_reinforced` (oracle) or
+                `demo_world_reinforced_<coca|coca_demo>`; every caption is checked against its
+                scene's labels (caption_quality.py); `captioner_ablation` builds the other
+                choices' sets too (configs/demo.py's captioners sweep)
   4. students   one reduced MobileCLIP2-S0 (MCi image tower, text transformer) trained with the
                 same steps, batch and schedule with the CLIP loss on `demo_world` (the baseline)
                 and the DR objective on `demo_world_reinforced`, `student_seeds` seeds each,
@@ -28,28 +34,33 @@ skips finished runs and resumes interrupted ones), so a rerun only redoes what i
 settings of a workdir are recorded in <workdir>/demo_settings.json; a run with other settings
 there is refused.
 
-Layout of <workdir>: tfds/ (datasets), reinforced/ (DataCompDR-format shards), teachers/ and
+Layout of <workdir>: tfds/ (datasets), reinforced/ (DataCompDR-format shards;
+reinforced_<coca|coca_demo>/ for the other captioners), captioner/ (the CoCa's run), teachers/ and
 students/ (the runner's workdirs: runs/<role>/seed<N>/, results.json, results.md, plots), export/
 (the PyTorch export), results.json, loss_curves.png, inspect/ (`--inspect`).
 """
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from mobileclip_jax import experiment
 from mobileclip_jax import utils
+from mobileclip_jax.demo import caption_quality
 from mobileclip_jax.demo import training_sets
 from mobileclip_jax.demo import report
 from mobileclip_jax.demo import hparams as settings_lib
 from mobileclip_jax.demo import torch_check
 from mobileclip_jax.demo.hparams import DemoSettings, STUDENTS, TEACHERS
+from mobileclip_jax.demo.world import DemoWorldConfig
 
 log = logging.getLogger('mobileclip_jax')
 SETTINGS_FILE = 'demo_settings.json'
 RESULTS_FILE = 'results.json'
 PLOT_FILE = 'loss_curves.png'
 FORMAT = 'mobileclip_jax.demo/2'
+CAPTIONER_DIR = 'captioner'
+COCA_BATCH = 256  # Rows (image, caption) per CoCa generation call: one compilation.
 
 
 def _read_json(path: str):
@@ -61,10 +72,17 @@ def _read_json(path: str):
 
 
 def check_settings(workdir: str, settings: DemoSettings) -> None:
-  """Records the settings of a new workdir; refuses a workdir made with other settings."""
+  """Records the settings of a new workdir; refuses a workdir made with other settings.
+
+  A setting added since the workdir was made counts as its default (full or --quick sizes).
+  """
   path = os.path.join(workdir, SETTINGS_FILE)
   old, new = _read_json(path), settings.to_dict()
-  if old is None:
+  defaults = (DemoSettings().to_dict(), settings_lib.quick().to_dict())
+  for key in set(new) - set(old or new):
+    if any(d[key] == new[key] for d in defaults):
+      old[key] = new[key]
+  if old is None or (old == new and old != _read_json(path)):
     utils.write_json_atomic(path, new)
   elif old != new:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -96,10 +114,39 @@ def train_group(roles, settings: DemoSettings, data_dir: str, workdir: str,
                         print_fn=print_fn)
 
 
-def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, Any]:
-  """Makes `demo_world_reinforced` from the students' tars and the two teachers (if not built).
+def captioner_dir(workdir: str) -> str:
+  """The CoCa captioner's training run."""
+  return os.path.join(workdir, CAPTIONER_DIR)
 
-  Returns the generation's summary (caption quality, counts) as written next to the shards.
+
+def train_captioner(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, Any]:
+  """Trains the CoCa captioner on the teachers' set (skipped when done, resumed when
+  interrupted: `experiment.run_one`); returns its cost and last caption / total loss."""
+  directory = captioner_dir(workdir)
+  result = experiment.run_one(settings_lib.captioner_config(settings, data_dir), directory)
+  _, caption_loss = experiment.loss_curve(directory, 'caption/loss')
+  return {'dir': directory, 'steps': settings.coca_steps, 'train': result['train'],
+          'caption_loss': caption_loss[-1] if caption_loss else None,
+          'loss': result['metrics'].get(experiment.LOSS_KEY)}
+
+
+def captioner_specs(captioner: str, settings: DemoSettings, workdir: str) -> List[str]:
+  """The reinforcement's captioner specs of a `DemoSettings.captioner` choice: the oracle alone
+  writes DataCompDR's `syn_text`; with the CoCa each writes its own `syn_text_<TAG>`."""
+  demo = f'temperature={settings.captioner_temperature}'
+  coca = f'coca:coca={captioner_dir(workdir)}:batch_size={COCA_BATCH}'
+  return {'demo': [f'demo:{demo}'], 'coca': [coca],
+          'coca+demo': [coca, f'demo:demo:{demo}']}[captioner]
+
+
+def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
+              captioner: Optional[str] = None) -> Dict[str, Any]:
+  """Makes the students' reinforced set with `captioner`'s synthetic captions (default
+  `settings.captioner`; `settings_lib.reinforced_name`) from the students' tars and the two
+  teachers (if not built), and measures its captions against the scene labels.
+
+  Returns the generation's summary (duplicate measures per caption key, counts, and
+  'caption_quality': `caption_quality.dataset_quality`) as written next to the shards.
   """
   # pylint: disable=g-import-not-at-top
   import jax
@@ -110,8 +157,12 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
   from mobileclip_jax.reinforce import settings as reinforce_settings
   from mobileclip_jax.reinforce import teachers as teachers_lib
   # pylint: enable=g-import-not-at-top
-  out = os.path.join(workdir, 'reinforced')
-  name = settings_lib.REINFORCED_NAME
+  captioner = captioner or settings.captioner
+  name = settings_lib.reinforced_name(captioner)
+  out = os.path.join(workdir, 'reinforced' + name[len(settings_lib.REINFORCED_NAME):])
+  generation = reinforce_settings.GenerationConfig(
+      k=settings.k, num_syn=settings.num_syn, augmentation=settings_lib.augmentation(settings),
+      seed=settings.seed, chunk_size=128)
   if not training_sets.exists(name, data_dir):
     _, meta = reinforced_tfds.open_reinforced(settings_lib.PLAIN_NAME, data_dir)
     shards = inputs.resolve('::'.join(meta.source_shards))
@@ -120,22 +171,36 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
         [teachers_lib.load_checkpoint_teacher(run_dirs(workdir, role, settings)[0])
          for role in TEACHERS],
         images_per_device=per_device, texts_per_device=per_device)
-    generation = reinforce_settings.GenerationConfig(
-        k=settings.k, num_syn=settings.num_syn,
-        augmentation=settings_lib.augmentation(settings), seed=settings.seed,
-        chunk_size=128)
-    captioner = captioners.make_captioner(f'demo:temperature={settings.captioner_temperature}')
-    summary = generate.reinforce(shards, out, ensemble, [captioner], generation, progress=False)
+    made = captioners.make_captioners(captioner_specs(captioner, settings, workdir))
+    summary = generate.reinforce(shards, out, ensemble, made, generation, progress=False)
     log.info('%s', summary.summary())
     build = generate.build_tfds(out, name, data_dir, overwrite=True, progress=False)
     log.info('%s', build.summary())
   training_sets.check_size(name, data_dir, settings.num_samples)
-  return _read_json(os.path.join(out, generate.SUMMARY_FILE)) or {}
+  summary = _read_json(os.path.join(out, generate.SUMMARY_FILE)) or {}
+  if summary and 'caption_quality' not in summary:
+    quality = caption_quality.dataset_quality(name, data_dir, DemoWorldConfig(),
+                                              generation.dedup_threshold)
+    summary = caption_quality.write_into_summary(out, generate.SUMMARY_FILE, quality)
+  return summary
+
+
+def _reinforcement_entry(summary: Mapping[str, Any], captioner: str) -> Dict[str, Any]:
+  """results.json's view of a reinforcement: its dataset, caption measures and counts."""
+  return {'captioner': captioner, 'dataset': settings_lib.reinforced_name(captioner),
+          'caption_quality': summary.get('caption_quality'),
+          'captions': summary.get('captions'), 'samples': summary.get('samples')}
 
 
 def run(workdir: str, settings: DemoSettings = DemoSettings(),
-        print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
-  """Runs (or completes) the demo in `workdir`; returns what results.json holds."""
+        print_fn: Callable[[str], None] = print,
+        captioner_ablation: bool = False) -> Dict[str, Any]:
+  """Runs (or completes) the demo in `workdir`; returns what results.json holds.
+
+  `captioner_ablation` also builds the students' reinforced sets of the other captioner choices
+  (`settings_lib.CAPTIONERS`, for configs/demo.py's captioners sweep) and adds their caption
+  measures to results.json.
+  """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   check_settings(workdir, settings)
@@ -155,7 +220,16 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
   stage('data', lambda: training_sets.build_data(settings, data_dir))
   teachers = stage('teachers', lambda: train_group(TEACHERS, settings, data_dir, workdir,
                                                    progress))
+  captioner = None
+  if 'coca' in settings.captioner or captioner_ablation:
+    captioner = stage('captioner', lambda: train_captioner(settings, data_dir, workdir))
   reinforcement = stage('reinforce', lambda: reinforce(settings, data_dir, workdir))
+  ablation = {}
+  for choice in settings_lib.CAPTIONERS if captioner_ablation else ():
+    if choice != settings.captioner:
+      ablation[choice] = _reinforcement_entry(stage(
+          f'reinforce_{choice}', lambda c=choice: reinforce(settings, data_dir, workdir, c)),
+          choice)
   students = stage('students', lambda: train_group(STUDENTS, settings, data_dir, workdir,
                                                    progress))
   models = {}
@@ -172,8 +246,11 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
   results = {'format': FORMAT, 'workdir': workdir, 'settings': settings.to_dict(),
              'models': models, 'export': exported, 'seconds': this_run['wall_s'],
              'this_run': this_run,
-             'reinforcement': {'captions': reinforcement.get('captions'),
-                               'samples': reinforcement.get('samples')}}
+             'reinforcement': _reinforcement_entry(reinforcement, settings.captioner)}
+  if captioner is not None:
+    results['captioner'] = captioner
+  if ablation:
+    results['captioner_ablation'] = ablation
   utils.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
   report.print_summary(results, workdir, print_fn)
   return results

@@ -11,6 +11,7 @@ import os
 from typing import Any, Dict, Mapping, Sequence
 
 from mobileclip_jax import experiment
+from mobileclip_jax.demo import caption_quality
 from mobileclip_jax.demo import hparams as settings_lib
 
 # The headline metrics: name -> the evaluator metric of `settings.eval_entries`.
@@ -85,6 +86,17 @@ def print_summary(results: Mapping[str, Any], workdir: str, print_fn) -> None:
       f"\n  {check['library']}: embeddings rel. L2 image {check['image_rel_l2']:.2e}, text "
       f"{check['text_rel_l2']:.2e} (tokens equal: {check['tokens_equal']})"
       if 'library' in check else f"\n  not checked: {check['skipped']}"))
+  quality = {f'{entry["captioner"]}: {key}': rates
+             for entry in (results['reinforcement'], *results.get('captioner_ablation',
+                                                                   {}).values())
+             for key, rates in (entry.get('caption_quality') or {}).items()}
+  if quality:
+    print_fn('\nSynthetic captions vs the scene labels (main object named; invented shape or '
+             'colour):\n' + caption_quality.format_table(quality))
+  if 'captioner' in results:
+    c = results['captioner']
+    print_fn(f"CoCa captioner: {c['steps']} steps, caption loss {c['caption_loss']:.2f}, "
+             f"{c['train']['wall_s']:.0f} s wall ({c['train']['cpu_s']:.0f} s CPU)")
   this_run = results['this_run']
   print_fn(f'\nThis run: {this_run["wall_s"]:.0f} s wall, {this_run["cpu_s"]:.0f} s CPU '
            f'(user + system). Results: {os.path.join(workdir, "results.json")}, plot: '
