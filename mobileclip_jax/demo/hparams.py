@@ -249,7 +249,8 @@ def reinforced_name(captioner: str) -> str:
   `demo_world_reinforced` for the oracle, `demo_world_reinforced_<coca|coca_demo>` else."""
   if captioner not in CAPTIONERS:
     raise ValueError(f'Unknown demo captioner {captioner!r}; choices: {", ".join(CAPTIONERS)}.')
-  return REINFORCED_NAME if captioner == 'demo' else f'{REINFORCED_NAME}_{captioner.replace("+", "_")}'
+  suffix = '' if captioner == 'demo' else '_' + captioner.replace('+', '_')
+  return REINFORCED_NAME + suffix
 
 
 def captioner_config(settings: DemoSettings, data_dir: str) -> ml_collections.ConfigDict:

@@ -77,12 +77,13 @@ def check_settings(workdir: str, settings: DemoSettings) -> None:
   A setting added since the workdir was made counts as its default (full or --quick sizes).
   """
   path = os.path.join(workdir, SETTINGS_FILE)
-  old, new = _read_json(path), settings.to_dict()
-  defaults = (DemoSettings().to_dict(), settings_lib.quick().to_dict())
-  for key in set(new) - set(old or new):
-    if any(d[key] == new[key] for d in defaults):
-      old[key] = new[key]
-  if old is None or (old == new and old != _read_json(path)):
+  recorded, new = _read_json(path), settings.to_dict()
+  old = recorded
+  if recorded is not None:
+    defaults = (DemoSettings().to_dict(), settings_lib.quick().to_dict())
+    old = {**{k: new[k] for k in set(new) - set(recorded)
+              if any(d[k] == new[k] for d in defaults)}, **recorded}
+  if old is None or (old == new and old != recorded):
     utils.write_json_atomic(path, new)
   elif old != new:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
