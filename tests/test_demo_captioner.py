@@ -2,7 +2,8 @@
 trainer on the teachers' set writes the students' synthetic captions, alone or beside the oracle
 (each its own key); every captioner choice's reinforced set (--captioner_ablation) with its
 captions checked against the scene labels; the DR student of the captioners sweep trains on the
-CoCa-only set through the experiment runner."""
+CoCa-only set through the experiment runner (slow: the CoCa's generation over the 49,408-token
+vocabulary dominates). Fast: the settings, names and the captioner's training config."""
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ def demo_run(tmp_path_factory):
   return workdir, results, '\n'.join(printed)
 
 
+@pytest.mark.slow  # The quick demo with a CoCa: ~4 min on 2 shared cores.
 def test_the_captioner_is_a_coca_trained_on_the_teachers_set(demo_run):
   workdir, results, printed = demo_run
   captioner = results['captioner']
@@ -52,6 +54,7 @@ def _syn_keys(workdir, captioner):
   return meta.syn_keys
 
 
+@pytest.mark.slow
 def test_each_captioner_choice_has_its_set_keys_and_measures(demo_run):
   workdir, results, printed = demo_run
   entries = {results['reinforcement']['captioner']: results['reinforcement'],
@@ -71,18 +74,19 @@ def test_each_captioner_choice_has_its_set_keys_and_measures(demo_run):
             1.0, 1.0, 0.0)
       assert f'{choice}: {key}' in printed
     # The generation's own summary holds the same measures.
-    out = os.path.join(workdir, 'reinforced' + entry['dataset'][len(
-        settings_lib.REINFORCED_NAME):])
-    with open(os.path.join(out, generate.SUMMARY_FILE)) as f:
+    with open(os.path.join(recipe.reinforced_dir(workdir, choice), generate.SUMMARY_FILE)) as f:
       assert json.load(f)['caption_quality'] == quality
-  # The CoCa wrote its captions with MobileCLIP's sampling, from the demo's captioner run.
-  with open(os.path.join(workdir, 'reinforced_coca_demo', 'reinforce_config.json')) as f:
+  # The CoCa wrote its captions with the settings' sampler, from the demo's captioner run.
+  with open(os.path.join(recipe.reinforced_dir(workdir, 'coca+demo'),
+                         'reinforce_config.json')) as f:
     described = json.load(f)['generation']['captioners']
   assert [c['name'] for c in described] == ['coca', 'demo']
-  assert (described[0]['path'], described[0]['top_p']) == (recipe.captioner_dir(workdir), 0.9)
+  assert (described[0]['path'], described[0]['sampler']) == (recipe.captioner_dir(workdir),
+                                                             SETTINGS.coca_sampler)
   assert 'Synthetic captions vs the scene labels' in printed
 
 
+@pytest.mark.slow
 def test_the_dr_student_trains_on_the_chosen_captions(demo_run):
   workdir, _, _ = demo_run
   directory = recipe.run_dirs(workdir, 'student_dr', SETTINGS)[0]
@@ -92,6 +96,7 @@ def test_the_dr_student_trains_on_the_chosen_captions(demo_run):
     assert any('syn/distill' in json.loads(line) for line in f)
 
 
+@pytest.mark.slow
 def test_the_captioners_sweep_runs_the_student_on_the_coca_set(demo_run, tmp_path):
   workdir, _, _ = demo_run
   module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
@@ -124,3 +129,29 @@ def test_settings_and_names_refuse_unknown_captioners(tmp_path):
   with pytest.raises(ValueError, match='captioner'):
     recipe.check_settings(str(tmp_path), dataclasses.replace(settings_lib.quick(),
                                                              captioner='coca'))
+
+
+def test_the_captioner_config_is_a_coca_on_the_teachers_set_with_the_students_tokenizer():
+  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.models import coca as coca_lib
+  from mobileclip_jax.train import setup
+  # pylint: enable=g-import-not-at-top
+  settings = settings_lib.DemoSettings()
+  config = settings_lib.captioner_config(settings, '/data')
+  model = setup.model_config(config)
+  assert isinstance(model, coca_lib.CoCaConfig)
+  student = setup.model_config(settings_lib.train_config('student_dr', settings, '/data'))
+  # Reinforcement refuses a captioner whose tokenizer is not the student's.
+  assert model.tokenizer == student.tokenizer
+  assert model.text.context_length == model.decoder.context_length == settings.context_length
+  assert (model.image.width, model.text.width, model.image.attn_pool_queries) == (
+      settings.coca.image_width, settings.coca.width, settings.coca.pool_queries)
+  assert (config.data.name, config.loss.objective, config.loss.caption_weight) == (
+      settings_lib.TEACHERS_NAME, 'coca', 2.0)
+  assert not config.evals and config.schedule.total == f'{settings.coca_steps}_steps'
+  # The students' DR data follows the captioner choice.
+  for choice in settings_lib.CAPTIONERS:
+    dr = settings_lib.train_config(
+        'student_dr', dataclasses.replace(settings, captioner=choice), '/data')
+    assert dr.data.name == settings_lib.reinforced_name(choice)
+  assert settings_lib.reinforced_name('demo') == settings_lib.REINFORCED_NAME

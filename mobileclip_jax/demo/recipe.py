@@ -60,7 +60,6 @@ RESULTS_FILE = 'results.json'
 PLOT_FILE = 'loss_curves.png'
 FORMAT = 'mobileclip_jax.demo/2'
 CAPTIONER_DIR = 'captioner'
-COCA_BATCH = 256  # Rows (image, caption) per CoCa generation call: one compilation.
 
 
 def _read_json(path: str):
@@ -135,9 +134,15 @@ def captioner_specs(captioner: str, settings: DemoSettings, workdir: str) -> Lis
   """The reinforcement's captioner specs of a `DemoSettings.captioner` choice: the oracle alone
   writes DataCompDR's `syn_text`; with the CoCa each writes its own `syn_text_<TAG>`."""
   demo = f'temperature={settings.captioner_temperature}'
-  coca = f'coca:coca={captioner_dir(workdir)}:batch_size={COCA_BATCH}'
+  coca = f'coca:coca={captioner_dir(workdir)}:sampler={settings.coca_sampler!r}'
   return {'demo': [f'demo:{demo}'], 'coca': [coca],
           'coca+demo': [coca, f'demo:demo:{demo}']}[captioner]
+
+
+def reinforced_dir(workdir: str, captioner: str) -> str:
+  """The generated shards of a captioner choice's reinforced set (reinforced/ for the oracle)."""
+  suffix = settings_lib.reinforced_name(captioner)[len(settings_lib.REINFORCED_NAME):]
+  return os.path.join(workdir, 'reinforced' + suffix)
 
 
 def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
@@ -159,8 +164,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
   from mobileclip_jax.reinforce import teachers as teachers_lib
   # pylint: enable=g-import-not-at-top
   captioner = captioner or settings.captioner
-  name = settings_lib.reinforced_name(captioner)
-  out = os.path.join(workdir, 'reinforced' + name[len(settings_lib.REINFORCED_NAME):])
+  name, out = settings_lib.reinforced_name(captioner), reinforced_dir(workdir, captioner)
   generation = reinforce_settings.GenerationConfig(
       k=settings.k, num_syn=settings.num_syn, augmentation=settings_lib.augmentation(settings),
       seed=settings.seed, chunk_size=128)

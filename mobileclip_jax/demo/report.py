@@ -5,7 +5,12 @@ results.json (outside checks read these names):
                      "train": {"wall_s", "cpu_s"}}},
    "seconds": wall seconds of the whole demo, "stages": {STAGE: {"wall_s", "cpu_s"}}, ...}
 with ROLE in teacher_a, teacher_b, student_clip, student_dr and METRIC in zero_shot_mean,
-heldout, i2t_r1, t2i_r1 (fractions in 0..1; "values" per seed).
+heldout, i2t_r1, t2i_r1 (fractions in 0..1; "values" per seed). The students' synthetic captions:
+  "reinforcement": {"captioner", "dataset", "samples",
+                    "caption_quality": {SYN_KEY: caption_quality.CaptionQuality.rates()},
+                    "captions": {SYN_KEY: duplicate measures before/after regeneration}},
+  "captioner": the CoCa's training {"steps", "caption_loss", "train": {"wall_s", "cpu_s"}} (with a
+  CoCa), "captioner_ablation": {CAPTIONER: like "reinforcement"} (--captioner_ablation).
 """
 import os
 from typing import Any, Dict, Mapping, Sequence
