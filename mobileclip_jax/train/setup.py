@@ -47,7 +47,8 @@ def model_config(config: ml_collections.ConfigDict) -> clip_lib.ModelConfig:
   overrides = dict(attention=m.attention, qk_norm=m.qk_norm, dtype=m.dtype,
                    bn_group_size=m.bn_group_size)
   overrides.update(config_lib.overridden(ml_collections.ConfigDict(
-      {'embed_dim': m.embed_dim, 'image_size': m.image_size})))
+      {'embed_dim': m.embed_dim, 'image_size': m.image_size,
+       'init_logit_scale': m.init_logit_scale, 'init_logit_bias': m.init_logit_bias})))
   for tower in ('image', 'text'):
     tower_overrides = config_lib.overridden(m[tower])
     if tower_overrides:
@@ -134,7 +135,8 @@ def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelC
       image_size=model_config_.image_size, tokenizer=d.tokenizer,
       context_length=model_config_.text.context_length, syn_key_regex=d.syn_key_regex,
       seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
-      error_policy=d.error_policy, error_budget=d.max_corrupt)
+      error_policy=d.error_policy, error_budget=d.max_corrupt,
+      teachers=None if d.teachers is None else tuple(d.teachers), num_syn=d.num_syn)
   try:
     iterator = loader.make_train_iterator(input_config, process_index, process_count,
                                           skipped_log=skipped_log)
@@ -327,6 +329,10 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   """
   check_batch(config, mesh)
   model_config_ = model_config(config)
+  if config.loss.kind == 'sigmoid' and model_config_.init_logit_bias is None:
+    raise ValueError("loss.kind='sigmoid' needs a learned logit bias: set model.init_logit_bias "
+                     '(SigLIP: model.init_logit_bias=-10 with model.init_logit_scale=2.3026, '
+                     'log 10).')
   model, regularizer = build_model(config, model_config_)
   data = None
   if spec is None:
