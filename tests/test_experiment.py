@@ -147,7 +147,8 @@ def test_table_shows_mean_and_std_in_percent():
 
 
 def test_plot_axis_is_the_first_key_every_variant_sets_to_a_distinct_number():
-  axis = lambda overrides: experiment._swept_axis({'overrides': overrides})  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  axis = lambda overrides: experiment._swept_axis({'overrides': overrides})
   lam = {f'l={l}': {'loss.distill_weight': l, 'loss.clip_weight': 1 - l} for l in (0, 0.5, 1)}
   assert axis(lam) == ('loss.distill_weight', [0.0, 0.5, 1.0])
   assert axis({'a': {'optim.lr': 1e-3}, 'b': {'optim.lr': 3e-3}}) == ('optim.lr', [1e-3, 3e-3])
