@@ -4,6 +4,7 @@ r"""The whole MobileCLIP recipe on the built-in demo world, on one CPU, from not
   python launch/demo.py --workdir=/tmp/demo
   python launch/demo.py --quick               # toy sizes, a smoke run: <default>_quick
   python launch/demo.py --inspect             # what the models see and learned -> <workdir>/inspect
+  python launch/demo.py --regeneration_ablation   # also demo_world_reinforced_noregen
 
 Makes the demo-world datasets, trains two CLIP teachers, reinforces the students' dataset with
 them (stored augmentations, teacher embeddings, synthetic captions), trains the same small
@@ -28,6 +29,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where everything goes (default:
                                f'{settings_lib.QUICK_WORKDIR} with --quick).')
 _QUICK = flags.DEFINE_bool('quick', False, 'Toy sizes: every stage, in a fraction of the time; '
                            'the numbers mean nothing.')
+_REGENERATION = flags.DEFINE_bool(
+    'regeneration_ablation', False, 'Also reinforce the students\' set without caption '
+    'regeneration (demo_world_reinforced_noregen, for configs/demo.py\'s regeneration sweep; '
+    'one more reinforcement stage); its caption measures go to results.json.')
 _INSPECT = flags.DEFINE_bool('inspect', False, 'Instead of running the demo, write what its '
                              'models see and learned (crops, captions, confusion matrices, '
                              'linear probes) for what the workdir holds, to <workdir>/inspect.')
@@ -45,7 +50,7 @@ def main(argv):
     inspection.inspect(workdir, settings)
   else:
     from mobileclip_jax.demo import recipe  # pylint: disable=g-import-not-at-top
-    recipe.run(workdir, settings)
+    recipe.run(workdir, settings, regeneration_ablation=_REGENERATION.value)
 
 
 if __name__ == '__main__':

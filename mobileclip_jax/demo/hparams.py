@@ -19,6 +19,9 @@ QUICK_WORKDIR = DEFAULT_WORKDIR + '_quick'
 # Datasets (TFDS names in <workdir>/tfds): the students' plain and reinforced sets, the teachers'.
 PLAIN_NAME = 'demo_world'
 REINFORCED_NAME = 'demo_world_reinforced'
+# The reinforced set with its synthetic captions as first made (no near-duplicate regeneration):
+# the regeneration ablation's, built on request (launch/demo.py --regeneration_ablation).
+REINFORCED_NOREGEN_NAME = 'demo_world_reinforced_noregen'
 TEACHERS_NAME = 'demo_world_teachers'
 TEACHERS, STUDENTS = ('teacher_a', 'teacher_b'), ('student_clip', 'student_dr')
 ROLES = TEACHERS + STUDENTS

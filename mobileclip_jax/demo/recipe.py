@@ -7,7 +7,10 @@
                 experiment runner (mobileclip_jax/experiment.py)
   3. reinforce  k stored augmentations per student image embedded by both teachers, synthetic
                 captions from the demo captioner (near-duplicates regenerated), teacher text
-                embeddings of every caption -> `demo_world_reinforced`
+                embeddings of every caption -> `demo_world_reinforced`; with
+                `regeneration_ablation` also the same without regeneration (the captions as
+                first made) -> `demo_world_reinforced_noregen`, for configs/demo.py's
+                regeneration sweep
   4. students   one reduced MobileCLIP2-S0 (MCi image tower, text transformer) trained with the
                 same steps, batch and schedule with the CLIP loss on `demo_world` (the baseline)
                 and the DR objective on `demo_world_reinforced`, `student_seeds` seeds each,
@@ -28,7 +31,8 @@ skips finished runs and resumes interrupted ones), so a rerun only redoes what i
 settings of a workdir are recorded in <workdir>/demo_settings.json; a run with other settings
 there is refused.
 
-Layout of <workdir>: tfds/ (datasets), reinforced/ (DataCompDR-format shards), teachers/ and
+Layout of <workdir>: tfds/ (datasets), reinforced/ (DataCompDR-format shards; reinforced_noregen/
+with `regeneration_ablation`), teachers/ and
 students/ (the runner's workdirs: runs/<role>/seed<N>/, results.json, results.md, plots), export/
 (the PyTorch export), results.json, loss_curves.png, inspect/ (`--inspect`).
 """
@@ -96,8 +100,11 @@ def train_group(roles, settings: DemoSettings, data_dir: str, workdir: str,
                         print_fn=print_fn)
 
 
-def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, Any]:
-  """Makes `demo_world_reinforced` from the students' tars and the two teachers (if not built).
+def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
+              regenerate: bool = True) -> Dict[str, Any]:
+  """Makes `demo_world_reinforced` from the students' tars and the two teachers (if not built);
+  with `regenerate` False `demo_world_reinforced_noregen`: the same seed, so the same captions
+  as first made, near-duplicates measured but kept.
 
   Returns the generation's summary (caption quality, counts) as written next to the shards.
   """
@@ -110,8 +117,8 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
   from mobileclip_jax.reinforce import settings as reinforce_settings
   from mobileclip_jax.reinforce import teachers as teachers_lib
   # pylint: enable=g-import-not-at-top
-  out = os.path.join(workdir, 'reinforced')
-  name = settings_lib.REINFORCED_NAME
+  out = os.path.join(workdir, 'reinforced' if regenerate else 'reinforced_noregen')
+  name = settings_lib.REINFORCED_NAME if regenerate else settings_lib.REINFORCED_NOREGEN_NAME
   if not training_sets.exists(name, data_dir):
     _, meta = reinforced_tfds.open_reinforced(settings_lib.PLAIN_NAME, data_dir)
     shards = inputs.resolve('::'.join(meta.source_shards))
@@ -123,7 +130,8 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
     generation = reinforce_settings.GenerationConfig(
         k=settings.k, num_syn=settings.num_syn,
         augmentation=settings_lib.augmentation(settings), seed=settings.seed,
-        chunk_size=128)
+        chunk_size=128,
+        **({} if regenerate else {'max_regenerate': 0}))  # 0: measured, not regenerated.
     captioner = captioners.make_captioner(f'demo:temperature={settings.captioner_temperature}')
     summary = generate.reinforce(shards, out, ensemble, captioner, generation, progress=False)
     log.info('%s', summary.summary())
@@ -133,9 +141,19 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str) -> Dict[str, 
   return _read_json(os.path.join(out, generate.SUMMARY_FILE)) or {}
 
 
+def _reinforcement_entry(summary: Mapping[str, Any]) -> Dict[str, Any]:
+  """The caption measures (near-duplicate rates before/after regeneration) and counts."""
+  return {'captions': summary.get('captions'), 'samples': summary.get('samples')}
+
+
 def run(workdir: str, settings: DemoSettings = DemoSettings(),
-        print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
-  """Runs (or completes) the demo in `workdir`; returns what results.json holds."""
+        print_fn: Callable[[str], None] = print,
+        regeneration_ablation: bool = False) -> Dict[str, Any]:
+  """Runs (or completes) the demo in `workdir`; returns what results.json holds.
+
+  `regeneration_ablation` also builds `demo_world_reinforced_noregen` (one more reinforcement
+  of the students' set) and adds its caption measures to results.json.
+  """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   check_settings(workdir, settings)
@@ -156,6 +174,10 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
   teachers = stage('teachers', lambda: train_group(TEACHERS, settings, data_dir, workdir,
                                                    progress))
   reinforcement = stage('reinforce', lambda: reinforce(settings, data_dir, workdir))
+  without = None
+  if regeneration_ablation:
+    without = stage('reinforce_noregen', lambda: reinforce(settings, data_dir, workdir,
+                                                           regenerate=False))
   students = stage('students', lambda: train_group(STUDENTS, settings, data_dir, workdir,
                                                    progress))
   models = {}
@@ -172,8 +194,9 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
   results = {'format': FORMAT, 'workdir': workdir, 'settings': settings.to_dict(),
              'models': models, 'export': exported, 'seconds': this_run['wall_s'],
              'this_run': this_run,
-             'reinforcement': {'captions': reinforcement.get('captions'),
-                               'samples': reinforcement.get('samples')}}
+             'reinforcement': _reinforcement_entry(reinforcement)}
+  if without is not None:
+    results['reinforcement_noregen'] = _reinforcement_entry(without)
   utils.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
   report.print_summary(results, workdir, print_fn)
   return results
