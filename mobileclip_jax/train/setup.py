@@ -207,9 +207,10 @@ def loss_config(config: ml_collections.ConfigDict, teacher_dims) -> losses.LossC
   if teacher_dims:
     scales = config_lib.as_tuple(loss.teacher_scales)
     if len(scales) != len(teacher_dims):
-      raise ValueError(f'loss.teacher_scales has {len(scales)} values but the dataset has '
-                       f'{len(teacher_dims)} teachers (dims {tuple(teacher_dims)}); pass one '
-                       'scale per teacher, e.g. --config.loss.teacher_scales=70,60.')
+      raise ValueError(f'loss.teacher_scales has {len(scales)} values but the input has '
+                       f'{len(teacher_dims)} teachers (dims {tuple(teacher_dims)}, as '
+                       'data.teachers selects them); pass one scale per teacher, e.g. '
+                       '--config.loss.teacher_scales=70,60.')
     kwargs.update(teacher_scales=scales, teacher_dims=tuple(teacher_dims),
                   teacher_biases=config_lib.as_tuple(loss.teacher_biases))
   return losses.LossConfig(**kwargs)
