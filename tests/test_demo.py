@@ -261,6 +261,22 @@ def test_every_sweep_variant_builds_on_the_quick_demo_data(first_run, role):
       run.data.iterator.close()
 
 
+@pytest.mark.parametrize('role', settings_lib.STUDENTS)
+def test_every_sweep_variant_builds_at_the_demo_sizes(role):
+  """The full-size variants (no data: the input's layout as the demo's datasets give it)."""
+  module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
+  base, mesh = module.get_config(role), sharding.create_mesh()
+  for name, sweep in module.get_sweeps(role).items():
+    for variant, overrides in sweep.variants.items():
+      config = experiment.apply_overrides(base, overrides)
+      reinforced = config.data.name != settings_lib.PLAIN_NAME
+      dims = (settings_lib.DemoSettings().embed_dim,) * len(config.data.teachers or (0, 1))
+      spec = setup.InputSpec.synthetic(setup.model_config(config), dims if reinforced else ())
+      run = setup.build(config, mesh, spec=spec)
+      assert run.objective.use_teachers == (config.loss.objective == 'dr'), (name, variant)
+      assert run.loss_config.kind == config.loss.kind, (name, variant)
+
+
 def test_a_sweep_runs_through_the_runner_at_quick_sizes(first_run, tmp_path):
   """The regeneration sweep end to end (one seed): both reinforced sets, trained and evaluated."""
   workdir, _, _ = first_run
