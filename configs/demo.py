@@ -43,7 +43,6 @@ def get_config(arg=None):
 
 def get_sweeps(arg=None):
   role, settings, data_dir = _parse(arg)
-  del data_dir
   sweeps = {}
   if role in settings_lib.STUDENTS:
     sweeps['objective'] = experiment.Sweep(
@@ -51,13 +50,13 @@ def get_sweeps(arg=None):
          'dr': {'data.name': settings_lib.REINFORCED_NAME, 'loss.objective': 'dr'}},
         'The demo students: CLIP loss on the plain set vs DR on the reinforced set')
   if role == 'student_dr':
-    sweeps.update(_distillation_sweeps(settings))
+    sweeps.update(_distillation_sweeps(settings, data_dir))
   if role in settings_lib.STUDENTS:
     sweeps.update(_model_sweeps(role))
   return sweeps
 
 
-def _distillation_sweeps(settings):
+def _distillation_sweeps(settings, data_dir):
   """The DR student's ablations: teachers, their temperatures, lambda, caption kinds and counts,
   caption regeneration."""
   scale_a, scale_b = settings.teacher_scales
@@ -92,8 +91,9 @@ def _distillation_sweeps(settings):
           {'regenerated': {'data.name': settings_lib.REINFORCED_NAME},
            'not_regenerated': {
                'data.name': settings_lib.REINFORCED_NOREGEN_NAME,
-               'data.build_hint': 'python launch/demo.py --regeneration_ablation (it builds '
-                                  f'{settings_lib.REINFORCED_NOREGEN_NAME} beside the demo).'}},
+               'data.build_hint': (f'{settings_lib.demo_command(settings, data_dir)} '
+                                   '--regeneration_ablation (it builds '
+                                   f'{settings_lib.REINFORCED_NOREGEN_NAME} beside the demo).')}},
           'Synthetic captions with near-duplicates regenerated (the demo\'s set) vs as first '
           'made (near-duplicate rates before/after: the demo results.json "reinforcement")'),
   }

@@ -134,9 +134,8 @@ def _base(settings: DemoSettings, data_dir: str, steps: int, batch: int,
   c.model.image_size = settings.image_size
   c.model.text.context_length = settings.context_length
   c.data.data_dir = data_dir
-  quick_flag = ' --quick' if settings == quick() else ''
-  c.data.build_hint = (f'python launch/demo.py{quick_flag} --workdir={os.path.dirname(data_dir)} '
-                       '(it builds the demo datasets, and the teachers the reinforced one needs).')
+  c.data.build_hint = (f'{demo_command(settings, data_dir)} (it builds the demo datasets, and '
+                       'the teachers the reinforced one needs).')
   c.batch_size = batch
   c.schedule.total = f'{steps}_steps'
   c.schedule.warmup = f'{settings.warmup_steps}_steps'
@@ -149,6 +148,12 @@ def _base(settings: DemoSettings, data_dir: str, steps: int, batch: int,
   c.log_every = max(1, min(10, steps // 4))
   c.evals = ml_collections.ConfigDict(eval_entries(settings))
   return c
+
+
+def demo_command(settings: DemoSettings, data_dir: str) -> str:
+  """The launch/demo.py command line that makes the datasets in `data_dir`."""
+  quick_flag = ' --quick' if settings == quick() else ''
+  return f'python launch/demo.py{quick_flag} --workdir={os.path.dirname(data_dir)}'
 
 
 def augmentation(settings: DemoSettings) -> augment.AugmentConfig:
