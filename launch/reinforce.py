@@ -7,14 +7,22 @@ converted by launch/convert.py:
 
   python launch/reinforce.py --src='captioned/{00000000..00001023}.tar' --out=dr12m \
     --teachers=ckpt/vit_l14_openai,ckpt/vit_l14_datacomp --k=30 --num_syn=5 \
-    --captioner=existing --gen_size=224
+    --captioners=existing --gen_size=224
 
 or straight from open_clip state_dicts (open_clip:NAME=PATH), and on the demo world without any
 download (captions from its labels), building the TFDS dataset at the end:
 
   python launch/reinforce.py --src=demo:train:2000 --out=/tmp/demo_dr \
-    --teachers=/tmp/teacher_a,/tmp/teacher_b --k=5 --num_syn=5 --captioner=demo \
+    --teachers=/tmp/teacher_a,/tmp/teacher_b --k=5 --num_syn=5 --captioners=demo \
     --build_tfds --name=demo_dr --data_dir=/tmp/tfds
+
+With learned captioners, each writing its own syn.json key (DFNDR's layout): CoCa training runs
+(configs/coca.py) or converted open_clip CoCa checkpoints, sampled as ml-mobileclip-dr does
+(top_p 0.9, seq_len 30, first sentence) unless options say otherwise:
+
+  python launch/reinforce.py --src='images/{00000..00099}.tar' --out=dr \
+    --teachers=ckpt/a,ckpt/b --num_syn=5 \
+    --captioners=coca:mscoco=ckpt/coca_l14_mscoco,coca:docci=runs/coca_docci:top_p=0.95
 
 Rerun the same command to resume: finished shards are skipped. On several hosts every host runs
 the same command (JAX finds the others on TPU pods, SLURM or Open MPI; elsewhere pass
@@ -34,7 +42,7 @@ from mobileclip_jax import distributed
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data.errors import BudgetExceededError, CorruptSampleError, ErrorPolicy
-from mobileclip_jax.reinforce import captioners
+from mobileclip_jax.reinforce import captioners as captioners_lib
 from mobileclip_jax.reinforce import settings as settings_lib
 from mobileclip_jax.reinforce import generate
 from mobileclip_jax.reinforce import inputs
@@ -51,11 +59,12 @@ _TEACHER_DTYPE = flags.DEFINE_enum('teacher_dtype', None, ['float32', 'bfloat16'
                                    'Teacher compute dtype (default: as in the checkpoint).')
 _K = flags.DEFINE_integer('k', 10, 'Augmentations per image.')
 _NUM_SYN = flags.DEFINE_integer('num_syn', 5, 'Synthetic captions per image.')
-_CAPTIONER = flags.DEFINE_string('captioner', 'existing', "NAME[:key=value,...]: existing (the "
-                                 "source's syn.json captions) or a plugin's, e.g. "
-                                 "demo[:temperature=0.7] (the demo world's captioner on the "
-                                 "labels in each sample's json).")
-_SYN_KEY = flags.DEFINE_string('syn_key', 'syn_text', 'syn.json key of the synthetic captions.')
+_CAPTIONERS = flags.DEFINE_list(
+    'captioners', ['existing'], "Captioners, each writing --num_syn captions per image under "
+    "syn.json key syn_text_TAG (syn_text without a TAG): KIND[:TAG][:key=value...] or, for "
+    "models, KIND:TAG=PATH[:key=value...]. Kinds: existing (the source's captions under that "
+    "key), coca (a CoCa run or checkpoint, e.g. coca:mscoco=/runs/coca:top_p=0.9), and plugins' "
+    "(demo[:temperature=0.7]: the demo world's captioner on each sample's labels).")
 _GEN_SIZE = flags.DEFINE_integer('gen_size', 224, 'Side of the augmented crops the teachers '
                                  'see (smaller teachers get them bicubic-resized).')
 _AUGMENTATION = flags.DEFINE_string('augmentation', None, "JSON (or a JSON file) of Apple's "
@@ -117,16 +126,16 @@ def main(argv):
   try:
     generation = settings_lib.GenerationConfig(
         k=_K.value, num_syn=_NUM_SYN.value, augmentation=_augmentation(),
-        syn_key=_SYN_KEY.value, dedup_threshold=_DEDUP_THRESHOLD.value,
+        dedup_threshold=_DEDUP_THRESHOLD.value,
         max_regenerate=_MAX_REGENERATE.value, emb_dtype=_EMB_DTYPE.value, seed=_SEED.value,
         chunk_size=_CHUNK_SIZE.value, tokenizer=_TOKENIZER.value)
     shards = inputs.resolve(_SRC.value)
+    captioners = captioners_lib.make_captioners(_CAPTIONERS.value)
     ensemble = teachers_lib.TeacherEnsemble(
         [teachers_lib.load_teacher(spec, _TEACHER_DTYPE.value) for spec in _TEACHERS.value],
         images_per_device=_IMAGES_PER_DEVICE.value, texts_per_device=_TEXTS_PER_DEVICE.value)
-    captioner = captioners.make_captioner(_CAPTIONER.value, _SYN_KEY.value)
     report = generate.reinforce(
-        shards, _OUT.value, ensemble, captioner, generation,
+        shards, _OUT.value, ensemble, captioners, generation,
         policy=ErrorPolicy.parse(_POLICY.value, _MAX_CORRUPT.value),
         process_index=_PROCESS_INDEX.value, process_count=_PROCESS_COUNT.value,
         workers=_WORKERS.value, overwrite=_OVERWRITE.value)

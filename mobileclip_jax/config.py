@@ -54,12 +54,16 @@ def base_config() -> ConfigDict:
       pos_emb=placeholder(tuple), se_downsample=placeholder(tuple), mlp_ratio=placeholder(float),
       # ViT
       width=placeholder(int), depth=placeholder(int), heads=placeholder(int),
-      patch_size=placeholder(int), drop_path=placeholder(float)))
+      patch_size=placeholder(int), drop_path=placeholder(float),
+      attn_pool_queries=placeholder(int), attn_pool_heads=placeholder(int)))  # CoCa's pooler.
   c.model.text = ConfigDict(dict(   # Text tower overrides (None = the variant's value).
       width=placeholder(int), heads=placeholder(int), layers=placeholder(int),
       mlp_ratio=placeholder(float), context_length=placeholder(int), vocab_size=placeholder(int),
       causal=placeholder(bool),
       layer_scale_init=placeholder(float), hybrid_norm=placeholder(bool)))
+  c.model.decoder = ConfigDict(dict(  # CoCa's multimodal decoder overrides (models/coca.py).
+      width=placeholder(int), heads=placeholder(int), layers=placeholder(int),
+      mlp_ratio=placeholder(float), context_length=placeholder(int)))
 
   c.data = ConfigDict(dict(
       name='datacompdr_12m',     # TFDS dataset name (or a directory), built by launch/build_dataset.py.
@@ -67,6 +71,9 @@ def base_config() -> ConfigDict:
       split='train',
       tokenizer=placeholder(str),  # Default: the model's ('clip').
       syn_key_regex='^syn_text.*$',
+      # Relative weights of the synthetic-caption keys (those syn_key_regex selects) in the draw
+      # of an example's key, e.g. {'syn_text_a': 2, 'syn_text_b': 1}; empty = uniform (Apple's).
+      syn_key_weights=ConfigDict(),
       workers=0,                 # Grain decoding processes per host (0 = in the main process).
       prefetch=2,
       error_policy='skip',       # 'skip' (counted, within max_corrupt) | 'fail'
@@ -101,6 +108,8 @@ def base_config() -> ConfigDict:
       average='probs',           # 'probs' (average after softmax) | 'logits'
       student_scale=placeholder(float),
       objective='auto',          # 'auto' (DR on reinforced data, CLIP on plain) | 'clip' | 'dr'
+                                 # | 'coca' (captioners: caption cross-entropy + CLIP)
+      caption_weight=2.0,        # 'coca': weight of the caption loss (open_clip's CoCaLoss).
       block_size=1024,           # Columns per block of the streamed loss (memory per device
                                  # O(local batch x block)); 0 = whole [local, global] logits.
   ))

@@ -319,7 +319,7 @@ def _compiled(module, cfg: GenerationConfig, mesh: Optional[Mesh]):
   return jax.jit(run, out_shardings=out_shardings)
 
 
-def _check(module, images, cfg: GenerationConfig, key) -> None:
+def _check_settings(module, cfg: GenerationConfig) -> None:
   if not isinstance(module, coca_lib.CoCa):
     raise TypeError(f'generate needs a CoCa module (create_model("coca_ViT-B-32") ...), got '
                     f'{type(module).__name__}.')
@@ -340,6 +340,10 @@ def _check(module, images, cfg: GenerationConfig, key) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(message + '.')
+
+
+def _check(module, images, cfg: GenerationConfig, key) -> None:
+  """What `generation_config` cannot check: the key and the images."""
   if cfg.sampler in ('temperature', 'top_k', 'top_p') and key is None:
     raise ValueError(f"sampler={cfg.sampler!r} samples: pass rng=jax.random.key(seed).")
   size = module.config.image_size
@@ -353,6 +357,23 @@ def _place_variables(variables: Mapping[str, Any], mesh: Mesh) -> Any:
   replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, replicated),
                       variables)
+
+
+def generation_config(module, *, sampler: str = 'greedy', seq_len: int = 30,
+                      temperature: float = 1.0, top_k: int = 1, top_p: float = 0.9,
+                      num_beams: int = 6, min_seq_len: int = 5, repetition_penalty: float = 1.0,
+                      kv_cache: bool = True, sot_token_id: Optional[int] = None,
+                      eos_token_id: Optional[int] = None,
+                      pad_token_id: int = 0) -> GenerationConfig:
+  """The checked settings of `generate` for `module` (ValueError naming a bad one)."""
+  vocab = module.config.text.vocab_size if isinstance(module, coca_lib.CoCa) else 0
+  cfg = GenerationConfig(
+      sampler, int(seq_len), float(temperature), int(top_k), float(top_p), int(num_beams),
+      int(min_seq_len), float(repetition_penalty), bool(kv_cache),
+      vocab - 2 if sot_token_id is None else int(sot_token_id),
+      vocab - 1 if eos_token_id is None else int(eos_token_id), int(pad_token_id))
+  _check_settings(module, cfg)
+  return cfg
 
 
 def generate(module, variables: Mapping[str, Any], images, *, sampler: str = 'greedy',
@@ -376,12 +397,11 @@ def generate(module, variables: Mapping[str, Any], images, *, sampler: str = 'gr
     kv_cache: False re-runs the whole prefix at every step (as open_clip; for checking).
     sot_token_id, eos_token_id, pad_token_id: default to the CLIP layout (vocab - 2, vocab - 1, 0).
   """
-  vocab = module.config.text.vocab_size if isinstance(module, coca_lib.CoCa) else 0
-  cfg = GenerationConfig(
-      sampler, int(seq_len), float(temperature), int(top_k), float(top_p), int(num_beams),
-      int(min_seq_len), float(repetition_penalty), bool(kv_cache),
-      vocab - 2 if sot_token_id is None else int(sot_token_id),
-      vocab - 1 if eos_token_id is None else int(eos_token_id), int(pad_token_id))
+  cfg = generation_config(
+      module, sampler=sampler, seq_len=seq_len, temperature=temperature, top_k=top_k,
+      top_p=top_p, num_beams=num_beams, min_seq_len=min_seq_len,
+      repetition_penalty=repetition_penalty, kv_cache=kv_cache, sot_token_id=sot_token_id,
+      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   _check(module, images, cfg, rng)
   key = jax.random.key(0) if rng is None else rng
   batch = images.shape[0]

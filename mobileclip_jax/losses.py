@@ -52,6 +52,7 @@ from typing import Mapping
 import jax
 from jax import lax
 import jax.numpy as jnp
+import optax
 
 from mobileclip_jax import keys
 from mobileclip_jax import streamed_loss
@@ -93,6 +94,8 @@ class LossConfig:
     block_size: columns per block of the streamed loss (`streamed_loss.py`: memory O(rows x
       block_size) per device, columns passed around the devices in a ring); 0 builds the whole
       [rows, batch] matrices with all-gathered columns (the reference form).
+    caption_weight: CoCa's objective (train/step.py): clip_weight * CLIP + caption_weight *
+      `caption_nll` mean; 0 for the other objectives (dr_loss does not read it).
   """
   kind: str = 'softmax'
   clip_weight: float = 0.0
@@ -105,6 +108,7 @@ class LossConfig:
   average: str = 'probs'
   student_scale: float | None = None
   block_size: int = DEFAULT_BLOCK_SIZE
+  caption_weight: float = 0.0
 
   def __post_init__(self):
     # Config overrides arrive as lists; tuples keep the config hashable (a static jit argument).
@@ -116,7 +120,7 @@ class LossConfig:
       raise ValueError(f"LossConfig.kind must be 'softmax' or 'sigmoid', got {self.kind!r}.")
     if self.average not in ('probs', 'logits'):
       raise ValueError(f"LossConfig.average must be 'probs' or 'logits', got {self.average!r}.")
-    for name in ('clip_weight', 'distill_weight', 'gt_weight', 'syn_weight'):
+    for name in ('clip_weight', 'distill_weight', 'gt_weight', 'syn_weight', 'caption_weight'):
       if getattr(self, name) < 0:
         raise ValueError(f'LossConfig.{name} must be >= 0, got {getattr(self, name)}.')
     num_teachers = len(self.teacher_dims)
@@ -178,6 +182,19 @@ def dr_loss(embeddings: Mapping[str, Array | float | None], config: LossConfig, 
   batch = {k: v for k, v in embeddings.items() if k in _BATCH_KEYS}
   params = {k: v for k, v in embeddings.items() if k in _PARAM_KEYS}
   return _objective(batch, params, config, mesh, batch_axes)
+
+
+def caption_nll(logits: Array, labels: Array, pad_id: int = 0) -> tuple[Array, Array]:
+  """(summed cross-entropy, number of tokens) of next-token logits [B, n, V] against labels
+  [B, n], positions whose label is `pad_id` left out.
+
+  open_clip's CoCaLoss caption term is sum / count over its (per-GPU) batch
+  (`CrossEntropyLoss(ignore_index=pad_id)`); the train step divides by the global count, which
+  is that loss on one device and does not depend on how the batch is split.
+  """
+  nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  valid = labels != pad_id
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
 def _objective(batch: dict[str, Array], params: dict[str, Array | float], config: LossConfig,

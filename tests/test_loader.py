@@ -222,8 +222,8 @@ def test_teachers_rejects_unknown_empty_and_plain_data(data_dir, teachers, datas
 
 def test_num_syn_draws_from_the_first_captions_of_each_key(data_dir):
   source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
-  assert loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', 1) == loader.ReinforcedChoices(
-      k=K, num_captions=1, syn_starts=(0, 2), syn_counts=(1, 1))
+  assert loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', num_syn=1) == (
+      loader.ReinforcedChoices(k=K, num_captions=1, syn_starts=(0, 2), syn_counts=(1, 1)))
   for num_syn, want in ((1, {0, 2}), (2, {0, 1, 2, 3})):
     iterator = loader.make_train_iterator(_config(data_dir, num_syn=num_syn), 0, 1)
     rows = {_decode_row(row)[1] - 1 for batch in _take(iterator, 3)
@@ -237,6 +237,30 @@ def test_num_syn_draws_from_the_first_captions_of_each_key(data_dir):
     loader.make_train_iterator(_config(data_dir, 'plain', num_syn=1), 0, 1)
   with pytest.raises(ValueError, match='num_syn'):
     _config(data_dir, num_syn=0)
+
+
+def test_syn_key_weights_set_the_key_draw(data_dir):
+  source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
+  weights = (('syn_text_coca', 3.0), ('syn_text_dfn', 1.0))
+  choices = loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', weights)
+  draws = np.array([choices.draw(np.random.default_rng([0, i]))[2] for i in range(6000)])
+  # coca 3/4 (each of its 2 captions 3/8), dfn 1/4 (each of 3 captions 1/12). A uniform key draw
+  # (1/4 and 1/6 per caption) is 20 standard deviations away.
+  p = np.array([3 / 8] * 2 + [1 / 12] * 3)
+  counts = np.bincount(draws, minlength=5)
+  sd = np.sqrt(len(draws) * p * (1 - p))
+  assert np.all(np.abs(counts - len(draws) * p) <= 5 * sd), counts
+  uniform = np.array([1 / 4] * 2 + [1 / 6] * 3)
+  assert np.any(np.abs(counts - len(draws) * uniform) > 5 * sd)
+  # Through the loader: a key of weight 0 is never drawn (an unlisted key weighs 1).
+  no_dfn = loader.ChunkLoader(_config(data_dir, syn_key_weights=(('syn_text_dfn', 0),)), source,
+                              meta, 'reinforced', 0, 1)
+  rows = [_decode_row(row)[1] - 1 for u in range(3) for row in no_dfn(u)[keys.TEACHER_SYN_TEXT]]
+  assert set(rows) == {0, 1}
+  with pytest.raises(ValueError, match=r"names \['syn_text_blip'\].*\['syn_text_dfn'\]"):
+    loader.ReinforcedChoices.for_dataset(meta, '^syn_text_dfn$', (('syn_text_blip', 1),))
+  with pytest.raises(ValueError, match='>= 0 and not all 0'):
+    loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', (('syn_text_coca', -1),))
 
 
 def test_plain_dataset_gives_image_and_text_with_fresh_augmentations(data_dir, tokenizer):

@@ -81,7 +81,7 @@ def _run(world, out, config=GEN, captioner=None, **kwargs):
   kwargs.setdefault('progress', False)
   captioner = captioner or captioners.make_captioner(f'demo:temperature={DEMO_TEMPERATURE}')
   return generate.reinforce(inputs.resolve(world['src']), str(out), world['ensemble'],
-                            captioner, config, workers=2, **kwargs)
+                            [captioner], config, workers=2, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -297,7 +297,7 @@ def test_bfloat16_embeddings_are_stored_as_pth_gz(world, generated, tmp_path):
   pytest.importorskip('torch')
   last = inputs.resolve(world['src'])[2:]
   generate.reinforce(last, str(tmp_path), world['ensemble'],
-                     captioners.make_captioner(f'demo:temperature={DEMO_TEMPERATURE}'),
+                     [captioners.make_captioner(f'demo:temperature={DEMO_TEMPERATURE}')],
                      dataclasses.replace(GEN, emb_dtype='bfloat16'), workers=1, progress=False)
   (raw, sample), = _read_shards(tmp_path, ['00000002.tar'])
   (_, want), = _read_shards(generated['out'], ['00000002.tar'])
@@ -339,7 +339,7 @@ def test_find_offenders_uses_normalized_text_and_teacher_averaged_cosine():
 
 
 def test_regeneration_removes_duplicates_and_reports_the_rates(world, generated, tmp_path):
-  report = generated['report'].captions
+  report = generated['report'].captions['syn_text']
   before, after = report.before.rates(), report.after.rates()
   assert report.before.captions == report.after.captions == NUM_SAMPLES * GEN.num_syn
   assert report.before.exact_duplicates > 0 and report.regenerated > 0
@@ -353,13 +353,14 @@ def test_regeneration_removes_duplicates_and_reports_the_rates(world, generated,
   exact_left = sum(len(c) - len(set(c)) for c in stored)
   assert exact_left == report.after.exact_duplicates <= report.unresolved
   with open(os.path.join(str(generated['out']), generate.SUMMARY_FILE)) as f:
-    summary = json.load(f)['captions']
+    summary = json.load(f)['captions']['syn_text']
   assert summary['before']['rates'] == pytest.approx(before)
   assert summary['after']['rates'] == pytest.approx(after)
   # Without regeneration the captions are only measured: the same draws, nothing changes.
   measured = _run(world, tmp_path / 'measured', dataclasses.replace(GEN, max_regenerate=0))
-  assert measured.captions.regenerated == 0
-  assert measured.captions.before.rates() == measured.captions.after.rates() == pytest.approx(
+  measured = measured.captions['syn_text']
+  assert measured.regenerated == 0
+  assert measured.before.rates() == measured.after.rates() == pytest.approx(
       before)
 
 
@@ -369,7 +370,7 @@ def test_existing_captioner_keeps_the_source_captions(world, generated, tmp_path
   shards = [inputs.TarShard(i, name, os.path.join(str(generated['out']), name))
             for i, name in enumerate(['00000000.tar', '00000001.tar', '00000002.tar'])]
   report = generate.reinforce(shards, str(tmp_path / 'again'), world['ensemble'],
-                              captioners.make_captioner('existing'), GEN, workers=2,
+                              [captioners.make_captioner('existing')], GEN, workers=2,
                               progress=False)
   old, new = _read_shards(generated['out']), _read_shards(tmp_path / 'again')
   for (_, a), (_, b) in zip(old, new):
@@ -377,8 +378,9 @@ def test_existing_captioner_keeps_the_source_captions(world, generated, tmp_path
     np.testing.assert_allclose(a.text_emb, b.text_emb, atol=1e-6)
   offenders = sum(len(captioners.find_offenders(s.syn_captions, s.text_emb[1:], 2,
                                               GEN.dedup_threshold)) for _, s in old)
-  assert report.captions.regenerated == 0 and report.captions.unresolved == offenders > 0
-  assert report.captions.before.rates() == report.captions.after.rates()
+  quality = report.captions['syn_text']
+  assert quality.regenerated == 0 and quality.unresolved == offenders > 0
+  assert quality.before.rates() == quality.after.rates()
 
 
 def test_corrupt_and_uncaptionable_samples_follow_the_policy(world, tmp_path):
@@ -398,7 +400,7 @@ def test_command_line_on_the_demo_world_builds_tfds(world, tmp_path):
   teachers = ','.join(str(world['root'] / name) for name in TEACHERS)
   cmd = [sys.executable, os.path.join(REPO, 'launch', 'reinforce.py'),
          '--src=demo:train:4:samples_per_shard=2,image_size=48', f'--out={tmp_path / "out"}',
-         f'--teachers={teachers}', '--k=2', '--num_syn=2', '--captioner=demo', '--gen_size=32',
+         f'--teachers={teachers}', '--k=2', '--num_syn=2', '--captioners=demo', '--gen_size=32',
          '--images_per_device=2', '--texts_per_device=4', '--workers=2', '--build_tfds',
          '--name=demo_cli', f'--data_dir={tmp_path / "tfds"}']
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)

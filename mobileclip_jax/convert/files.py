@@ -38,6 +38,7 @@ from mobileclip_jax import utils
 from mobileclip_jax.convert import apple_v1
 from mobileclip_jax.convert import open_clip as open_clip_lib
 from mobileclip_jax.models import clip as clip_lib
+from mobileclip_jax.models import coca as coca_lib
 from mobileclip_jax.models import mci
 from mobileclip_jax.models import reparam
 from mobileclip_jax.models import text as text_lib
@@ -262,11 +263,32 @@ def _open_clip_vision_cfg(config: clip_lib.ModelConfig) -> Optional[Dict[str, An
           'mlp_ratio': image.mlp_ratio}
 
 
-def open_clip_model_cfg(config: clip_lib.ModelConfig) -> Optional[Dict[str, Any]]:
+def _open_clip_coca_cfg(config: coca_lib.CoCaConfig) -> Dict[str, Any]:
+  """open_clip's CoCa config (as `model_configs/coca_*.json`, with every size written out)."""
+  i, t, d = config.image, config.text, config.decoder
+  shared = {'context_length': t.context_length, 'vocab_size': t.vocab_size}
+  return {
+      'embed_dim': config.embed_dim,
+      'vision_cfg': {'image_size': config.image_size, 'layers': i.depth, 'width': i.width,
+                     'head_width': i.width // i.heads, 'patch_size': i.patch_size,
+                     'mlp_ratio': i.mlp_ratio, 'attentional_pool': True,
+                     'attn_pooler_queries': i.attn_pool_queries,
+                     'attn_pooler_heads': i.attn_pool_heads, 'output_tokens': True},
+      'text_cfg': {**shared, 'width': t.width, 'heads': t.heads, 'layers': t.layers,
+                   'mlp_ratio': t.mlp_ratio, 'embed_cls': True, 'output_tokens': True},
+      'multimodal_cfg': {**shared, 'context_length': d.context_length, 'width': d.width,
+                         'heads': d.heads, 'layers': d.layers, 'mlp_ratio': d.mlp_ratio},
+      'custom_text': True,
+  }
+
+
+def open_clip_model_cfg(config) -> Optional[Dict[str, Any]]:
   """open_clip's model config (its `model_configs/*.json` vocabulary) for `config`, or None when
   open_clip cannot build this model (MCt text tower, reduced MCi towers, sigmoid attention,
   QK-norm, ...). Towers in timm's layout must be a timm architecture; CLIP ViTs in open_clip's
-  own layout may have any size."""
+  own layout may have any size; CoCa captioners are open_clip's own."""
+  if isinstance(config, coca_lib.CoCaConfig):
+    return _open_clip_coca_cfg(config)
   t = config.text
   plain_text = text_lib.TextConfig(width=t.width, heads=t.heads, layers=t.layers,
                                    vocab_size=t.vocab_size, context_length=t.context_length,
@@ -302,7 +324,8 @@ def open_clip_model_cfg(config: clip_lib.ModelConfig) -> Optional[Dict[str, Any]
 
 def _section(config: clip_lib.ModelConfig, weights: str, fmt: str) -> Dict[str, Any]:
   return {'weights': os.path.basename(weights), 'format': fmt,
-          'reparameterized': config.reparameterized, 'tokenizer': config.tokenizer,
+          'reparameterized': getattr(config, 'reparameterized', False),
+          'tokenizer': config.tokenizer,
           'context_length': config.text.context_length,
           'model_config': clip_lib.config_to_dict(config)}
 
@@ -370,6 +393,9 @@ def export_checkpoint(checkpoint: str, out: str, step: Optional[int] = None,
   config_out = sidecar_path(out, fmt)
   _check_absent([out, config_out], overwrite)  # Before the (slow) loading and conversion.
   variables, config = checkpoint_lib.load_variables(checkpoint, step)
+  if isinstance(config, coca_lib.CoCaConfig) and (fmt != 'open_clip' or reparameterize):
+    raise ValueError(f'{config.name} is a CoCa captioner (no reparameterizable branch): export '
+                     'it with --format=open_clip and without --reparameterize.')
   if reparameterize and not config.reparameterized:
     config = dataclasses.replace(config, reparameterized=True)  # Validates: needs an MCi/MCt tower.
     variables = jax.tree.map(np.asarray, jax.jit(reparam.reparameterize)(variables))
@@ -428,8 +454,8 @@ def import_checkpoint(torch_checkpoint: str, out: str,
                      'export, cannot make a model checkpoint.')
   else:
     variables = open_clip_lib.from_open_clip(state, config)
-  config = dataclasses.replace(
-      config, reparameterized=reparam.is_reparameterized(variables))
+  if isinstance(config, clip_lib.ModelConfig):
+    config = dataclasses.replace(config, reparameterized=reparam.is_reparameterized(variables))
   if '://' in out:  # Remote storage: no rename; model.json is written last, marking completion.
     checkpoint_lib.save_variables(out, variables, config)
     return config

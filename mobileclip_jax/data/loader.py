@@ -13,9 +13,12 @@ the epoch), so a batch is a pure function of (config, t): the result does not de
 number of processes, workers or threads, and an iterator restored at batch t continues bit for
 bit. For a reinforced example the draws are, in order (Apple's `preprocess_dr`): the stored
 augmentation a ~ U{0..k-1}, the ground-truth caption c ~ U{0..C-1}, a synthetic-caption key
-uniform among the dataset's keys that match `syn_key_regex`, then a caption uniform within that
-key. The image is augmentation a replayed at the student's size; the teacher rows are image_emb[a],
-text_emb[c] and text_emb[C + s]. A plain example draws c, then fresh augmentation parameters
+uniform among the dataset's keys that match `syn_key_regex` (or in proportion to
+`syn_key_weights`), then a caption uniform within that key (among its first `num_syn` when set),
+whose teacher row is the stored embedding of that caption (Apple's `sample[key + "_emb"][idx]`).
+The image is augmentation a replayed at the student's size; the teacher rows are image_emb[a],
+text_emb[c] and text_emb[C + s], restricted to the embedding slices of the `teachers` selected
+when set (distilling from fewer teachers than the dataset stores). A plain example draws c, then fresh augmentation parameters
 (`augment.sample_params` with `InputConfig.augmentation`).
 
 Bad records (undecodable image, invalid paug entry, NaN/Inf in a teacher row used) are found
@@ -75,6 +78,8 @@ class InputConfig:
     tokenizer: tokenizer spec (see `tokenizer.get_tokenizer`); None: the dataset's own.
     context_length: token row length L for captions and synthetic captions.
     syn_key_regex: synthetic-caption keys to sample from (matched with `re.match`).
+    syn_key_weights: (key, weight) pairs: relative weights of those keys in the key draw
+      (a key not listed weighs 1); () draws the key uniformly, as Apple's training code.
     seed: seed of the shuffle and of every per-example choice.
     num_epochs: passes over the data; None repeats forever.
     worker_count: processes that build chunks of batches (0: this process does).
@@ -101,6 +106,7 @@ class InputConfig:
   tokenizer: str | None = None
   context_length: int = tokenizer_lib.DEFAULT_CONTEXT_LENGTH
   syn_key_regex: str = sample_codec.DEFAULT_SYN_KEY_REGEX
+  syn_key_weights: tuple[tuple[str, float], ...] = ()
   seed: int = 0
   num_epochs: int | None = None
   worker_count: int = 0
@@ -153,22 +159,39 @@ class ReinforcedChoices:
     num_captions: C, ground-truth captions.
     syn_starts, syn_counts: the selected keys' captions are [start, start + count) in the
       flattened synthetic captions.
+    syn_cumulative: cumulative normalized key weights (the last is 1), or () for uniform keys.
   """
   k: int
   num_captions: int
   syn_starts: tuple[int, ...]
   syn_counts: tuple[int, ...]
+  syn_cumulative: tuple[float, ...] = ()
 
   @classmethod
   def for_dataset(cls, meta: reinforced_tfds.DatasetMetadata, regex: str,
+                  weights: tuple[tuple[str, float], ...] = (),
                   num_syn: int | None = None) -> 'ReinforcedChoices':
     """Choices over the synthetic-caption keys of `meta` that `regex` matches (`re.match`),
-    each restricted to its first `num_syn` captions when set."""
+    drawn in proportion to `weights` ((key, weight) pairs; unlisted keys weigh 1), each
+    restricted to its first `num_syn` captions when set."""
     offsets = np.concatenate([[0], np.cumsum(meta.syn_counts)]).astype(int)
     chosen = [i for i, key in enumerate(meta.syn_keys) if re.match(regex, key)]
     if not chosen:
       raise ValueError(f'No synthetic-caption key of the dataset matches syn_key_regex '
                        f'{regex!r}; its keys are {list(meta.syn_keys)}.')
+    cumulative = ()
+    if weights:
+      names = [meta.syn_keys[i] for i in chosen]
+      weights = dict(weights)
+      unknown = sorted(set(weights) - set(names))
+      if unknown:
+        raise ValueError(f'data.syn_key_weights names {unknown}, which are not among the keys '
+                         f'syn_key_regex {regex!r} selects: {names}.')
+      w = np.asarray([float(weights.get(name, 1.0)) for name in names])
+      if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f'data.syn_key_weights must be finite, >= 0 and not all 0; got '
+                         f'{dict(zip(names, w.tolist()))}.')
+      cumulative = tuple(np.cumsum(w / w.sum()).tolist()[:-1]) + (1.0,)
     counts = [int(meta.syn_counts[i]) for i in chosen]
     if num_syn is not None:
       if num_syn > min(counts):
@@ -176,13 +199,18 @@ class ReinforcedChoices:
         raise ValueError(f'num_syn (data.num_syn) {num_syn} is more than the dataset stores per '
                          f'image: {stored} synthetic captions per key.')
       counts = [num_syn] * len(chosen)
-    return cls(meta.k, meta.num_captions, tuple(int(offsets[i]) for i in chosen), tuple(counts))
+    return cls(meta.k, meta.num_captions, tuple(int(offsets[i]) for i in chosen), tuple(counts),
+               cumulative)
 
   def draw(self, rng: np.random.Generator) -> tuple[int, int, int]:
-    """(a, c, s): a ~ U{0..k-1}, c ~ U{0..C-1}, a key uniform, then s uniform within it."""
+    """(a, c, s): a ~ U{0..k-1}, c ~ U{0..C-1}, a key (uniform, or by weight), then s uniform
+    within it."""
     a = int(rng.integers(self.k))
     c = int(rng.integers(self.num_captions))
-    key = int(rng.integers(len(self.syn_starts)))
+    if self.syn_cumulative:
+      key = int(np.searchsorted(self.syn_cumulative, rng.random(), side='right'))
+    else:
+      key = int(rng.integers(len(self.syn_starts)))
     return a, c, self.syn_starts[key] + int(rng.integers(self.syn_counts[key]))
 
 
@@ -249,7 +277,8 @@ class ChunkLoader:
                        f'{dataset_path} is {meta.kind} (none stored); drop data.num_syn.')
     self.teacher_dims, self._columns = teacher_columns(meta, config.teachers)
     if self.reinforced:
-      self._choices = ReinforcedChoices.for_dataset(meta, config.syn_key_regex, config.num_syn)
+      self._choices = ReinforcedChoices.for_dataset(meta, config.syn_key_regex,
+                                                    config.syn_key_weights, config.num_syn)
       self._augment_config = augment.from_generation_config(meta.augmentation)
     else:  # RandAugment applies to the student-size crop, as torchvision's would.
       self._augment_config = dataclasses.replace(config.augmentation,

@@ -133,7 +133,7 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
         chunk_size=128,
         **({} if regenerate else {'max_regenerate': 0}))  # 0: measured, not regenerated.
     captioner = captioners.make_captioner(f'demo:temperature={settings.captioner_temperature}')
-    summary = generate.reinforce(shards, out, ensemble, captioner, generation, progress=False)
+    summary = generate.reinforce(shards, out, ensemble, [captioner], generation, progress=False)
     log.info('%s', summary.summary())
     build = generate.build_tfds(out, name, data_dir, overwrite=True, progress=False)
     log.info('%s', build.summary())

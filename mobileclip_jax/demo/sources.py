@@ -101,7 +101,7 @@ class DemoWorldCaptioner(captioners.Captioner):
     if 'objects' not in item.labels:
       raise CorruptSampleError(item.shard, item.key, NO_LABELS,
                                'the json member has no demo-world labels (objects, background); '
-                               '--captioner=demo only captions demo-world samples')
+                               '--captioners=demo only captions demo-world samples')
 
   def __call__(self, batch, num_captions, rng):
     return self._captioner([item.labels for item in batch], num_captions, rng)

@@ -45,7 +45,7 @@ def config_overrides(config: clip_lib.ModelConfig) -> Dict[str, Any]:
   unset = []
   for field in dataclasses.fields(config):
     name, value = field.name, getattr(config, field.name)
-    if name in ('image', 'text'):
+    if name in ('image', 'text', 'decoder'):
       if type(value) is not type(getattr(base, name)):  # pylint: disable=unidiomatic-typecheck
         unset.append(name)
         continue

@@ -161,20 +161,28 @@ def _registry() -> Dict[str, ModelConfig]:
 MODEL_CONFIGS = _registry()
 
 
-def config_to_dict(config: ModelConfig) -> Dict[str, Any]:
-  """A JSON-serializable dict of the config (the image tower's kind under `image_kind`)."""
+def config_to_dict(config) -> Dict[str, Any]:
+  """A JSON-serializable dict of a ModelConfig or CoCaConfig (the image tower's kind under
+  `image_kind`; 'coca' under `kind` for captioners)."""
+  from mobileclip_jax.models import coca  # pylint: disable=g-import-not-at-top
   out = dataclasses.asdict(config)
   out['image_kind'] = 'mci' if isinstance(config.image, mci.MCiConfig) else 'vit'
+  if isinstance(config, coca.CoCaConfig):
+    out['kind'] = 'coca'
   return out
 
 
-def config_from_dict(d: Dict[str, Any]) -> ModelConfig:
+def config_from_dict(d: Dict[str, Any]):
   """Inverse of `config_to_dict`."""
+  from mobileclip_jax.models import coca  # pylint: disable=g-import-not-at-top
   d = dict(d)
   image_cls = {'mci': mci.MCiConfig, 'vit': vit.ViTConfig}[d.pop('image_kind')]
   tuples = lambda x: {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}
   d['image'] = image_cls(**tuples(d['image']))
   d['text'] = text_lib.TextConfig(**tuples(d['text']))
+  if d.pop('kind', 'clip') == 'coca':
+    d['decoder'] = coca.DecoderConfig(**d['decoder'])
+    return coca.CoCaConfig(**tuples(d))
   return ModelConfig(**tuples(d))
 
 

@@ -1,23 +1,33 @@
 """Synthetic captions: the captioner interface, and quality control of near-duplicate captions.
 
 A captioner maps a batch of `CaptionInput`s (the decoded image, the sample's json labels and
-any synthetic captions the source already has) to `num_captions` captions per input. Built in:
-'existing' takes the source's syn.json captions as they are; plugins register others with
-`register_captioner` (the demo world's 'demo' captioner: mobileclip_jax/demo/sources.py).
+the synthetic captions the source already has) to `num_captions` captions per input, which go to
+its own syn.json key. Built in: 'existing' takes the source's captions under its key as they are;
+'coca' samples them from a CoCa model trained here or converted from open_clip
+(coca_captioner.py); plugins register others with `register_captioner` (the demo world's 'demo'
+captioner: mobileclip_jax/demo/sources.py).
+
+A run takes a list of captioner specs (`launch/reinforce.py --captioners=SPEC,SPEC,...`):
+  KIND[:TAG][:key=value...]          e.g. existing, demo:temperature=0.5, demo:a:temperature=0.5
+  KIND:TAG=PATH[:key=value...]       kinds that load a model, e.g. coca:mscoco=/runs/coca:top_p=0.95
+Captioner KIND writes syn.json key `syn_text_<TAG>` (DFNDR's layout, one key per captioner), or
+`syn_text` without a TAG (DataCompDR's single key); option values are Python literals.
 
 Quality control (seed-improvements.md part b): independently sampled captions of one image are
 often the same sentence, which wastes caption slots and their teacher embeddings. Caption j of
-an image is an *offender* if it is empty after normalization, or equals an earlier kept caption
-after normalization (lower-case, punctuation removed, whitespace collapsed), or its cosine
-similarity with an earlier kept caption, averaged over the teachers, is above a threshold.
-Offenders are regenerated and re-checked, up to a number of rounds; captions are kept greedily
-in order, so once no offender is left every pair of an image's captions is below the threshold.
-`CaptionStats` measures a caption set before and after: exact and near duplicate rates, the mean
-pairwise cosine and distinct-n.
+an image is an *offender* if it is empty after normalization (e.g. a generation that ended
+before its first word), or equals an earlier kept caption after normalization (lower-case,
+punctuation removed, whitespace collapsed), or its cosine similarity with an earlier kept
+caption, averaged over the teachers, is above a threshold. Offenders are regenerated and
+re-checked, up to a number of rounds; captions are kept greedily in order, so once no offender
+is left every pair of an image's captions is below the threshold. `CaptionStats` measures a
+caption set before and after: empty, exact and near duplicate rates, the mean pairwise cosine
+and distinct-n.
 """
 import abc
 import ast
 import dataclasses
+import re
 import unicodedata
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +41,7 @@ from mobileclip_jax.data.errors import CorruptSampleError
 # Reasons for CorruptSampleError raised by captioners' `check`.
 TOO_FEW_CAPTIONS = 'too_few_captions'
 DISTINCT_N = (1, 2)
+SYN_KEY = 'syn_text'  # DataCompDR's key; a captioner with a TAG writes SYN_KEY + '_' + TAG.
 
 
 @dataclasses.dataclass
@@ -41,14 +52,14 @@ class CaptionInput:
     shard, key, uid: where the sample came from (for error messages).
     image: the decoded RGB image.
     labels: the sample's json member as a dict ({} when it has none).
-    existing: the source's synthetic captions under the syn key, or None.
+    existing: the source's synthetic captions by syn.json key ({} when it has none).
   """
   shard: str
   key: str
   uid: str
   image: Image.Image
   labels: Dict[str, Any]
-  existing: Optional[List[str]] = None
+  existing: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
 
 class Captioner(abc.ABC):
@@ -56,6 +67,11 @@ class Captioner(abc.ABC):
   name: str = ''
   # False when asking again cannot give a different caption (nothing to regenerate).
   can_regenerate: bool = True
+  # The syn.json key it writes (set by `make_captioner` from the spec's TAG).
+  syn_key: str = SYN_KEY
+  # The tokenizer spec of a captioning model (its vocabulary bounds what it can write), refused
+  # by the generation when it differs from the student's; None for captioners without one.
+  tokenizer: Optional[str] = None
 
   def check(self, item: CaptionInput, num_captions: int) -> None:
     """Raises CorruptSampleError if this sample cannot be captioned (called per sample)."""
@@ -72,42 +88,48 @@ class Captioner(abc.ABC):
 
 
 class ExistingCaptioner(Captioner):
-  """The synthetic captions the source already has (its syn.json), the first `num_captions`."""
+  """The synthetic captions the source already has under its key, the first `num_captions`."""
   name = 'existing'
   can_regenerate = False
 
-  def __init__(self, syn_key: str = 'syn_text'):
-    self.syn_key = syn_key
-
   def check(self, item: CaptionInput, num_captions: int) -> None:
-    if item.existing is None:
+    texts = item.existing.get(self.syn_key)
+    if texts is None:
       raise CorruptSampleError(item.shard, item.key, errors.MISSING_MEMBER,
                                f'no syn.json[{self.syn_key!r}] captions to keep '
-                               '(--captioner=existing needs them; use a captioner that makes '
+                               '(--captioners=existing needs them; use a captioner that makes '
                                'captions instead)')
-    if len(item.existing) < num_captions:
+    if len(texts) < num_captions:
       raise CorruptSampleError(item.shard, item.key, TOO_FEW_CAPTIONS,
-                               f'syn.json[{self.syn_key!r}] has {len(item.existing)} captions, '
+                               f'syn.json[{self.syn_key!r}] has {len(texts)} captions, '
                                f'{num_captions} are needed (lower --num_syn)')
 
   def __call__(self, batch, num_captions, rng):
     del rng
-    return [list(item.existing[:num_captions]) for item in batch]
+    return [list(item.existing[self.syn_key][:num_captions]) for item in batch]
 
   def describe(self):
     return {'name': self.name, 'syn_key': self.syn_key}
 
 
-# name -> factory(syn_key, **options) -> Captioner.
-_FACTORIES: Dict[str, Callable[..., Captioner]] = {
-    'existing': lambda syn_key: ExistingCaptioner(syn_key)}
+def _coca(path: str, **options) -> Captioner:
+  from mobileclip_jax.reinforce import coca_captioner  # pylint: disable=g-import-not-at-top
+  return coca_captioner.CocaCaptioner(path, **options)
 
 
-def register_captioner(name: str, factory: Callable[..., Captioner]) -> None:
-  """Adds a captioner: `factory(syn_key, **options)` builds it (options from its spec)."""
+# name -> (factory, takes_path): factory(syn_key, [path,] **options) -> Captioner.
+_FACTORIES: Dict[str, Tuple[Callable[..., Captioner], bool]] = {
+    'existing': (lambda syn_key: ExistingCaptioner(), False),
+    'coca': (lambda syn_key, path, **options: _coca(path, **options), True)}
+
+
+def register_captioner(name: str, factory: Callable[..., Captioner],
+                       takes_path: bool = False) -> None:
+  """Adds a captioner: `factory(syn_key, **options)` builds it (options from its spec), or with
+  `takes_path` `factory(syn_key, path, **options)` (a model to load: KIND:TAG=PATH)."""
   if name in _FACTORIES:
     raise ValueError(f'Captioner {name!r} is registered already.')
-  _FACTORIES[name] = factory
+  _FACTORIES[name] = (factory, takes_path)
 
 
 def names() -> Tuple[str, ...]:
@@ -116,21 +138,59 @@ def names() -> Tuple[str, ...]:
   return tuple(_FACTORIES)
 
 
-def make_captioner(spec: str, syn_key: str = 'syn_text') -> Captioner:
-  """The captioner of `spec`, 'NAME' or 'NAME:key=value,...' (e.g. 'demo:temperature=0.5')."""
-  name, _, text = spec.partition(':')
-  if name not in names():
-    raise ValueError(f'Unknown captioner {name!r}; known: {", ".join(names())}.')
+_SEGMENT = re.compile(r':(?=\w+(?:=|:|$))')  # A ':' before a TAG, TAG=PATH or key=value.
+
+
+def make_captioner(spec: str) -> Captioner:
+  """The captioner of one spec (see the module docstring), its `syn_key` set from the TAG."""
+  kind, _, rest = spec.strip().partition(':')
+  segments = _SEGMENT.split(rest) if rest else []
+  if kind not in names():
+    raise ValueError(f'Unknown captioner {kind!r} in {spec!r}; known: {", ".join(names())}.')
+  factory, takes_path = _FACTORIES[kind]
+  tag = path = None
+  if takes_path:
+    first = segments.pop(0) if segments else ''
+    tag, sep, path = first.partition('=')
+    if not (sep and tag and path):
+      raise ValueError(f'Captioner spec {spec!r}: {kind} loads a model, write {kind}:TAG=PATH '
+                       '(a training run or model checkpoint), e.g. coca:mscoco=/runs/coca.')
+  elif segments and '=' not in segments[0]:
+    tag = segments.pop(0)
+  if tag is not None and not re.fullmatch(r'[A-Za-z0-9_]+', tag):
+    raise ValueError(f'Captioner spec {spec!r}: TAG {tag!r} must be letters, digits and _ (it '
+                     f'names the syn.json key {SYN_KEY}_TAG).')
   options = {}
-  for item in filter(None, text.split(',')):
+  for item in segments:
     key, sep, value = item.partition('=')
     if not sep:
       raise ValueError(f'Captioner spec {spec!r}: options are key=value, got {item!r}.')
-    options[key.strip()] = ast.literal_eval(value.strip())
+    try:
+      options[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      raise ValueError(f'Captioner spec {spec!r}: option {key!r} needs a Python literal (a '
+                       f'number, True/False or a quoted string), got {value!r}.') from None
+  syn_key = f'{SYN_KEY}_{tag}' if tag else SYN_KEY
+  args = (syn_key, path) if takes_path else (syn_key,)
   try:
-    return _FACTORIES[name](syn_key, **options)
+    captioner = factory(*args, **options)
   except TypeError as e:
     raise ValueError(f'Captioner spec {spec!r}: {e}') from None
+  captioner.syn_key = syn_key
+  return captioner
+
+
+def make_captioners(specs: Sequence[str]) -> List[Captioner]:
+  """The captioners of `specs`, in order; their syn.json keys must differ."""
+  made = [make_captioner(spec) for spec in specs]
+  if not made:
+    raise ValueError('Give at least one captioner (e.g. --captioners=existing).')
+  keys = [c.syn_key for c in made]
+  repeated = sorted({k for k in keys if keys.count(k) > 1})
+  if repeated:
+    raise ValueError(f'Captioners {list(specs)} write the same syn.json key {repeated}: give each '
+                     'its own TAG (KIND:TAG...).')
+  return made
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,13 +242,14 @@ def _ngrams(words: Sequence[str], n: int) -> List[Tuple[str, ...]]:
 class CaptionStats:
   """Duplicate and diversity measures of per-image caption sets, as mergeable sums.
 
-  Per image with S captions: caption j is an exact duplicate if its normalized text equals that
-  of an earlier caption, a near duplicate if it is an exact one or its averaged cosine with an
+  Per image with S captions: caption j is empty if nothing is left after normalization, an
+  exact duplicate if its normalized text equals that of an earlier caption, a near duplicate if it is an exact one or its averaged cosine with an
   earlier caption is above the threshold; all S(S-1)/2 pairs enter the mean cosine; distinct-n
   is (distinct n-grams / n-grams) over the image's captions, averaged over images.
   """
   images: int = 0
   captions: int = 0
+  empty: int = 0
   exact_duplicates: int = 0
   near_duplicates: int = 0
   images_with_duplicates: int = 0
@@ -205,6 +266,7 @@ class CaptionStats:
     normalized = [normalize_caption(c) for c in captions]
     sim = similarity_matrix(emb, num_teachers)
     near_any = False
+    self.empty += sum(not text for text in normalized)
     for j, text in enumerate(normalized):
       exact = text in normalized[:j]
       near = exact or (j > 0 and float(sim[:j, j].max()) > threshold)
@@ -225,7 +287,7 @@ class CaptionStats:
         self.distinct_images[str(n)] += 1
 
   def merge(self, other: 'CaptionStats') -> None:
-    for field in ('images', 'captions', 'exact_duplicates', 'near_duplicates',
+    for field in ('images', 'captions', 'empty', 'exact_duplicates', 'near_duplicates',
                   'images_with_duplicates', 'pairs', 'cosine_sum'):
       setattr(self, field, getattr(self, field) + getattr(other, field))
     for n in self.distinct_sum:
@@ -233,9 +295,10 @@ class CaptionStats:
       self.distinct_images[n] += other.distinct_images[n]
 
   def rates(self) -> Dict[str, float]:
-    """The derived measures: duplicate rates, mean pairwise cosine, distinct-n."""
+    """The derived measures: empty and duplicate rates, mean pairwise cosine, distinct-n."""
     ratio = lambda a, b: a / b if b else 0.0
-    out = {'exact_duplicate_rate': ratio(self.exact_duplicates, self.captions),
+    out = {'empty_rate': ratio(self.empty, self.captions),
+           'exact_duplicate_rate': ratio(self.exact_duplicates, self.captions),
            'near_duplicate_rate': ratio(self.near_duplicates, self.captions),
            'image_duplicate_rate': ratio(self.images_with_duplicates, self.images),
            'mean_pairwise_cosine': ratio(self.cosine_sum, self.pairs)}
@@ -283,9 +346,9 @@ class QualityReport:
     return cls(CaptionStats.from_json(data['before']), CaptionStats.from_json(data['after']),
                int(data['regenerated']), int(data['unresolved']))
 
-  def summary(self) -> str:
+  def summary(self, syn_key: str = SYN_KEY) -> str:
     before, after = self.before.rates(), self.after.rates()
-    lines = [f'Synthetic captions: {self.after.captions} of {self.after.images} images; '
+    lines = [f'Synthetic captions {syn_key}: {self.after.captions} of {self.after.images} images; '
              f'{self.regenerated} regenerated, {self.unresolved} duplicates left.']
     for name in before:
       lines.append(f'  {name}: {before[name]:.4f} -> {after[name]:.4f}')

@@ -4,14 +4,16 @@ Per input sample (spec sections 5-6, Apple's RayGen embedding pass):
   - k augmentations are sampled in the stored (paug.json) form, replayed at the generation size,
     bicubic-resized (PIL) to every smaller teacher resolution; each teacher normalizes with its
     own mean/std -> image_emb [k, D];
-  - the ground-truth caption and S synthetic captions (from the captioner, near-duplicates
-    regenerated, see captioners.py) are embedded by every teacher -> text_emb [1 + S, D], ground
-    truth first, then the synthetic captions in syn.json order;
+  - the ground-truth caption and S synthetic captions per captioner (each under its own syn.json
+    key, near-duplicates regenerated, see captioners.py) are embedded by every teacher;
   - D = sum of the teacher widths, each teacher's slice unit-norm.
 Output: one DataCompDR-format tar per input shard under the same name, members: the image
-(original bytes), txt, json (as in the source, else {"uid": key}), syn.json {syn_key: [S]},
-paug.json {"param_aug": [k]}, npz (or pth.gz for bfloat16) {image_emb, text_emb}, plus any
-other member of the source (url.txt, ...). The reinforce config (settings.py) sits next to them.
+(original bytes), txt, json (as in the source, else {"uid": key}), syn.json {syn_key: [S], ...},
+paug.json {"param_aug": [k]}, npz (or pth.gz for bfloat16) with image_emb [k, D] and the text
+embeddings, plus any other member of the source (url.txt, ...). With one captioner writing
+DataCompDR's `syn_text`, text_emb [1 + S, D] holds the ground truth then the synthetic captions
+(DataCompDR's layout); otherwise text_emb [1, D] holds the ground truth and `<syn_key>_emb`
+[S, D] each captioner's (DFNDR's layout). The reinforce config (settings.py) sits next to them.
 
 Host work (decode, k replays, resizes) runs in a thread pool one chunk ahead of the devices, and
 image embeddings are dispatched before the captions are made, so the three overlap.
@@ -48,7 +50,7 @@ from mobileclip_jax.data import errors
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import wds
 from mobileclip_jax.data.errors import CorruptSampleError, ErrorPolicy, SkipCounter
-from mobileclip_jax.reinforce import captioners
+from mobileclip_jax.reinforce import captioners as captioners_lib
 from mobileclip_jax.reinforce import settings as settings_lib
 from mobileclip_jax.reinforce import inputs
 from mobileclip_jax.reinforce import teachers as teachers_lib
@@ -70,7 +72,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # Fixed member dates: the same inputs give t
 class _Prepared:
   """A decoded sample with its k augmentations at every teacher resolution."""
   raw: wds.RawSample
-  item: captioners.CaptionInput
+  item: captioners_lib.CaptionInput
   caption: str
   paug: List[Any]
   views: Dict[int, np.ndarray]  # size -> uint8 [k, size, size, 3]
@@ -86,24 +88,28 @@ def _decode_image(data: bytes, raw: wds.RawSample) -> Image.Image:
                              f'{type(e).__name__}: {e}') from None
 
 
-def _existing_captions(raw: wds.RawSample, syn_key: str) -> Optional[List[str]]:
+def _existing_captions(raw: wds.RawSample, syn_keys: Sequence[str]) -> Dict[str, List[str]]:
+  """The source's synthetic captions under `syn_keys` (those it has)."""
   if 'syn.json' not in raw.members:
-    return None
+    return {}
   syn = wds.decode_json(raw.members['syn.json'], raw.shard, raw.key, 'syn.json')
-  texts = syn.get(syn_key) if isinstance(syn, dict) else None
-  if texts is None:
-    return None
-  if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-    raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON,
-                             f'syn.json[{syn_key!r}] is not a list of strings')
-  return texts
+  out = {}
+  for syn_key in syn_keys:
+    texts = syn.get(syn_key) if isinstance(syn, dict) else None
+    if texts is None:
+      continue
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+      raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON,
+                               f'syn.json[{syn_key!r}] is not a list of strings')
+    out[syn_key] = texts
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
 class _Preparer:
   """Turns a raw sample into a `_Prepared` (runs in worker threads; holds no mutable state)."""
   config: settings_lib.GenerationConfig
-  captioner: captioners.Captioner
+  captioners: Tuple[captioners_lib.Captioner, ...]
   sizes: Tuple[int, ...]
   shard_seed: int
 
@@ -122,9 +128,11 @@ class _Preparer:
     if not isinstance(labels, dict):
       raise CorruptSampleError(raw.shard, raw.key, errors.BAD_JSON, 'json is not a JSON object')
     image = _decode_image(image_bytes, raw)
-    item = captioners.CaptionInput(raw.shard, raw.key, str(labels.get('uid', raw.key)), image,
-                                     labels, _existing_captions(raw, c.syn_key))
-    self.captioner.check(item, c.num_syn)
+    existing = _existing_captions(raw, [captioner.syn_key for captioner in self.captioners])
+    item = captioners_lib.CaptionInput(raw.shard, raw.key, str(labels.get('uid', raw.key)),
+                                       image, labels, existing)
+    for captioner in self.captioners:
+      captioner.check(item, c.num_syn)
     # Each sample's draws depend only on (seed, shard name, position): threads cannot reorder
     # them and a redone shard gets the same augmentations.
     rng = np.random.default_rng([c.seed, self.shard_seed, index, _AUG_STREAM])
@@ -188,22 +196,28 @@ def _pth_gz_bytes(arrays: Dict[str, np.ndarray]) -> bytes:
   return gzip.compress(buffer.getvalue(), mtime=0)
 
 
-def _embedding_member(image_emb: np.ndarray, text_emb: np.ndarray,
+def _embedding_member(image_emb: np.ndarray, text_emb: np.ndarray, syn_keys: Sequence[str],
                       emb_dtype: str) -> Tuple[str, bytes]:
+  """text_emb [1 + len(syn_keys) * S, D]: DataCompDR's one array for the single key 'syn_text',
+  else DFNDR's ground truth in text_emb and one '<key>_emb' per key (module docstring)."""
   arrays = {'image_emb': image_emb, 'text_emb': text_emb}
+  if tuple(syn_keys) != (captioners_lib.SYN_KEY,):
+    per_key = np.split(text_emb[1:], len(syn_keys))
+    arrays = {'image_emb': image_emb, 'text_emb': text_emb[:1],
+              **{f'{key}_emb': emb for key, emb in zip(syn_keys, per_key)}}
   if emb_dtype == 'bfloat16':
     return 'pth.gz', _pth_gz_bytes(arrays)
   dtype = reinforced_tfds.EMB_DTYPES[emb_dtype]
   return 'npz', _npz_bytes({k: v.astype(dtype) for k, v in arrays.items()})
 
 
-def _members(p: _Prepared, syn: List[str], image_emb: np.ndarray, text_emb: np.ndarray,
-             config: settings_lib.GenerationConfig) -> Dict[str, bytes]:
+def _members(p: _Prepared, syn: Dict[str, List[str]], image_emb: np.ndarray,
+             text_emb: np.ndarray, config: settings_lib.GenerationConfig) -> Dict[str, bytes]:
   members = {ext: data for ext, data in p.raw.members.items() if ext not in _GENERATED}
   members.setdefault('json', json.dumps({'uid': p.raw.key}).encode('utf-8'))
-  members['syn.json'] = json.dumps({config.syn_key: syn}).encode('utf-8')
+  members['syn.json'] = json.dumps(syn).encode('utf-8')
   members['paug.json'] = json.dumps({'param_aug': p.paug}).encode('utf-8')
-  ext, data = _embedding_member(image_emb, text_emb, config.emb_dtype)
+  ext, data = _embedding_member(image_emb, text_emb, list(syn), config.emb_dtype)
   members[ext] = data
   return members
 
@@ -251,7 +265,7 @@ class _Context:
   """Everything the shard loop uses, fixed for a run."""
   out_dir: str
   ensemble: teachers_lib.TeacherEnsemble
-  captioner: captioners.Captioner
+  captioners: Tuple[captioners_lib.Captioner, ...]
   config: settings_lib.GenerationConfig
   config_hash: str
   policy: ErrorPolicy
@@ -260,31 +274,43 @@ class _Context:
   bar: tqdm.tqdm
 
 
-def _embed_chunk(ctx: _Context, good: List[_Prepared], rng: np.random.Generator
-                 ) -> Tuple[np.ndarray, np.ndarray, List[List[str]], captioners.QualityReport]:
-  """(image_emb [n, k, D], text_emb [n, 1 + S, D], syn captions, caption report) of a chunk."""
+def _embed_chunk(ctx: _Context, good: List[_Prepared], rngs: Sequence[np.random.Generator]
+                 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, List[List[str]]],
+                            Dict[str, captioners_lib.QualityReport]]:
+  """(image_emb [n, k, D], text_emb [n, 1 + K * S, D], {syn_key: n lists of S captions},
+  {syn_key: caption report}) of a chunk, for the K captioners in order, each drawing from its
+  generator in `rngs`."""
   c, ensemble = ctx.config, ctx.ensemble
   n, width = len(good), ensemble.width
   views = {s: np.concatenate([p.views[s] for p in good]) for s in ensemble.image_sizes}
   images = ensemble.embed_images_async(views)  # Runs while the captions are made.
   items = [p.item for p in good]
-  syn = ctx.captioner(items, c.num_syn, rng)
-  if len(syn) != n or any(len(s) != c.num_syn for s in syn):
-    raise ValueError(f'Captioner {ctx.captioner.name!r} returned {[len(s) for s in syn]} '
-                     f'captions for {n} images; expected {c.num_syn} each.')
-  texts = ensemble.embed_texts([p.caption for p in good] + [t for s in syn for t in s])
-  syn, syn_emb, report = captioners.deduplicate(
-      items, syn, texts[n:].reshape(n, c.num_syn, width), captioner=ctx.captioner,
-      embed_texts=ensemble.embed_texts, num_teachers=len(ensemble.teachers),
-      threshold=c.dedup_threshold, max_regenerate=c.max_regenerate, rng=rng)
-  text_emb = np.concatenate([texts[:n, None], syn_emb], axis=1)
-  return images.result().reshape(n, c.k, width), text_emb, syn, report
+  syn = {}
+  for captioner, rng in zip(ctx.captioners, rngs):
+    made = captioner(items, c.num_syn, rng)
+    if len(made) != n or any(len(s) != c.num_syn for s in made):
+      raise ValueError(f'Captioner {captioner.name!r} returned {[len(s) for s in made]} '
+                       f'captions for {n} images; expected {c.num_syn} each.')
+    syn[captioner.syn_key] = made
+  texts = ensemble.embed_texts([p.caption for p in good] +
+                               [t for made in syn.values() for s in made for t in s])
+  per_captioner = texts[n:].reshape(len(syn), n, c.num_syn, width)
+  emb, reports = [texts[:n, None]], {}
+  for i, captioner in enumerate(ctx.captioners):
+    key = captioner.syn_key
+    syn[key], syn_emb, reports[key] = captioners_lib.deduplicate(
+        items, syn[key], per_captioner[i], captioner=captioner,
+        embed_texts=ensemble.embed_texts, num_teachers=len(ensemble.teachers),
+        threshold=c.dedup_threshold, max_regenerate=c.max_regenerate, rng=rngs[i])
+    emb.append(syn_emb)
+  return images.result().reshape(n, c.k, width), np.concatenate(emb, axis=1), syn, reports
 
 
 def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
   """Generates one output shard and writes its record; returns the record."""
   start, c = time.time(), ctx.config
-  counter, quality = SkipCounter(), captioners.QualityReport()
+  counter = SkipCounter()
+  quality = {c.syn_key: captioners_lib.QualityReport() for c in ctx.captioners}
 
   def handle(error: CorruptSampleError) -> None:
     ctx.policy.handle(error, counter, check_budget=False)
@@ -296,7 +322,7 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
   shard_seed = zlib.crc32(shard.name.encode('utf-8'))
   for stale in glob.glob(glob.escape(staging) + '.*'):  # Left by a run that was killed.
     os.remove(stale)
-  preparer = _Preparer(c, ctx.captioner, ctx.ensemble.image_sizes, shard_seed)
+  preparer = _Preparer(c, ctx.captioners, ctx.ensemble.image_sizes, shard_seed)
   chunks = _prefetched_chunks(shard.read(handle), preparer, c.chunk_size, ctx.pool)
   with wds.ShardWriter(staging + '.{:d}', max_samples=2**62, manifest=False) as writer:
     for chunk_index, chunk in enumerate(chunks):
@@ -308,11 +334,15 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
           good.append(result)
       if not good:
         continue
-      rng = np.random.default_rng([c.seed, shard_seed, chunk_index, _CAPTION_STREAM])
-      image_emb, text_emb, syn, report = _embed_chunk(ctx, good, rng)
-      quality.merge(report)
+      # Captioner j > 0 draws from its own stream; the first keeps the one-captioner stream.
+      rngs = [np.random.default_rng([c.seed, shard_seed, chunk_index, _CAPTION_STREAM] +
+                                    ([j] if j else [])) for j in range(len(ctx.captioners))]
+      image_emb, text_emb, syn, reports = _embed_chunk(ctx, good, rngs)
+      for key, report in reports.items():
+        quality[key].merge(report)
       for i, p in enumerate(good):
-        writer.write(p.raw.key, _members(p, syn[i], image_emb[i], text_emb[i], c))
+        writer.write(p.raw.key, _members(p, {key: made[i] for key, made in syn.items()},
+                                         image_emb[i], text_emb[i], c))
       counter.ok(len(good))
       ctx.total.ok(len(good))
       ctx.bar.update(len(good))
@@ -324,7 +354,8 @@ def _generate_shard(ctx: _Context, shard: inputs.InputShard) -> Dict[str, Any]:
   record = {'name': shard.name, 'input': shard.fingerprint(), 'config_sha256': ctx.config_hash,
             'num_samples': counter.accepted,
             'size': os.path.getsize(final) if writer.paths else 0,
-            'counter': counter.to_json(), 'captions': quality.to_json(),
+            'counter': counter.to_json(),
+            'captions': {key: report.to_json() for key, report in quality.items()},
             'seconds': time.time() - start}
   utils.write_json_atomic(_record_path(ctx.out_dir, shard.name), record)
   return record
@@ -346,7 +377,8 @@ class ReinforceReport:
     samples_generated: samples written by this run.
     seconds: wall time of this run.
     counter: accepted and skipped samples over this process's shards (reused ones included).
-    captions: caption measures over this process's shards (reused ones included).
+    captions: per syn.json key, caption measures over this process's shards (reused ones
+      included).
     complete: every shard of every process is finished (manifest and summary written).
     k: augmentations per sample.
   """
@@ -357,7 +389,7 @@ class ReinforceReport:
   samples_generated: int
   seconds: float
   counter: SkipCounter
-  captions: captioners.QualityReport
+  captions: Dict[str, captioners_lib.QualityReport]
   complete: bool
   k: int
 
@@ -371,17 +403,20 @@ class ReinforceReport:
         f'{self.samples_generated * self.k} augmentations) in {self.seconds:.1f} s: '
         f'{self.images_per_second:.1f} images/s; {self.shards_reused} of {self.shards} shards '
         'were finished before.',
-        self.counter.summary(), self.captions.summary()]
+        self.counter.summary(), *[q.summary(key) for key, q in self.captions.items()]]
     lines.append(f'Dataset complete in {self.out_dir} (manifest.jsonl, {SUMMARY_FILE}).'
                  if self.complete else 'Other processes still have shards to generate.')
     return '\n'.join(lines)
 
 
-def _aggregate(records: Sequence[Dict[str, Any]]) -> Tuple[SkipCounter, captioners.QualityReport]:
-  counter, quality = SkipCounter(), captioners.QualityReport()
+def _aggregate(records: Sequence[Dict[str, Any]]
+               ) -> Tuple[SkipCounter, Dict[str, captioners_lib.QualityReport]]:
+  counter, quality = SkipCounter(), {}
   for record in records:
     counter.merge(SkipCounter.from_json(record['counter']))
-    quality.merge(captioners.QualityReport.from_json(record['captions']))
+    for key, report in record['captions'].items():
+      quality.setdefault(key, captioners_lib.QualityReport()).merge(
+          captioners_lib.QualityReport.from_json(report))
   return counter, quality
 
 
@@ -394,7 +429,7 @@ def _write_summary(out_dir: str, shards: Sequence[inputs.InputShard], config_has
   utils.write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), {
       'complete': complete, 'shards': len(shards), 'shards_finished': len(done),
       'samples': sum(r['num_samples'] for r in done), 'counter': counter.to_json(),
-      'captions': quality.to_json()})
+      'captions': {key: report.to_json() for key, report in quality.items()}})
   if complete:
     lines = [json.dumps({'shard': os.path.splitext(r['name'])[0], 'num_samples': r['num_samples']})
              for r in done if r['num_samples']]
@@ -404,7 +439,8 @@ def _write_summary(out_dir: str, shards: Sequence[inputs.InputShard], config_has
 
 
 def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
-              ensemble: teachers_lib.TeacherEnsemble, captioner: captioners.Captioner,
+              ensemble: teachers_lib.TeacherEnsemble,
+              captioners: Sequence[captioners_lib.Captioner],
               config: settings_lib.GenerationConfig, *, policy: ErrorPolicy = ErrorPolicy(),
               process_index: Optional[int] = None, process_count: Optional[int] = None,
               workers: Optional[int] = None, overwrite: bool = False,
@@ -415,7 +451,8 @@ def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
     shards: all input shards (`inputs.resolve`), the same list in every process.
     out_dir: output folder.
     ensemble: the teachers.
-    captioner: makes the synthetic captions.
+    captioners: make the synthetic captions, each under its `syn_key`
+      (`captioners.make_captioners`).
     config: generation settings.
     policy: what to do with corrupt input samples (counted per reason either way).
     process_index, process_count: this process's share of the shards (default: JAX's).
@@ -425,7 +462,8 @@ def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
 
   Returns:
     A `ReinforceReport`. Raises ValueError for settings that cannot work (a teacher larger than
-    the generation size, another dataset's settings in `out_dir`), CorruptSampleError or
+    the generation size, a captioning model whose tokenizer is not the student's, two
+    captioners with one key, another dataset's settings in `out_dir`), CorruptSampleError or
     BudgetExceededError per `policy`.
   """
   start = time.time()
@@ -440,7 +478,18 @@ def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
     raise ValueError(f'Teachers {too_big} take larger images than the generation size '
                      f'{config.gen_size}: augmented crops are only resized down. Set gen_size to '
                      f'at least {max(ensemble.image_sizes)}.')
-  settings = settings_lib.reinforce_config(ensemble.describe(), config, captioner.describe())
+  keys = [captioner.syn_key for captioner in captioners]
+  if not keys or len(set(keys)) != len(keys):
+    raise ValueError(f'The captioners must write distinct syn.json keys, got {keys}.')
+  for captioner in captioners:
+    if captioner.tokenizer not in (None, config.tokenizer):
+      raise ValueError(f'Captioner {captioner.name} ({captioner.syn_key}) has tokenizer '
+                       f'{captioner.tokenizer!r} but the '
+                       f'student\'s (the dataset metadata\'s) is {config.tokenizer!r}: use a '
+                       'captioner trained with the student\'s tokenizer, or set --tokenizer.')
+  settings = settings_lib.reinforce_config(ensemble.describe(), config,
+                                           [captioner.describe() for captioner in captioners],
+                                           keys)
   settings_lib.write_or_check(out_dir, settings, overwrite)
   config_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -458,7 +507,8 @@ def reinforce(shards: Sequence[inputs.InputShard], out_dir: str,
                   unit=' img', disable=not progress, smoothing=0.05)
   generated = []
   with bar, concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-    ctx = _Context(out_dir, ensemble, captioner, config, config_hash, policy, pool, total, bar)
+    ctx = _Context(out_dir, ensemble, tuple(captioners), config, config_hash, policy, pool,
+                   total, bar)
     for shard in todo:
       generated.append(_generate_shard(ctx, shard))
       bar.set_postfix(shards=f'{len(generated) + len(reused)}/{len(mine)}',

@@ -5,15 +5,15 @@ The config file follows ml-mobileclip's `training/configs/datacompdr12m.json`, w
 entry per teacher), `num_samples` (k) and `reinforce.image_augmentation` (Apple's transform
 config, whose keys are the torchvision keyword arguments). Everything else the generation used
 is recorded beside them: per-teacher details (resolution, mean/std, tokenizer, weights'
-checksum), `teacher_dims`, the synthetic-caption key and its regex, the embedding dtype and the
-captioner and caption quality-control settings. A rerun into the same folder must use the same
+checksum), `teacher_dims`, the synthetic-caption keys (one per captioner) and their regex, the
+embedding dtype and the captioners' and caption quality-control settings. A rerun into the same folder must use the same
 settings (resume), which is checked against this file.
 """
 import dataclasses
 import json
 import os
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from mobileclip_jax import utils
 from mobileclip_jax.data import augment
@@ -32,8 +32,6 @@ class GenerationConfig:
     num_syn: synthetic captions per image.
     augmentation: sampling config of the augmentations; its `image_size` is the generation size
       (the RandomResizedCrop output every teacher sees, resized down for smaller teachers).
-    syn_key: the syn.json key of the synthetic captions (read by the 'existing' captioner, and
-      written).
     dedup_threshold: averaged teacher cosine above which two captions of an image are
       near-duplicates.
     max_regenerate: rounds of regeneration of near-duplicate captions (0: measure only).
@@ -47,7 +45,6 @@ class GenerationConfig:
   k: int = 10
   num_syn: int = 5
   augmentation: augment.AugmentConfig = augment.AugmentConfig()
-  syn_key: str = 'syn_text'
   dedup_threshold: float = 0.95
   max_regenerate: int = 3
   emb_dtype: str = 'float16'
@@ -64,28 +61,28 @@ class GenerationConfig:
     if self.emb_dtype not in reinforced_tfds.EMB_DTYPES:
       raise ValueError(f'emb_dtype {self.emb_dtype!r} is not one of '
                        f'{sorted(reinforced_tfds.EMB_DTYPES)}.')
-    if not re.fullmatch(r'[A-Za-z0-9_]+', self.syn_key):
-      raise ValueError(f'syn_key {self.syn_key!r} must be letters, digits and _ (a syn.json key '
-                       'such as syn_text or syn_text_coca).')
 
   @property
   def gen_size(self) -> int:
     return self.augmentation.image_size
 
-  @property
-  def syn_key_regex(self) -> str:
-    """The regex that selects exactly this dataset's synthetic captions."""
-    return f'^{re.escape(self.syn_key)}$'
+
+def syn_key_regex(syn_keys: Sequence[str]) -> str:
+  """The regex that selects exactly these synthetic-caption keys."""
+  alternatives = '|'.join(re.escape(key) for key in syn_keys)
+  return f'^{alternatives}$' if len(syn_keys) == 1 else f'^({alternatives})$'
 
 
 def reinforce_config(teachers: Mapping[str, Any], generation: GenerationConfig,
-                     captioner: Mapping[str, Any]) -> Dict[str, Any]:
+                     captioners: Sequence[Mapping[str, Any]],
+                     syn_keys: Sequence[str]) -> Dict[str, Any]:
   """The JSON config of a generation (see the module docstring).
 
   Args:
     teachers: `TeacherEnsemble.describe()`.
     generation: the generation settings.
-    captioner: `Captioner.describe()`.
+    captioners: each captioner's `describe()`, in order.
+    syn_keys: the syn.json key each captioner writes.
   """
   details = teachers['teachers']
   return {
@@ -96,12 +93,13 @@ def reinforce_config(teachers: Mapping[str, Any], generation: GenerationConfig,
       'reinforce': {
           'image_augmentation': augment.to_generation_config(generation.augmentation)},
       'teacher_dims': list(teachers['teacher_dims']),
-      'syn_key_regex': generation.syn_key_regex,
+      'syn_key_regex': syn_key_regex(syn_keys),
       'emb_dtype': generation.emb_dtype,
       'tokenizer': generation.tokenizer,
       'generation': {
-          'teachers': details, 'num_syn': generation.num_syn, 'syn_key': generation.syn_key,
-          'augmentation': generation.augmentation.to_dict(), 'captioner': dict(captioner),
+          'teachers': details, 'num_syn': generation.num_syn, 'syn_keys': list(syn_keys),
+          'augmentation': generation.augmentation.to_dict(),
+          'captioners': [dict(captioner) for captioner in captioners],
           'dedup_threshold': generation.dedup_threshold,
           'max_regenerate': generation.max_regenerate, 'seed': generation.seed,
           'chunk_size': generation.chunk_size},

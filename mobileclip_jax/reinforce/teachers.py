@@ -64,14 +64,7 @@ class Teacher:
 
   @functools.cached_property
   def checksum(self) -> str:
-    """sha256 over every variable (path, dtype, shape, bytes): identifies the weights."""
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(self.variables)[0]
-    for path, leaf in sorted(leaves, key=lambda item: rules.path_str(item[0])):
-      array = np.ascontiguousarray(leaf)
-      digest.update(f'{rules.path_str(path)}|{array.dtype}|{array.shape}|'.encode())
-      digest.update(array.tobytes())
-    return digest.hexdigest()
+    return checksum(self.variables)
 
   def describe(self) -> Dict[str, Any]:
     """JSON description recorded with the dataset."""
@@ -80,6 +73,17 @@ class Teacher:
             'image_size': c.image_size, 'mean': list(c.mean), 'std': list(c.std),
             'tokenizer': c.tokenizer, 'context_length': self.context_length, 'dtype': c.dtype,
             'checksum': self.checksum}
+
+
+def checksum(variables: Mapping[str, Any]) -> str:
+  """sha256 over every variable (path, dtype, shape, bytes): identifies the weights."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for path, leaf in sorted(leaves, key=lambda item: rules.path_str(item[0])):
+    array = np.ascontiguousarray(leaf)
+    digest.update(f'{rules.path_str(path)}|{array.dtype}|{array.shape}|'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
 
 
 def _tag(path: str) -> str:

@@ -29,6 +29,7 @@ from mobileclip_jax import losses
 from mobileclip_jax import sharding as sharding_lib
 from mobileclip_jax.data import loader
 from mobileclip_jax.models import clip as clip_lib
+from mobileclip_jax.models import coca as coca_lib
 from mobileclip_jax.train import optimizer as optimizer_lib
 from mobileclip_jax.train import reporting
 from mobileclip_jax.train import step as step_lib
@@ -41,27 +42,40 @@ ElementSpec = Dict[str, Tuple[Tuple[int, ...], np.dtype]]
 # The model.
 
 
-def model_config(config: ml_collections.ConfigDict) -> clip_lib.ModelConfig:
-  """The variant `config.model.name` with the config's overrides (None = the variant's value)."""
+def model_config(config: ml_collections.ConfigDict):
+  """The variant `config.model.name` with the config's overrides (None = the variant's value):
+  a clip.ModelConfig, or a coca.CoCaConfig for captioners ('coca_*')."""
   m = config.model
-  overrides = dict(attention=m.attention, qk_norm=m.qk_norm, dtype=m.dtype,
-                   bn_group_size=m.bn_group_size)
+  captioner = m.name in coca_lib.COCA_CONFIGS
+  overrides = dict(dtype=m.dtype)
+  if captioner:
+    clip_only = {'attention': (m.attention, 'softmax'), 'qk_norm': (m.qk_norm, False),
+                 'bn_group_size': (m.bn_group_size, 0), 'inherit.masks': (config.inherit.masks, '')}
+    changed = [k for k, (value, default) in clip_only.items() if value != default]
+    if changed:
+      raise ValueError(f'{m.name} is a CoCa captioner (open_clip softmax attention, no BatchNorm, '
+                       f'no learned inheritance): leave {", ".join(changed)} at their defaults.')
+  else:
+    overrides.update(attention=m.attention, qk_norm=m.qk_norm, bn_group_size=m.bn_group_size)
   overrides.update(config_lib.overridden(ml_collections.ConfigDict(
       {'embed_dim': m.embed_dim, 'image_size': m.image_size,
        'init_logit_scale': m.init_logit_scale, 'init_logit_bias': m.init_logit_bias})))
-  for tower in ('image', 'text'):
+  for tower in ('image', 'text', 'decoder'):
     tower_overrides = config_lib.overridden(m[tower])
+    if tower_overrides and tower == 'decoder' and not captioner:
+      raise ValueError(f'model.decoder overrides ({sorted(tower_overrides)}) are for CoCa '
+                       f'captioners; {m.name} has no decoder.')
     if tower_overrides:
       overrides[tower] = tower_overrides
   return clip_lib.get_config(m.name, **overrides)
 
 
-def build_model(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelConfig):
-  """(the Flax module, the step's regularizer or None): CLIP, or with `inherit.masks` the
+def build_model(config: ml_collections.ConfigDict, model_config_):
+  """(the Flax module, the step's regularizer or None): CLIP or CoCa, or with `inherit.masks` the
   masked model of learned inheritance and its sparsity constraint (inheritance/masks.py)."""
   inherit = config.inherit
   if not inherit.masks:
-    return clip_lib.CLIP(model_config_), None
+    return clip_lib.model_from_config(model_config_), None
   from mobileclip_jax.inheritance import masks  # pylint: disable=g-import-not-at-top
   kinds = tuple(k.strip() for k in inherit.masks.split(',') if k.strip())
   ramp = config_lib.parse_duration(inherit.ramp, config.batch_size, None, 'inherit.ramp')
@@ -134,6 +148,7 @@ def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelC
       dataset=d.name, data_dir=d.data_dir, split=d.split, global_batch_size=config.batch_size,
       image_size=model_config_.image_size, tokenizer=d.tokenizer,
       context_length=model_config_.text.context_length, syn_key_regex=d.syn_key_regex,
+      syn_key_weights=tuple(sorted(d.syn_key_weights.items())),
       seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
       error_policy=d.error_policy, error_budget=d.max_corrupt,
       teachers=None if d.teachers is None else tuple(d.teachers), num_syn=d.num_syn)
@@ -154,26 +169,38 @@ def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelC
 class Objective:
   use_syn: bool
   use_teachers: bool
+  captions: bool = False  # CoCa: caption cross-entropy + CLIP on the ground-truth captions.
 
   @property
   def description(self) -> str:
+    if self.captions:
+      return 'CoCa (caption cross-entropy + CLIP, ground-truth captions)'
     return ('DR (CLIP + distillation, gt + synthetic captions)' if self.use_teachers
             else 'CLIP (ground-truth captions)')
 
 
-def select_objective(batch_keys, objective: str) -> Objective:
-  """'auto' | 'clip' | 'dr' given the batch's keys ('auto': DR on reinforced data)."""
+def select_objective(batch_keys, objective: str, captioner: bool = False) -> Objective:
+  """'auto' | 'clip' | 'dr' | 'coca' given the batch's keys and whether the model is a CoCa
+  captioner ('auto': 'coca' for captioners, else DR on reinforced data, CLIP on plain)."""
   reinforced = keys.SYN_TEXT in batch_keys and all(k in batch_keys for k in keys.TEACHERS)
+  if objective not in ('auto', 'clip', 'dr', 'coca'):
+    raise ValueError(f"loss.objective must be 'auto', 'clip', 'dr' or 'coca', got {objective!r}.")
+  if captioner and objective not in ('auto', 'coca'):
+    raise ValueError(f"loss.objective={objective!r} trains CLIP models; a CoCa captioner trains "
+                     "with 'coca' (or 'auto').")
+  if objective == 'coca' and not captioner:
+    raise ValueError("loss.objective='coca' needs a CoCa captioner (model.name='coca_ViT-B-32', "
+                     '...); this model has no text decoder.')
+  if captioner:
+    return Objective(False, False, captions=True)
   if objective == 'auto':
     return Objective(reinforced, reinforced)
   if objective == 'clip':
     return Objective(False, False)
-  if objective == 'dr':
-    if not reinforced:
-      raise ValueError("loss.objective='dr' needs a reinforced dataset (synthetic captions and "
-                       'teacher embeddings); this one is plain image-caption data.')
-    return Objective(True, True)
-  raise ValueError(f"loss.objective must be 'auto', 'clip' or 'dr', got {objective!r}.")
+  if not reinforced:
+    raise ValueError("loss.objective='dr' needs a reinforced dataset (synthetic captions and "
+                     'teacher embeddings); this one is plain image-caption data.')
+  return Objective(True, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,12 +225,15 @@ def durations(config: ml_collections.ConfigDict, num_examples: Optional[int]) ->
       keep_every=parse(keep, 'checkpoint.keep_every') if keep else None)
 
 
-def loss_config(config: ml_collections.ConfigDict, teacher_dims) -> losses.LossConfig:
-  """The loss settings; teacher settings only matter (and are checked) for distillation."""
+def loss_config(config: ml_collections.ConfigDict, teacher_dims,
+                captions: bool = False) -> losses.LossConfig:
+  """The loss settings; teacher settings only matter (and are checked) for distillation, the
+  caption weight for captioners."""
   loss = config.loss
   kwargs = dict(kind=loss.kind, clip_weight=loss.clip_weight, distill_weight=loss.distill_weight,
                 gt_weight=loss.gt_weight, syn_weight=loss.syn_weight, average=loss.average,
-                student_scale=loss.student_scale, block_size=loss.block_size)
+                student_scale=loss.student_scale, block_size=loss.block_size,
+                caption_weight=loss.caption_weight if captions else 0.0)
   if teacher_dims:
     scales = config_lib.as_tuple(loss.teacher_scales)
     if len(scales) != len(teacher_dims):
@@ -228,7 +258,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
 # The run.
 
 
-def _initial_state(model: clip_lib.CLIP, tx: Any, rng: jax.Array) -> step_lib.TrainState:
+def _initial_state(model, tx: Any, rng: jax.Array) -> step_lib.TrainState:
   variables = model.init(rng, *clip_lib.dummy_inputs(model.config))
   params = variables['params']
   return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -241,8 +271,8 @@ class Run:
   """Everything a step needs, built by `build`. `step` compiles on first use."""
   config: ml_collections.ConfigDict
   mesh: Any
-  model_config: clip_lib.ModelConfig
-  model: clip_lib.CLIP
+  model_config: Any                       # clip.ModelConfig, or coca.CoCaConfig for captioners.
+  model: Any                              # clip.CLIP, coca.CoCa, or inheritance's MaskedCLIP.
   data: Optional[TrainInput]
   spec: InputSpec
   objective: Objective
@@ -290,14 +320,22 @@ class Run:
     log.info('Initialized the weights from %s (%s).', path, source_config.name)
     return state.replace(params=params, batch_stats=batch_stats)
 
+  def _step_kwargs(self) -> Dict[str, Any]:
+    return dict(mesh=self.mesh, accum_steps=self.config.accum_steps,
+                use_syn=self.objective.use_syn, use_teachers=self.objective.use_teachers,
+                captions=self.objective.captions, seed=self.config.seed)
+
+  @functools.cached_property
+  def grad_fn(self):
+    """jit(state, batch) -> (loss, metrics, grads, batch statistics): the step before the
+    optimizer (step.make_grad_fn), for checks against reference losses."""
+    return jax.jit(step_lib.make_grad_fn(self.model, self.loss_config, **self._step_kwargs()))
+
   @functools.cached_property
   def step(self):
     """The compiled step: (state, batch) -> (state, metrics); the state is donated."""
-    fn = step_lib.make_train_step(
-        self.model, self.tx, self.loss_config, mesh=self.mesh,
-        accum_steps=self.config.accum_steps, use_syn=self.objective.use_syn,
-        use_teachers=self.objective.use_teachers, seed=self.config.seed,
-        regularizer=self.regularizer)
+    fn = step_lib.make_train_step(self.model, self.tx, self.loss_config,
+                                  regularizer=self.regularizer, **self._step_kwargs())
     start = time.perf_counter()
     lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
@@ -314,7 +352,8 @@ class Run:
   def param_counts(self) -> Dict[str, int]:
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     params = self.abstract_state.params
-    return {'image': count(params['visual']), 'text': count(params['text'])}
+    towers = {'image': 'visual', 'text': 'text', 'decoder': 'text_decoder'}
+    return {k: count(params[v]) for k, v in towers.items() if v in params}
 
 
 def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] = None,
@@ -339,7 +378,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   if spec is None:
     data = open_input(config, model_config_, process_index, process_count, skipped_log)
     spec = data.spec
-  objective = select_objective(spec.element_spec, config.loss.objective)
+  objective = select_objective(spec.element_spec, config.loss.objective,
+                               isinstance(model_config_, coca_lib.CoCaConfig))
   steps = durations(config, spec.num_examples)
   schedule = optimizer_lib.lr_schedule(config.optim.lr, steps.total, steps.warmup,
                                        config.schedule.kind, steps.constant)
@@ -356,7 +396,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   return Run(
       config=config, mesh=mesh, model_config=model_config_, model=model, data=data, spec=spec,
       objective=objective,
-      loss_config=loss_config(config, spec.teacher_dims if objective.use_teachers else None),
+      loss_config=loss_config(config, spec.teacher_dims if objective.use_teachers else None,
+                              objective.captions),
       durations=steps, schedule=schedule, tx=tx, regularizer=regularizer,
       state_shardings=shardings,
       abstract_state=jax.tree.map(
