@@ -196,10 +196,12 @@ def test_regeneration_ablation_keeps_the_captions_as_first_made(first_run):
   """demo_world_reinforced_noregen: the same seed, so the same captions before regeneration as
   the demo's set, and none regenerated after."""
   workdir, results, _ = first_run
-  regenerated = results['reinforcement']['captions']
+  regenerated = results['reinforcement']['captions']  # Per synthetic-caption key.
   kept = results['reinforcement_noregen']['captions']
-  assert kept['before'] == regenerated['before']
-  assert kept['after'] == kept['before'] and kept['regenerated'] == 0
+  assert list(kept) == list(regenerated) and kept
+  for key, report in kept.items():
+    assert report['before'] == regenerated[key]['before'], key
+    assert report['after'] == report['before'] and report['regenerated'] == 0, key
   assert results['reinforcement_noregen']['samples'] == results['reinforcement']['samples']
   source, meta = reinforced_tfds.open_reinforced(settings_lib.REINFORCED_NOREGEN_NAME,
                                                  os.path.join(workdir, 'tfds'))
