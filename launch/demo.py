@@ -5,6 +5,7 @@ r"""The whole MobileCLIP recipe on the built-in demo world, on one CPU, from not
   python launch/demo.py --quick               # toy sizes, a smoke run: <default>_quick
   python launch/demo.py --inspect             # what the models see and learned -> <workdir>/inspect
   python launch/demo.py --captioner=coca      # the students' captions from a CoCa trained here
+  python launch/demo.py --regeneration_ablation   # also demo_world_reinforced_noregen
 
 Makes the demo-world datasets, trains two CLIP teachers, reinforces the students' dataset with
 them (stored augmentations, teacher embeddings, synthetic captions), trains the same small
@@ -30,6 +31,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where everything goes (default:
                                f'{settings_lib.QUICK_WORKDIR} with --quick).')
 _QUICK = flags.DEFINE_bool('quick', False, 'Toy sizes: every stage, in a fraction of the time; '
                            'the numbers mean nothing.')
+_REGENERATION = flags.DEFINE_bool(
+    'regeneration_ablation', False, 'Also reinforce the students\' set without caption '
+    'regeneration (demo_world_reinforced_noregen, for configs/demo.py\'s regeneration sweep; '
+    'one more reinforcement stage); its caption measures go to results.json.')
 _CAPTIONER = flags.DEFINE_enum(
     'captioner', settings_lib.DemoSettings.captioner, settings_lib.CAPTIONERS,
     "Who writes the students' synthetic captions: the procedural oracle ('demo'), a small CoCa "
@@ -57,7 +62,8 @@ def main(argv):
     inspection.inspect(workdir, settings)
   else:
     from mobileclip_jax.demo import recipe  # pylint: disable=g-import-not-at-top
-    recipe.run(workdir, settings, captioner_ablation=_CAPTIONER_ABLATION.value)
+    recipe.run(workdir, settings, regeneration_ablation=_REGENERATION.value,
+               captioner_ablation=_CAPTIONER_ABLATION.value)
 
 
 if __name__ == '__main__':

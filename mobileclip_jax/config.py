@@ -45,6 +45,9 @@ def base_config() -> ConfigDict:
       embed_dim=placeholder(int),
       image_size=placeholder(int),
       init_from='',              # A model checkpoint or training run to start the weights from.
+      init_logit_scale=placeholder(float),  # Log of the initial logit scale (None: log(1/0.07)).
+      init_logit_bias=placeholder(float),   # Initial logit bias; the sigmoid loss needs one
+                                            # (SigLIP: -10 with init_logit_scale log(10)).
   ))
   c.model.image = ConfigDict(dict(  # Image tower overrides (None = the variant's value).
       depths=placeholder(tuple), widths=placeholder(tuple), token_mixers=placeholder(tuple),
@@ -76,6 +79,10 @@ def base_config() -> ConfigDict:
       error_policy='skip',       # 'skip' (counted, within max_corrupt) | 'fail'
       max_corrupt='0.001',       # Skip budget: a count ('100') or a fraction ('0.001', '0.1%').
       build_hint=placeholder(str),  # How to build the dataset, told when it is not built.
+      teachers=placeholder(tuple),  # Reinforced data: stored teachers to distil from, e.g. (0,)
+                                    # (indices in the dataset's order); None = all.
+      num_syn=placeholder(int),     # Reinforced data: draw from the first N synthetic captions
+                                    # of each key; None = all stored.
   ))
   c.batch_size = 65536           # Global batch (all hosts).
   c.accum_steps = 1              # Micro-batches per step (embeddings gathered across them).

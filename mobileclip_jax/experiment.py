@@ -446,16 +446,16 @@ def format_table(results: Mapping[str, Any], metrics: Optional[Mapping[str, str]
 
 
 def _swept_axis(results: Mapping[str, Any]) -> Optional[Tuple[str, List[float]]]:
-  """(key, numeric value per variant) when the variants differ in one numeric key only."""
+  """(key, numeric value per variant): the first key (in the first variant's order) that every
+  variant sets to a different number, e.g. loss.distill_weight beside its loss.clip_weight =
+  1 - lambda; None when no key does (then the plot is per variant)."""
   overrides = list(results['overrides'].values())
-  keys = {k for o in overrides for k in o}
-  if len(keys) != 1:
-    return None
-  key = keys.pop()
-  values = [o.get(key) for o in overrides]
-  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-    return None
-  return key, [float(v) for v in values]
+  for key in (overrides[0] if overrides else {}):
+    values = [o.get(key) for o in overrides]
+    if (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        and len(set(values)) == len(values)):
+      return key, [float(v) for v in values]
+  return None
 
 
 def pyplot():

@@ -6,12 +6,15 @@ The toy numbers are noise; the real run's table is in README.
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from mobileclip_jax import checkpoint
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import experiment
+from mobileclip_jax import sharding
 from mobileclip_jax.convert import files
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import reinforced_tfds
@@ -34,7 +37,7 @@ SETTINGS = settings_lib.quick()
 def first_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('demo'))
   printed = []
-  results = recipe.run(workdir, SETTINGS, print_fn=printed.append)
+  results = recipe.run(workdir, SETTINGS, print_fn=printed.append, regeneration_ablation=True)
   return workdir, results, '\n'.join(printed)
 
 
@@ -64,8 +67,9 @@ def test_results_json_has_the_stated_layout(first_run):
     assert m['train']['wall_s'] > 0 and m['train']['cpu_s'] > 0
     assert settings_lib.LABELS[role] in printed
   assert results['seconds'] == results['this_run']['wall_s'] > 0
-  assert set(results['this_run']['stages']) == {'data', 'teachers', 'reinforce', 'students',
-                                                 'export', 'plot'}
+  assert set(results['this_run']['stages']) == {'data', 'teachers', 'reinforce',
+                                                 'reinforce_noregen', 'students', 'export',
+                                                 'plot'}
   with open(os.path.join(workdir, recipe.PLOT_FILE), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -186,6 +190,118 @@ def test_config_file_sweep_objective_gives_the_two_students():
   base = module.get_config('student_dr')
   for name, role in (('clip', 'student_clip'), ('dr', 'student_dr')):
     assert experiment.apply_overrides(base, sweep.variants[name]) == module.get_config(role)
+
+
+def test_regeneration_ablation_keeps_the_captions_as_first_made(first_run):
+  """demo_world_reinforced_noregen: the same seed, so the same captions before regeneration as
+  the demo's set, and none regenerated after."""
+  workdir, results, _ = first_run
+  regenerated = results['reinforcement']['captions']  # Per synthetic-caption key.
+  kept = results['reinforcement_noregen']['captions']
+  assert list(kept) == list(regenerated) and kept
+  for key, report in kept.items():
+    assert report['before'] == regenerated[key]['before'], key
+    assert report['after'] == report['before'] and report['regenerated'] == 0, key
+  assert results['reinforcement_noregen']['samples'] == results['reinforcement']['samples']
+  source, meta = reinforced_tfds.open_reinforced(settings_lib.REINFORCED_NOREGEN_NAME,
+                                                 os.path.join(workdir, 'tfds'))
+  assert (len(source), meta.num_syn, meta.k) == (SETTINGS.num_samples, SETTINGS.num_syn,
+                                                 SETTINGS.k)
+
+
+def _sweeps(arg):
+  return experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py')).get_sweeps(arg)
+
+
+def test_config_file_lists_the_ablation_sweeps():
+  dr, clip = _sweeps('student_dr'), _sweeps('student_clip')
+  assert list(dr) == ['objective', 'teacher_scales', 'teachers', 'distill_weight',
+                      'caption_weights', 'num_syn', 'regeneration', 'captioners', 'attention',
+                      'loss_kind']
+  assert list(clip) == ['objective', 'attention', 'loss_kind']  # Distillation needs DR.
+  assert all(s.description for s in dr.values())
+  for variant in dr['distill_weight'].variants.values():
+    assert variant['loss.clip_weight'] + variant['loss.distill_weight'] == 1.0
+  # Captions per image: the paper's 1, 2, 5 where stored, and all of them.
+  assert list(dr['num_syn'].variants) == ['num_syn=1', 'num_syn=2', 'num_syn=4']
+  assert list(_sweeps('student_dr,quick')['num_syn'].variants) == ['num_syn=1', 'num_syn=2']
+  assert 'loss.teacher_biases' not in clip['loss_kind'].variants['sigmoid']
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'experiment.py'),
+                        '--config=configs/demo.py:student_dr', '--list_sweeps'], cwd=ROOT,
+                       capture_output=True, text=True, check=True).stdout
+  assert [line.split(':')[0] for line in out.splitlines()] == list(dr)
+
+
+@pytest.mark.parametrize('role', settings_lib.STUDENTS)
+def test_every_sweep_variant_builds_on_the_quick_demo_data(first_run, role):
+  """Each variant opens its data and builds its run (model, loss, optimizer; no step compiled):
+  the loader's selections (teachers, captions per image) and the loss see what they set."""
+  workdir, _, _ = first_run
+  module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
+  base = module.get_config(f'{role},quick')
+  mesh = sharding.create_mesh()
+  for name, sweep in module.get_sweeps(f'{role},quick').items():
+    for variant, overrides in sweep.variants.items():
+      if name == 'captioners' and variant != 'oracle':
+        continue  # The CoCa's sets (--captioner_ablation): tests/test_demo_captioner.py (slow).
+      config = experiment.apply_overrides(base, overrides)
+      config.data.data_dir = os.path.join(workdir, 'tfds')
+      run = setup.build(config, mesh)
+      what = (name, variant)
+      teachers = overrides.get('data.teachers')
+      if run.objective.use_teachers:
+        dims = (SETTINGS.embed_dim,) * (len(teachers) if teachers else 2)
+        assert run.spec.teacher_dims == run.loss_config.teacher_dims == dims, what
+        assert run.spec.element_spec['teacher_image_emb'][0] == (sum(dims),), what
+        if 'loss.teacher_scales' in overrides:
+          assert run.loss_config.teacher_scales == tuple(overrides['loss.teacher_scales']), what
+      if 'data.num_syn' in overrides:
+        # pylint: disable-next=protected-access
+        assert run.data.iterator._loader._choices.syn_counts == (overrides['data.num_syn'],)
+      assert run.data.name == config.data.name
+      assert run.model_config.attention == config.model.attention, what
+      assert run.model_config.text.hybrid_norm == bool(config.model.text.hybrid_norm), what
+      assert run.loss_config.kind == config.loss.kind, what
+      assert ('logit_bias' in run.abstract_state.params) == (config.loss.kind == 'sigmoid'), what
+      run.data.iterator.close()
+
+
+@pytest.mark.parametrize('role', settings_lib.STUDENTS)
+def test_model_sweeps_build_at_the_demo_sizes(role):
+  """The full-size models of the sweeps that change the model or the loss kind (no data: the
+  input's layout as the demo's datasets give it); the quick test above builds every variant."""
+  module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
+  base, mesh = module.get_config(role), sharding.create_mesh()
+  for name, sweep in module.get_sweeps(role).items():
+    for variant, overrides in sweep.variants.items():
+      if not any(k.startswith('model.') or k == 'loss.kind' for k in overrides):
+        continue
+      config = experiment.apply_overrides(base, overrides)
+      reinforced = config.data.name != settings_lib.PLAIN_NAME
+      dims = (settings_lib.DemoSettings().embed_dim,) * len(config.data.teachers or (0, 1))
+      spec = setup.InputSpec.synthetic(setup.model_config(config), dims if reinforced else ())
+      run = setup.build(config, mesh, spec=spec)
+      assert run.objective.use_teachers == (config.loss.objective == 'dr'), (name, variant)
+      assert run.loss_config.kind == config.loss.kind, (name, variant)
+
+
+def test_a_sweep_runs_through_the_runner_at_quick_sizes(first_run, tmp_path):
+  """The regeneration sweep end to end (one seed): both reinforced sets, trained and evaluated."""
+  workdir, _, _ = first_run
+  module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
+  base = module.get_config('student_dr,quick')
+  base.data.data_dir = os.path.join(workdir, 'tfds')
+  sweep = module.get_sweeps('student_dr,quick')['regeneration']
+  configs = {n: experiment.apply_overrides(base, o) for n, o in sweep.variants.items()}
+  results = experiment.run(configs, 1, str(tmp_path), metrics=module.METRICS,
+                           overrides=sweep.variants, description=sweep.description,
+                           print_fn=lambda _: None)
+  assert list(results['variants']) == ['regenerated', 'not_regenerated']
+  for variant, values in results['variants'].items():
+    assert set(module.METRICS) <= set(values), variant
+    with open(os.path.join(results['runs'][variant]['0']['dir'], 'config.json')) as f:
+      assert json.load(f)['data']['name'] == configs[variant].data.name
+  assert 'near-duplicates regenerated' in (tmp_path / experiment.TABLE_FILE).read_text()
 
 
 def test_config_file_names_the_roles_on_a_bad_argument():

@@ -146,6 +146,20 @@ def test_table_shows_mean_and_std_in_percent():
   assert '| a | 60.0 ± 14.1 |' in table and table.startswith('d (2 seeds')
 
 
+def test_plot_axis_is_the_first_key_every_variant_sets_to_a_distinct_number():
+  # pylint: disable-next=protected-access
+  axis = lambda overrides: experiment._swept_axis({'overrides': overrides})
+  lam = {f'l={l}': {'loss.distill_weight': l, 'loss.clip_weight': 1 - l} for l in (0, 0.5, 1)}
+  assert axis(lam) == ('loss.distill_weight', [0.0, 0.5, 1.0])
+  assert axis({'a': {'optim.lr': 1e-3}, 'b': {'optim.lr': 3e-3}}) == ('optim.lr', [1e-3, 3e-3])
+  # gt_weight repeats (1, 1, 0), syn_weight too: no axis, the plot is per variant.
+  weights = {n: {'loss.gt_weight': g, 'loss.syn_weight': s}
+             for n, g, s in (('a', 1, 0), ('b', 1, 1), ('c', 0, 1))}
+  assert axis(weights) is None
+  assert axis({'a': {'model.attention': 'softmax'}, 'b': {'model.attention': 'sigmoid'}}) is None
+  assert axis({'a': {'x': True}, 'b': {'x': False}}) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end.
 

@@ -187,6 +187,58 @@ def test_choices_uniform_and_syn_key_regex(data_dir):
     loader.make_train_iterator(_config(data_dir, syn_key_regex='^syn_text_blip$'), 0, 1)
 
 
+def test_teachers_selects_the_stored_slices_of_those_teachers(data_dir):
+  """data.teachers: the same examples, the teacher rows cut to the chosen teachers' slices."""
+  full = _take(loader.make_train_iterator(_config(data_dir), 0, 1), 2)
+  slices = {0: slice(0, DIMS[0]), 1: slice(DIMS[0], sum(DIMS))}
+  for teachers in ((0,), (1,), (1, 0)):
+    iterator = loader.make_train_iterator(_config(data_dir, teachers=list(teachers)), 0, 1)
+    assert iterator.teacher_dims == tuple(DIMS[t] for t in teachers)
+    width = sum(iterator.teacher_dims)
+    assert all(iterator.element_spec[k][0] == (width,) for k in keys.TEACHERS)
+    for got, want in zip(_take(iterator, 2), full):
+      for key in keys.TEACHERS:
+        np.testing.assert_array_equal(
+            got[key], np.concatenate([want[key][:, slices[t]] for t in teachers], 1))
+      for key in (keys.IMAGE, keys.TEXT, keys.SYN_TEXT):
+        np.testing.assert_array_equal(got[key], want[key])
+    iterator.close()
+  # Teacher 1's stored slice is (1, 0, 0, 0) in every row (`_embedding_rows`).
+  batch = next(loader.make_train_iterator(_config(data_dir, teachers=(1,)), 0, 1))
+  np.testing.assert_array_equal(batch[keys.TEACHER_IMAGE], np.tile([1., 0, 0, 0], (8, 1)))
+
+
+@pytest.mark.parametrize('teachers, dataset, match', [
+    ((2,), 'reinforced', re.escape('no teacher [2]; the dataset stores 2')),
+    ((0, 0), 'reinforced', 'distinct teacher indices'),
+    ((), 'reinforced', 'distinct teacher indices'),
+    ((-1,), 'reinforced', 'distinct teacher indices'),
+    ((0,), 'plain', 'dataset is plain'),
+])
+def test_teachers_rejects_unknown_empty_and_plain_data(data_dir, teachers, dataset, match):
+  with pytest.raises(ValueError, match=match):
+    loader.make_train_iterator(_config(data_dir, dataset, teachers=teachers), 0, 1)
+
+
+def test_num_syn_draws_from_the_first_captions_of_each_key(data_dir):
+  source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
+  assert loader.ReinforcedChoices.for_dataset(meta, '^syn_text.*$', num_syn=1) == (
+      loader.ReinforcedChoices(k=K, num_captions=1, syn_starts=(0, 2), syn_counts=(1, 1)))
+  for num_syn, want in ((1, {0, 2}), (2, {0, 1, 2, 3})):
+    iterator = loader.make_train_iterator(_config(data_dir, num_syn=num_syn), 0, 1)
+    rows = {_decode_row(row)[1] - 1 for batch in _take(iterator, 3)
+            for row in batch[keys.TEACHER_SYN_TEXT]}
+    assert rows == want, num_syn  # coca's first (0, 1), dfn's first (2, 3) of its 2, 3, 4.
+  # dfn alone stores 3: 3 is fine there, not over both keys (coca stores 2).
+  loader.make_train_iterator(_config(data_dir, num_syn=3, syn_key_regex='^syn_text_dfn$'), 0, 1)
+  with pytest.raises(ValueError, match=re.escape("{'syn_text_coca': 2, 'syn_text_dfn': 3}")):
+    loader.make_train_iterator(_config(data_dir, num_syn=3), 0, 1)
+  with pytest.raises(ValueError, match='none stored'):
+    loader.make_train_iterator(_config(data_dir, 'plain', num_syn=1), 0, 1)
+  with pytest.raises(ValueError, match='num_syn'):
+    _config(data_dir, num_syn=0)
+
+
 def test_syn_key_weights_set_the_key_draw(data_dir):
   source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
   weights = (('syn_text_coca', 3.0), ('syn_text_dfn', 1.0))

@@ -248,6 +248,18 @@ def test_objective_selection():
     setup.select_objective(['image', 'text'], 'dr')
 
 
+def test_sigmoid_loss_trains_from_the_siglip_init_and_needs_a_bias():
+  config = make_config('ViT-B-16', TINY_VIT)
+  config.loss.kind, config.loss.teacher_biases = 'sigmoid', (-10.0, -10.0)
+  with pytest.raises(ValueError, match='set model.init_logit_bias'):
+    build(config)
+  config.model.init_logit_scale, config.model.init_logit_bias = float(np.log(10.0)), -10.0
+  state, history = train(build(config), make_batch())
+  assert history[0]['bias'] == pytest.approx(-10.0) and history[0]['scale'] == pytest.approx(10.0)
+  assert np.isfinite([h['loss'] for h in history]).all() and 'gt/distill' in history[0]
+  assert float(state.params['logit_bias']) != -10.0  # Learned.
+
+
 def test_batch_that_does_not_split_over_the_mesh_is_refused():
   with pytest.raises(ValueError, match='use a multiple of 16'):
     build(make_config('ViT-B-16', TINY_VIT, batch=24, accum_steps=2),

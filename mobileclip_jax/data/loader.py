@@ -14,9 +14,11 @@ number of processes, workers or threads, and an iterator restored at batch t con
 bit. For a reinforced example the draws are, in order (Apple's `preprocess_dr`): the stored
 augmentation a ~ U{0..k-1}, the ground-truth caption c ~ U{0..C-1}, a synthetic-caption key
 uniform among the dataset's keys that match `syn_key_regex` (or in proportion to
-`syn_key_weights`), then a caption uniform within that key, whose teacher row is the stored
-embedding of that caption (Apple's `sample[key + "_emb"][idx]`). The image is augmentation a replayed at the student's size; the teacher rows are image_emb[a],
-text_emb[c] and text_emb[C + s]. A plain example draws c, then fresh augmentation parameters
+`syn_key_weights`), then a caption uniform within that key (among its first `num_syn` when set),
+whose teacher row is the stored embedding of that caption (Apple's `sample[key + "_emb"][idx]`).
+The image is augmentation a replayed at the student's size; the teacher rows are image_emb[a],
+text_emb[c] and text_emb[C + s], restricted to the embedding slices of the `teachers` selected
+when set (distilling from fewer teachers than the dataset stores). A plain example draws c, then fresh augmentation parameters
 (`augment.sample_params` with `InputConfig.augmentation`).
 
 Bad records (undecodable image, invalid paug entry, NaN/Inf in a teacher row used) are found
@@ -91,6 +93,10 @@ class InputConfig:
     augmentation: how a plain dataset's images are augmented (fresh parameters per example,
       RandAugment magnitudes for `image_size`: its own `image_size` is ignored); reinforced
       datasets replay their stored parameters instead.
+    teachers: indices of the stored teachers (`DatasetMetadata.teachers` order) whose embedding
+      slices the batches carry, in this order; None: all. Reinforced datasets only.
+    num_syn: synthetic captions drawn from per key: its first `num_syn` (at most what every
+      selected key stores); None: all. Reinforced datasets only.
   """
   dataset: str
   data_dir: str | None = None
@@ -110,8 +116,19 @@ class InputConfig:
   error_policy: str = 'fail'
   error_budget: str | None = None
   augmentation: augment.AugmentConfig = augment.AugmentConfig()
+  teachers: tuple[int, ...] | None = None
+  num_syn: int | None = None
 
   def __post_init__(self):
+    if self.teachers is not None:  # Config values arrive as lists.
+      object.__setattr__(self, 'teachers', tuple(self.teachers))
+      if (not self.teachers or len(set(self.teachers)) != len(self.teachers)
+          or any(not isinstance(t, int) or t < 0 for t in self.teachers)):
+        raise ValueError(f'InputConfig.teachers (data.teachers) must list distinct teacher '
+                         f'indices >= 0, e.g. (0,); got {self.teachers}.')
+    if self.num_syn is not None and self.num_syn < 1:
+      raise ValueError(f'InputConfig.num_syn (data.num_syn) must be >= 1 or None (all); got '
+                       f'{self.num_syn}.')
     positive = ('global_batch_size', 'image_size', 'read_threads', 'prefetch_batches',
                 'max_chunk_size')
     for name in positive:
@@ -152,9 +169,11 @@ class ReinforcedChoices:
 
   @classmethod
   def for_dataset(cls, meta: reinforced_tfds.DatasetMetadata, regex: str,
-                  weights: tuple[tuple[str, float], ...] = ()) -> 'ReinforcedChoices':
+                  weights: tuple[tuple[str, float], ...] = (),
+                  num_syn: int | None = None) -> 'ReinforcedChoices':
     """Choices over the synthetic-caption keys of `meta` that `regex` matches (`re.match`),
-    drawn in proportion to `weights` ((key, weight) pairs; unlisted keys weigh 1)."""
+    drawn in proportion to `weights` ((key, weight) pairs; unlisted keys weigh 1), each
+    restricted to its first `num_syn` captions when set."""
     offsets = np.concatenate([[0], np.cumsum(meta.syn_counts)]).astype(int)
     chosen = [i for i, key in enumerate(meta.syn_keys) if re.match(regex, key)]
     if not chosen:
@@ -173,8 +192,15 @@ class ReinforcedChoices:
         raise ValueError(f'data.syn_key_weights must be finite, >= 0 and not all 0; got '
                          f'{dict(zip(names, w.tolist()))}.')
       cumulative = tuple(np.cumsum(w / w.sum()).tolist()[:-1]) + (1.0,)
-    return cls(meta.k, meta.num_captions, tuple(int(offsets[i]) for i in chosen),
-               tuple(int(meta.syn_counts[i]) for i in chosen), cumulative)
+    counts = [int(meta.syn_counts[i]) for i in chosen]
+    if num_syn is not None:
+      if num_syn > min(counts):
+        stored = {meta.syn_keys[i]: n for i, n in zip(chosen, counts)}
+        raise ValueError(f'num_syn (data.num_syn) {num_syn} is more than the dataset stores per '
+                         f'image: {stored} synthetic captions per key.')
+      counts = [num_syn] * len(chosen)
+    return cls(meta.k, meta.num_captions, tuple(int(offsets[i]) for i in chosen), tuple(counts),
+               cumulative)
 
   def draw(self, rng: np.random.Generator) -> tuple[int, int, int]:
     """(a, c, s): a ~ U{0..k-1}, c ~ U{0..C-1}, a key (uniform, or by weight), then s uniform
@@ -186,6 +212,25 @@ class ReinforcedChoices:
     else:
       key = int(rng.integers(len(self.syn_starts)))
     return a, c, self.syn_starts[key] + int(rng.integers(self.syn_counts[key]))
+
+
+def teacher_columns(meta: reinforced_tfds.DatasetMetadata,
+                    teachers: tuple[int, ...] | None) -> tuple[tuple[int, ...], np.ndarray | None]:
+  """(teacher dims, columns of the stored [.., D] embeddings) of the selected teachers;
+  columns None when all are selected (the stored rows as they are)."""
+  if teachers is None:
+    return tuple(meta.teacher_dims), None
+  if meta.kind != 'reinforced':
+    raise ValueError(f'data.teachers={teachers} selects teachers, but the dataset is '
+                     f'{meta.kind} (no teacher embeddings); drop data.teachers.')
+  unknown = [t for t in teachers if t >= len(meta.teacher_dims)]
+  if unknown:
+    stored = ', '.join(f'{i}: {name}' for i, name in enumerate(meta.teachers))
+    raise ValueError(f'data.teachers={teachers}: no teacher {unknown}; the dataset stores '
+                     f'{len(meta.teacher_dims)} ({stored}).')
+  offsets = np.concatenate([[0], np.cumsum(meta.teacher_dims)]).astype(int)
+  columns = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in teachers])
+  return tuple(int(meta.teacher_dims[t]) for t in teachers), columns
 
 
 def shuffled_index(seed: int, epoch: int, position: int, num_examples: int) -> int:
@@ -227,9 +272,13 @@ class ChunkLoader:
                                                   config.max_chunk_size) + 1)
                           if self.local_batch_size % d == 0)
     self.chunks_per_batch = self.local_batch_size // self.chunk_size
+    if not self.reinforced and config.num_syn is not None:
+      raise ValueError(f'data.num_syn={config.num_syn} selects synthetic captions, but '
+                       f'{dataset_path} is {meta.kind} (none stored); drop data.num_syn.')
+    self.teacher_dims, self._columns = teacher_columns(meta, config.teachers)
     if self.reinforced:
       self._choices = ReinforcedChoices.for_dataset(meta, config.syn_key_regex,
-                                                    config.syn_key_weights)
+                                                    config.syn_key_weights, config.num_syn)
       self._augment_config = augment.from_generation_config(meta.augmentation)
     else:  # RandAugment applies to the student-size crop, as torchvision's would.
       self._augment_config = dataclasses.replace(config.augmentation,
@@ -252,7 +301,7 @@ class ChunkLoader:
     spec = {keys.IMAGE: ((size, size, 3), np.dtype(np.uint8)),
             keys.TEXT: ((length,), np.dtype(np.int32))}
     if self.reinforced:
-      dim = self.meta.embed_dim
+      dim = sum(self.teacher_dims)
       spec.update({keys.SYN_TEXT: ((length,), np.dtype(np.int32)),
                    keys.TEACHER_IMAGE: ((dim,), np.dtype(np.float32)),
                    keys.TEACHER_TEXT: ((dim,), np.dtype(np.float32)),
@@ -300,6 +349,8 @@ class ChunkLoader:
     for key, (name, row) in rows.items():
       # Only the rows used are checked: the whole record costs 10x more (float16 math).
       embeddings[key] = record[name][row].astype(np.float32)
+      if self._columns is not None:
+        embeddings[key] = embeddings[key][self._columns]
       if not np.isfinite(embeddings[key]).all():
         raise self._corrupt(index, record, errors.EMB_NONFINITE,
                             f'{name}[{row}] has NaN/Inf values')
@@ -405,7 +456,8 @@ class TrainIterator(grain.DatasetIterator):
 
   @property
   def teacher_dims(self) -> tuple[int, ...]:
-    return self.metadata.teacher_dims
+    """The widths of the teachers the batches carry (`InputConfig.teachers`)."""
+    return self._loader.teacher_dims
 
   @property
   def kind(self) -> str:

@@ -20,6 +20,9 @@ QUICK_WORKDIR = DEFAULT_WORKDIR + '_quick'
 # Datasets (TFDS names in <workdir>/tfds): the students' plain and reinforced sets, the teachers'.
 PLAIN_NAME = 'demo_world'
 REINFORCED_NAME = 'demo_world_reinforced'
+# The reinforced set with its synthetic captions as first made (no near-duplicate regeneration):
+# the regeneration ablation's, built on request (launch/demo.py --regeneration_ablation).
+REINFORCED_NOREGEN_NAME = 'demo_world_reinforced_noregen'
 TEACHERS_NAME = 'demo_world_teachers'
 # Who writes the students' synthetic captions (`DemoSettings.captioner`): the procedural oracle,
 # a small CoCa trained on the teachers' set, or both (each its own syn.json key).
@@ -174,9 +177,8 @@ def _base(settings: DemoSettings, data_dir: str, steps: int, batch: int,
   c.model.image_size = settings.image_size
   c.model.text.context_length = settings.context_length
   c.data.data_dir = data_dir
-  quick_flag = ' --quick' if settings == quick() else ''
-  c.data.build_hint = (f'python launch/demo.py{quick_flag} --workdir={os.path.dirname(data_dir)} '
-                       '(it builds the demo datasets, and the teachers the reinforced one needs).')
+  c.data.build_hint = (f'{demo_command(settings, data_dir)} (it builds the demo datasets, and '
+                       'the teachers the reinforced one needs).')
   c.batch_size = batch
   c.schedule.total = f'{steps}_steps'
   c.schedule.warmup = f'{settings.warmup_steps}_steps'
@@ -189,6 +191,13 @@ def _base(settings: DemoSettings, data_dir: str, steps: int, batch: int,
   c.log_every = max(1, min(10, steps // 4))
   c.evals = ml_collections.ConfigDict(eval_entries(settings))
   return c
+
+
+def demo_command(settings: DemoSettings, data_dir: str) -> str:
+  """The launch/demo.py command line that makes the datasets in `data_dir`."""
+  flags = ' --quick' if dataclasses.replace(settings, captioner='demo') == quick() else ''
+  flags += '' if settings.captioner == 'demo' else f' --captioner={settings.captioner}'
+  return f'python launch/demo.py{flags} --workdir={os.path.dirname(data_dir)}'
 
 
 def augmentation(settings: DemoSettings) -> augment.AugmentConfig:

@@ -13,7 +13,10 @@
                 embeddings of every caption -> `demo_world_reinforced` (oracle) or
                 `demo_world_reinforced_<coca|coca_demo>`; every caption is checked against its
                 scene's labels (caption_quality.py); `captioner_ablation` builds the other
-                choices' sets too (configs/demo.py's captioners sweep)
+                choices' sets too (configs/demo.py's captioners sweep); with
+                `regeneration_ablation` also the oracle's set without regeneration (the
+                captions as first made) -> `demo_world_reinforced_noregen`, for configs/demo.py's
+                regeneration sweep
   4. students   one reduced MobileCLIP2-S0 (MCi image tower, text transformer) trained with the
                 same steps, batch and schedule with the CLIP loss on `demo_world` (the baseline)
                 and the DR objective on `demo_world_reinforced`, `student_seeds` seeds each,
@@ -35,7 +38,8 @@ settings of a workdir are recorded in <workdir>/demo_settings.json; a run with o
 there is refused.
 
 Layout of <workdir>: tfds/ (datasets), reinforced/ (DataCompDR-format shards;
-reinforced_<coca|coca_demo>/ for the other captioners), captioner/ (the CoCa's run), teachers/ and
+reinforced_<coca|coca_demo>/ for the other captioners, reinforced_noregen/ with
+`regeneration_ablation`), captioner/ (the CoCa's run), teachers/ and
 students/ (the runner's workdirs: runs/<role>/seed<N>/, results.json, results.md, plots), export/
 (the PyTorch export), results.json, loss_curves.png, inspect/ (`--inspect`).
 """
@@ -146,10 +150,12 @@ def reinforced_dir(workdir: str, captioner: str) -> str:
 
 
 def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
-              captioner: Optional[str] = None) -> Dict[str, Any]:
+              captioner: Optional[str] = None, regenerate: bool = True) -> Dict[str, Any]:
   """Makes the students' reinforced set with `captioner`'s synthetic captions (default
   `settings.captioner`; `settings_lib.reinforced_name`) from the students' tars and the two
-  teachers (if not built), and measures its captions against the scene labels.
+  teachers (if not built), and measures its captions against the scene labels. With
+  `regenerate` False `demo_world_reinforced_noregen`: the same seed, so the same captions as
+  first made, near-duplicates measured but kept.
 
   Returns the generation's summary (duplicate measures per caption key, counts, and
   'caption_quality': `caption_quality.dataset_quality`) as written next to the shards.
@@ -165,9 +171,12 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
   # pylint: enable=g-import-not-at-top
   captioner = captioner or settings.captioner
   name, out = settings_lib.reinforced_name(captioner), reinforced_dir(workdir, captioner)
+  if not regenerate:
+    name, out = settings_lib.REINFORCED_NOREGEN_NAME, os.path.join(workdir, 'reinforced_noregen')
   generation = reinforce_settings.GenerationConfig(
       k=settings.k, num_syn=settings.num_syn, augmentation=settings_lib.augmentation(settings),
-      seed=settings.seed, chunk_size=128)
+      seed=settings.seed, chunk_size=128,
+      **({} if regenerate else {'max_regenerate': 0}))  # 0: measured, not regenerated.
   if not training_sets.exists(name, data_dir):
     _, meta = reinforced_tfds.open_reinforced(settings_lib.PLAIN_NAME, data_dir)
     shards = inputs.resolve('::'.join(meta.source_shards))
@@ -190,21 +199,24 @@ def reinforce(settings: DemoSettings, data_dir: str, workdir: str,
   return summary
 
 
-def _reinforcement_entry(summary: Mapping[str, Any], captioner: str) -> Dict[str, Any]:
-  """results.json's view of a reinforcement: its dataset, caption measures and counts."""
-  return {'captioner': captioner, 'dataset': settings_lib.reinforced_name(captioner),
+def _reinforcement_entry(summary: Mapping[str, Any], captioner: str,
+                         dataset: Optional[str] = None) -> Dict[str, Any]:
+  """results.json's view of a reinforcement: its dataset, caption measures (near-duplicate
+  rates before/after regeneration, quality against the labels) and counts."""
+  return {'captioner': captioner, 'dataset': dataset or settings_lib.reinforced_name(captioner),
           'caption_quality': summary.get('caption_quality'),
           'captions': summary.get('captions'), 'samples': summary.get('samples')}
 
 
 def run(workdir: str, settings: DemoSettings = DemoSettings(),
-        print_fn: Callable[[str], None] = print,
+        print_fn: Callable[[str], None] = print, regeneration_ablation: bool = False,
         captioner_ablation: bool = False) -> Dict[str, Any]:
   """Runs (or completes) the demo in `workdir`; returns what results.json holds.
 
-  `captioner_ablation` also builds the students' reinforced sets of the other captioner choices
-  (`settings_lib.CAPTIONERS`, for configs/demo.py's captioners sweep) and adds their caption
-  measures to results.json.
+  `regeneration_ablation` also builds `demo_world_reinforced_noregen` (one more reinforcement
+  of the students' set, the oracle's captions) and `captioner_ablation` the students'
+  reinforced sets of the other captioner choices (`settings_lib.CAPTIONERS`, for configs/demo.py's
+  captioners sweep); their caption measures go to results.json.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -235,6 +247,10 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
       ablation[choice] = _reinforcement_entry(stage(
           f'reinforce_{choice}', lambda c=choice: reinforce(settings, data_dir, workdir, c)),
           choice)
+  without = None
+  if regeneration_ablation:
+    without = stage('reinforce_noregen', lambda: reinforce(settings, data_dir, workdir, 'demo',
+                                                           regenerate=False))
   students = stage('students', lambda: train_group(STUDENTS, settings, data_dir, workdir,
                                                    progress))
   models = {}
@@ -256,6 +272,9 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
     results['captioner'] = captioner
   if ablation:
     results['captioner_ablation'] = ablation
+  if without is not None:
+    results['reinforcement_noregen'] = _reinforcement_entry(
+        without, 'demo', settings_lib.REINFORCED_NOREGEN_NAME)
   utils.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
   report.print_summary(results, workdir, print_fn)
   return results

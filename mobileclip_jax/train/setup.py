@@ -58,7 +58,8 @@ def model_config(config: ml_collections.ConfigDict):
   else:
     overrides.update(attention=m.attention, qk_norm=m.qk_norm, bn_group_size=m.bn_group_size)
   overrides.update(config_lib.overridden(ml_collections.ConfigDict(
-      {'embed_dim': m.embed_dim, 'image_size': m.image_size})))
+      {'embed_dim': m.embed_dim, 'image_size': m.image_size,
+       'init_logit_scale': m.init_logit_scale, 'init_logit_bias': m.init_logit_bias})))
   for tower in ('image', 'text', 'decoder'):
     tower_overrides = config_lib.overridden(m[tower])
     if tower_overrides and tower == 'decoder' and not captioner:
@@ -149,7 +150,8 @@ def open_input(config: ml_collections.ConfigDict, model_config_: clip_lib.ModelC
       context_length=model_config_.text.context_length, syn_key_regex=d.syn_key_regex,
       syn_key_weights=tuple(sorted(d.syn_key_weights.items())),
       seed=config.seed, worker_count=d.workers, prefetch_batches=d.prefetch,
-      error_policy=d.error_policy, error_budget=d.max_corrupt)
+      error_policy=d.error_policy, error_budget=d.max_corrupt,
+      teachers=None if d.teachers is None else tuple(d.teachers), num_syn=d.num_syn)
   try:
     iterator = loader.make_train_iterator(input_config, process_index, process_count,
                                           skipped_log=skipped_log)
@@ -235,9 +237,10 @@ def loss_config(config: ml_collections.ConfigDict, teacher_dims,
   if teacher_dims:
     scales = config_lib.as_tuple(loss.teacher_scales)
     if len(scales) != len(teacher_dims):
-      raise ValueError(f'loss.teacher_scales has {len(scales)} values but the dataset has '
-                       f'{len(teacher_dims)} teachers (dims {tuple(teacher_dims)}); pass one '
-                       'scale per teacher, e.g. --config.loss.teacher_scales=70,60.')
+      raise ValueError(f'loss.teacher_scales has {len(scales)} values but the input has '
+                       f'{len(teacher_dims)} teachers (dims {tuple(teacher_dims)}, as '
+                       'data.teachers selects them); pass one scale per teacher, e.g. '
+                       '--config.loss.teacher_scales=70,60.')
     kwargs.update(teacher_scales=scales, teacher_dims=tuple(teacher_dims),
                   teacher_biases=config_lib.as_tuple(loss.teacher_biases))
   return losses.LossConfig(**kwargs)
@@ -366,6 +369,10 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   """
   check_batch(config, mesh)
   model_config_ = model_config(config)
+  if config.loss.kind == 'sigmoid' and model_config_.init_logit_bias is None:
+    raise ValueError("loss.kind='sigmoid' needs a learned logit bias: set model.init_logit_bias "
+                     '(SigLIP: model.init_logit_bias=-10 with model.init_logit_scale=2.3026, '
+                     'log 10).')
   model, regularizer = build_model(config, model_config_)
   data = None
   if spec is None:
