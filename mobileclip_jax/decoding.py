@@ -91,7 +91,7 @@ def top_k_filter(scores: jax.Array, k: int) -> jax.Array:
 def top_p_filter(scores: jax.Array, p: float, min_tokens_to_keep: int = 1) -> jax.Array:
   """TopPLogitsWarper: drops the low tail whose softmax mass is <= 1 - p (ascending cumsum)."""
   order = jnp.argsort(scores, axis=-1)
-  cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, -1), -1), -1)
+  cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, -1), -1), axis=-1)
   remove_sorted = cumulative <= jnp.float32(1 - p)  # The threshold as transformers rounds it.
   remove_sorted = remove_sorted.at[..., -min_tokens_to_keep:].set(False)
   rows = jnp.arange(scores.shape[0])[:, None]
