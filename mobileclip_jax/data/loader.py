@@ -18,8 +18,8 @@ uniform among the dataset's keys that match `syn_key_regex` (or in proportion to
 whose teacher row is the stored embedding of that caption (Apple's `sample[key + "_emb"][idx]`).
 The image is augmentation a replayed at the student's size; the teacher rows are image_emb[a],
 text_emb[c] and text_emb[C + s], restricted to the embedding slices of the `teachers` selected
-when set (distilling from fewer teachers than the dataset stores). A plain example draws c, then fresh augmentation parameters
-(`augment.sample_params` with `InputConfig.augmentation`).
+when set (distilling from fewer teachers than the dataset stores). A plain example draws c, then
+fresh augmentation parameters (`augment.sample_params` with `InputConfig.augmentation`).
 
 Bad records (undecodable image, invalid paug entry, NaN/Inf in a teacher row used) are found
 while loading. Their CorruptSampleError travels with the data to the main process, where the
