@@ -43,6 +43,9 @@ _CAPTIONER_ABLATION = flags.DEFINE_bool(
     'captioner_ablation', False, "Also reinforce the students' set with the other --captioner "
     "choices (for configs/demo.py's captioners sweep); their caption measures go to "
     'results.json.')
+_WORKERS = flags.DEFINE_integer(
+    'workers', 0, 'Training runs side by side on a CPU (teachers, student seeds), each in its '
+    'own process (0: one per core); on an accelerator they go one after another.')
 _INSPECT = flags.DEFINE_bool('inspect', False, 'Instead of running the demo, write what its '
                              'models see and learned (crops, captions, confusion matrices, '
                              'linear probes) for what the workdir holds, to <workdir>/inspect.')
@@ -63,7 +66,7 @@ def main(argv):
   else:
     from mobileclip_jax.demo import recipe  # pylint: disable=g-import-not-at-top
     recipe.run(workdir, settings, regeneration_ablation=_REGENERATION.value,
-               captioner_ablation=_CAPTIONER_ABLATION.value)
+               captioner_ablation=_CAPTIONER_ABLATION.value, workers=_WORKERS.value)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@ r"""Variants x seeds of a config through the trainer and evaluator: a table with
   python launch/experiment.py --config=configs/demo.py:student_dr --sweep=distill_weight \
       --seeds=3 --workdir=/tmp/exp_distill
   python launch/experiment.py --config=configs/demo.py:student_dr --seeds=3 --workdir=/tmp/exp \
-      --grid='loss.distill_weight=0,0.5,1'
+      --grid='loss.distill_weight=0,0.5,1' --workers=2     # two runs at a time on a CPU
   python launch/experiment.py --config=configs/demo.py:student_dr --list_sweeps
 
 Rerunning the same command skips finished runs and resumes interrupted ones. Writes
@@ -24,6 +24,9 @@ _GRID = flags.DEFINE_multi_string('grid', [], "Ad-hoc variants 'dotted.key=v1,v2
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Runs per variant, with config.seed + 0, 1, ...')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs and the summary go.')
 _LIST = flags.DEFINE_bool('list_sweeps', False, "List the config file's sweeps and exit.")
+_WORKERS = flags.DEFINE_integer(
+    'workers', 1, 'Runs side by side, each in its own process, on one CPU host (0: one per '
+    'core); accelerators and clusters run one after another on the whole mesh.')
 
 
 def main(argv):
@@ -55,7 +58,7 @@ def main(argv):
   compilation_cache.enable()
   experiment.run(configs, _SEEDS.value, _WORKDIR.value,
                  metrics=getattr(module, 'METRICS', None), overrides=sweep.variants,
-                 description=sweep.description or _SWEEP.value)
+                 description=sweep.description or _SWEEP.value, workers=_WORKERS.value)
 
 
 if __name__ == '__main__':

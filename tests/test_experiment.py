@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -223,6 +224,40 @@ def test_rerun_skips_finished_runs(swept, data_dir, monkeypatch):
   again = experiment.run(configs, 2, workdir, metrics=module.METRICS, overrides=sweep.variants,
                          description=sweep.description, print_fn=lambda _: None)
   assert again['variants'] == before['variants']
+
+
+def test_runs_side_by_side_equal_runs_one_after_another(swept, data_dir):
+  """Two worker processes: every run's metrics and loss equal the sequential sweep's (the
+  seeds and overrides reach the right run), each run logs to its own file."""
+  tmp, workdir, _ = swept
+  module = experiment.load_config_module(_config_file(tmp, data_dir))
+  sweep = module.get_sweeps()['lr']
+  configs = {n: experiment.apply_overrides(module.get_config(), o)
+             for n, o in sweep.variants.items()}
+  printed = []
+  parallel = experiment.run(configs, 2, str(tmp / 'parallel'), metrics=module.METRICS,
+                            overrides=sweep.variants, print_fn=printed.append, workers=2)
+  with open(os.path.join(workdir, experiment.RESULTS_FILE)) as f:
+    sequential = json.load(f)
+  assert parallel['variants'] == sequential['variants']
+  for name, by_seed in parallel['runs'].items():
+    for seed, run in by_seed.items():
+      assert run['step'] == 3 and run['train']['wall_s'] > 0
+      with open(os.path.join(run['dir'], experiment.LOG_FILE)) as f:
+        assert 'step 3/3' in f.read(), run['dir']
+      with open(os.path.join(run['dir'], 'config.json')) as f:
+        assert json.load(f)['seed'] == int(seed)
+  assert printed[0] == '4 runs, 2 side by side (each logs to <run>/log.txt).'
+  assert sum(' done' in line for line in printed) == 4
+
+
+def test_workers_are_refused_where_runs_need_the_whole_mesh(monkeypatch):
+  assert experiment.resolve_workers(0, 3) == min(os.cpu_count(), 3)
+  assert experiment.resolve_workers(5, 2) == 2
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert experiment.resolve_workers(0, 3) == 1
+  with pytest.raises(ValueError, match='use workers=1'):
+    experiment.resolve_workers(2, 3)
 
 
 def test_preempted_run_resumes_where_it_stopped(tmp_path, data_dir):

@@ -108,14 +108,14 @@ def run_dirs(workdir: str, role: str, settings: DemoSettings) -> list:
 
 
 def train_group(roles, settings: DemoSettings, data_dir: str, workdir: str,
-                print_fn: Callable[[str], None]) -> Dict[str, Any]:
+                print_fn: Callable[[str], None], workers: int = 0) -> Dict[str, Any]:
   """Trains and evaluates `roles` through the experiment runner (teachers once, students
-  `student_seeds` times); returns the runner's results."""
+  `student_seeds` times; `workers` side by side); returns the runner's results."""
   num_seeds = 1 if roles == TEACHERS else settings.student_seeds
   configs = {role: settings_lib.train_config(role, settings, data_dir) for role in roles}
   return experiment.run(configs, num_seeds, group_dir(workdir, roles[0]),
                         metrics=report.METRICS, description=', '.join(roles),
-                        print_fn=print_fn)
+                        print_fn=print_fn, workers=workers)
 
 
 def captioner_dir(workdir: str) -> str:
@@ -210,13 +210,14 @@ def _reinforcement_entry(summary: Mapping[str, Any], captioner: str,
 
 def run(workdir: str, settings: DemoSettings = DemoSettings(),
         print_fn: Callable[[str], None] = print, regeneration_ablation: bool = False,
-        captioner_ablation: bool = False) -> Dict[str, Any]:
+        captioner_ablation: bool = False, workers: int = 0) -> Dict[str, Any]:
   """Runs (or completes) the demo in `workdir`; returns what results.json holds.
 
   `regeneration_ablation` also builds `demo_world_reinforced_noregen` (one more reinforcement
   of the students' set, the oracle's captions) and `captioner_ablation` the students'
   reinforced sets of the other captioner choices (`settings_lib.CAPTIONERS`, for configs/demo.py's
-  captioners sweep); their caption measures go to results.json.
+  captioners sweep); their caption measures go to results.json. `workers`: training runs side
+  by side (`experiment.resolve_workers`; 0: one per CPU core).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -236,7 +237,7 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
   progress = lambda line: log.info('%s', line)
   stage('data', lambda: training_sets.build_data(settings, data_dir))
   teachers = stage('teachers', lambda: train_group(TEACHERS, settings, data_dir, workdir,
-                                                   progress))
+                                                   progress, workers))
   captioner = None
   if 'coca' in settings.captioner or captioner_ablation:
     captioner = stage('captioner', lambda: train_captioner(settings, data_dir, workdir))
@@ -252,7 +253,7 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
     without = stage('reinforce_noregen', lambda: reinforce(settings, data_dir, workdir, 'demo',
                                                            regenerate=False))
   students = stage('students', lambda: train_group(STUDENTS, settings, data_dir, workdir,
-                                                   progress))
+                                                   progress, workers))
   models = {}
   for group in (teachers, students):
     for role, variant in group['variants'].items():
