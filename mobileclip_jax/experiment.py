@@ -358,7 +358,7 @@ def _run_side_by_side(jobs, workers: int, runs: Dict[str, Dict[int, Dict[str, An
   then the first error is raised."""
   import jax  # pylint: disable=g-import-not-at-top
   print_fn(f'{len(jobs)} runs, {workers} side by side (each logs to <run>/{LOG_FILE}).')
-  start, done, error = time.perf_counter(), 0, None
+  start, done, trained, error = time.perf_counter(), 0, 0, None
   with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')
                                    ) as pool:
     pending = {pool.submit(_run_in_worker, config, directory,
@@ -380,8 +380,10 @@ def _run_side_by_side(jobs, workers: int, runs: Dict[str, Dict[int, Dict[str, An
       if error is not None:
         pool.shutdown(wait=False, cancel_futures=True)
         continue
+      trained += runs[variant][seed]['trained']  # Skipped runs say nothing of the time left.
       left = len(jobs) - done
-      eta = f', ETA {_format_eta((time.perf_counter() - start) / done * left)}' if left else ''
+      eta = (f', ETA {_format_eta((time.perf_counter() - start) / trained * left)}'
+             if left and trained else '')
       print_fn(f'[{done}/{len(jobs)}] {variant} seed {seed} done{eta}  ({directory})')
   if error is not None:
     raise error
