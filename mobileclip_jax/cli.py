@@ -32,12 +32,17 @@ def _exit(error: BaseException) -> None:
   sys.exit(2)
 
 
+def set_log_levels() -> None:
+  """INFO for this package, WARNING for the rest (Orbax/Grain INFO lines drown the logs)."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
+
+
 def run(main: Callable[[Sequence[str]], Any]) -> None:
   """app.run(main) with INFO logs of this package and one message per user error."""
 
   def guarded(argv):
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain INFO lines drown the logs.
-    logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
+    set_log_levels()
     try:
       return main(argv)
     except USER_ERRORS as e:

@@ -17,7 +17,8 @@ checkpoint and evaluation exist is skipped; an interrupted one resumes from its 
 (the trainer's own resume). Runs go one after another, each on the whole mesh; on a cluster every
 host runs the same command, and process 0 writes the summary. On one CPU host `workers` runs go
 side by side, each in its own process (a small model's XLA:CPU step keeps about one core busy),
-logging to <run>/log.txt; the results are the same as one after another.
+logging to <run>/log.txt (mobileclip_jax/experiment_workers.py); the results are the same as
+one after another.
 
   results.json   {"variants": {NAME: {METRIC: {"mean", "std", "values"}}}, "seeds": {NAME: [...]},
                   "overrides": {NAME: {key: value}}, "runs": {NAME: {SEED: {...}}}}; metrics
@@ -36,23 +37,21 @@ import importlib.util
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
-from concurrent import futures
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
 
+from mobileclip_jax import experiment_workers
 from mobileclip_jax import utils
 
 log = logging.getLogger('mobileclip_jax')
 RESULTS_FILE, TABLE_FILE = 'results.json', 'results.md'
 METRICS_PLOT, LOSS_PLOT = 'metrics.png', 'losses.png'
 RUN_FILE = 'experiment_run.json'  # Per run: seconds spent and the final evaluation.
-LOG_FILE = 'log.txt'  # Per run trained in a worker process: its log.
 LOSS_KEY = 'train/loss'
 
 
@@ -345,91 +344,6 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
   return out
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else (
-      f'{seconds // 60}m{seconds % 60:02d}s')
-
-
-def _run_side_by_side(jobs, workers: int, runs: Dict[str, Dict[int, Dict[str, Any]]],
-                      print_fn: Callable[[str], None]) -> None:
-  """`jobs` (variant, seed, config, directory) in `workers` spawned processes into `runs`. On a
-  failure the runs not started are cancelled, those running finish (their results are on disk),
-  then the first error is raised."""
-  import jax  # pylint: disable=g-import-not-at-top
-  print_fn(f'{len(jobs)} runs, {workers} side by side (each logs to <run>/{LOG_FILE}).')
-  start, done, trained, error = time.perf_counter(), 0, 0, None
-  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')
-                                   ) as pool:
-    pending = {pool.submit(_run_in_worker, config, directory,
-                           jax.config.jax_compilation_cache_dir): (variant, seed, directory)
-               for variant, seed, config, directory in jobs}
-    for future in futures.as_completed(pending):
-      variant, seed, directory = pending[future]
-      done += 1
-      try:
-        runs[variant][seed] = future.result()
-      except futures.process.BrokenProcessPool as e:
-        if error is None:
-          error = RuntimeError(
-              f'A worker process died (out of memory?) while running {directory}; rerun with '
-              f'fewer workers (its log: {os.path.join(directory, LOG_FILE)}).')
-          error.__cause__ = e
-      except Exception as e:  # pylint: disable=broad-except
-        error = error or e
-      if error is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
-        continue
-      trained += runs[variant][seed]['trained']  # Skipped runs say nothing of the time left.
-      left = len(jobs) - done
-      eta = (f', ETA {_format_eta((time.perf_counter() - start) / trained * left)}'
-             if left and trained else '')
-      print_fn(f'[{done}/{len(jobs)}] {variant} seed {seed} done{eta}  ({directory})')
-  if error is not None:
-    raise error
-
-
-def resolve_workers(workers: int, num_jobs: int) -> int:
-  """How many runs go side by side: `workers` (0: one per CPU core), at most `num_jobs`; 1 where
-  each run needs the whole mesh (an accelerator, or several hosts)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if workers < 0:
-    raise ValueError(f'workers must be >= 0 (0: one per CPU core), got {workers}.')
-  single_cpu_host = jax.default_backend() == 'cpu' and jax.process_count() == 1
-  if workers > 1 and not single_cpu_host:
-    raise ValueError(
-        f'workers={workers} runs side by side in processes of one CPU host; this is '
-        f'{jax.process_count()} process(es) on {jax.default_backend()}, where each run takes '
-        'the whole mesh: use workers=1.')
-  if not single_cpu_host:
-    return 1
-  return max(1, min(workers or os.cpu_count() or 1, num_jobs))
-
-
-def _run_in_worker(config: ml_collections.ConfigDict, directory: str,
-                   cache_dir: Optional[str]) -> Dict[str, Any]:
-  """`run_one` in a worker process: the parent's compilation cache, the log in <run>/log.txt
-  (the parent prints progress)."""
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from absl import logging as absl_logging
-  from mobileclip_jax import compilation_cache
-  # pylint: enable=g-import-not-at-top
-  if cache_dir:
-    jax.config.update('jax_compilation_cache_dir', cache_dir)
-    compilation_cache.enable()
-  os.makedirs(directory, exist_ok=True)
-  handler = logging.FileHandler(os.path.join(directory, LOG_FILE), encoding='utf-8')
-  handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s] %(message)s'))
-  logging.getLogger().handlers = [handler]  # Instead of absl's stderr handler.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('mobileclip_jax').setLevel(logging.INFO)
-  try:
-    return run_one(config, directory)
-  finally:
-    handler.close()
-
-
 def run(configs: Mapping[str, ml_collections.ConfigDict], num_seeds: int, workdir: str,
         metrics: Optional[Mapping[str, str]] = None, overrides: Optional[Mapping[str, Any]] = None,
         description: str = '', print_fn: Callable[[str], None] = print,
@@ -445,7 +359,8 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], num_seeds: int, workdi
       x axis.
     description: the table's heading.
     print_fn: progress and table output.
-    workers: runs side by side (`resolve_workers`; 1: one after another in this process).
+    workers: runs side by side (`experiment_workers.resolve_workers`; 1: one after another
+      in this process).
 
   Returns:
     What results.json holds.
@@ -459,13 +374,12 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], num_seeds: int, workdi
       config = ml_collections.ConfigDict(configs[variant].to_dict())
       config.seed = seed
       jobs.append((variant, seed, config, run_dir(workdir, variant, seed)))
-  workers = resolve_workers(workers, len(jobs))
+  workers = experiment_workers.resolve_workers(workers, len(jobs))
   runs: Dict[str, Dict[int, Dict[str, Any]]] = {v: {} for v in configs}
   if workers == 1:
     spent, trained = 0.0, 0
     for i, (variant, seed, config, directory) in enumerate(jobs):
-      left = len(jobs) - i
-      eta = f', ETA {_format_eta(spent / trained * left)}' if trained else ''
+      eta = experiment_workers.eta_text(spent, trained, len(jobs) - i)
       print_fn(f'[{i + 1}/{len(jobs)}] {variant} seed {seed}{eta}  ({directory})')
       clock = time.perf_counter()
       runs[variant][seed] = run_one(config, directory)
@@ -473,7 +387,7 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], num_seeds: int, workdi
         spent += time.perf_counter() - clock
         trained += 1
   else:
-    _run_side_by_side(jobs, workers, runs, print_fn)
+    experiment_workers.run_side_by_side(jobs, workers, runs, print_fn)
     runs = {v: {s: runs[v][s] for s in seeds[v]} for v in configs}  # Seed order, not finish.
   results = {
       'description': description, 'seeds': seeds,

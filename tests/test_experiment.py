@@ -16,6 +16,7 @@ import pytest
 
 from mobileclip_jax import config as config_lib
 from mobileclip_jax import experiment
+from mobileclip_jax import experiment_workers
 from mobileclip_jax.demo import training_sets as demo_datasets
 from mobileclip_jax.demo import world as demo_world
 from mobileclip_jax.train import loop
@@ -243,7 +244,7 @@ def test_runs_side_by_side_equal_runs_one_after_another(swept, data_dir):
   for name, by_seed in parallel['runs'].items():
     for seed, run in by_seed.items():
       assert run['step'] == 3 and run['train']['wall_s'] > 0
-      with open(os.path.join(run['dir'], experiment.LOG_FILE)) as f:
+      with open(os.path.join(run['dir'], experiment_workers.LOG_FILE)) as f:
         assert 'step 3/3' in f.read(), run['dir']
       with open(os.path.join(run['dir'], 'config.json')) as f:
         assert json.load(f)['seed'] == int(seed)
@@ -252,12 +253,12 @@ def test_runs_side_by_side_equal_runs_one_after_another(swept, data_dir):
 
 
 def test_workers_are_refused_where_runs_need_the_whole_mesh(monkeypatch):
-  assert experiment.resolve_workers(0, 3) == min(os.cpu_count(), 3)
-  assert experiment.resolve_workers(5, 2) == 2
+  assert experiment_workers.resolve_workers(0, 3) == min(os.cpu_count(), 3)
+  assert experiment_workers.resolve_workers(5, 2) == 2
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert experiment.resolve_workers(0, 3) == 1
+  assert experiment_workers.resolve_workers(0, 3) == 1
   with pytest.raises(ValueError, match='use workers=1'):
-    experiment.resolve_workers(2, 3)
+    experiment_workers.resolve_workers(2, 3)
 
 
 def test_preempted_run_resumes_where_it_stopped(tmp_path, data_dir):

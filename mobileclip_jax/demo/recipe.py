@@ -217,7 +217,7 @@ def run(workdir: str, settings: DemoSettings = DemoSettings(),
   of the students' set, the oracle's captions) and `captioner_ablation` the students'
   reinforced sets of the other captioner choices (`settings_lib.CAPTIONERS`, for configs/demo.py's
   captioners sweep); their caption measures go to results.json. `workers`: training runs side
-  by side (`experiment.resolve_workers`; 0: one per CPU core).
+  by side (`experiment_workers.resolve_workers`; 0: one per CPU core).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
