@@ -74,8 +74,8 @@ def _losses(workdir):
   return {row['step']: row['loss'] for row in rows if 'loss' in row}
 
 
-def _run(config_path, workdir, *extra, wait=True):
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+def _run(config_path, workdir, *extra, wait=True, env=None):
+  env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
   proc = subprocess.Popen([sys.executable, TRAIN, f'--config={config_path}', f'--workdir={workdir}',
                            *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -123,17 +123,26 @@ def test_rerunning_a_finished_run_does_nothing(tmp_path, data_dir, uninterrupted
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '6', '8']
 
 
-def test_preempted_run_resumes_bit_exactly(tmp_path, data_dir, uninterrupted):
-  workdir = str(tmp_path / 'work')
+def _compiled_steps(cache_dir):
+  return {f for f in os.listdir(cache_dir) if f.startswith('jit_step-')}
+
+
+def test_preempted_run_resumes_bit_exactly_from_the_cached_step(tmp_path, data_dir, uninterrupted):
+  workdir, cache_dir = str(tmp_path / 'work'), str(tmp_path / 'jax_cache')
+  cache = {'JAX_COMPILATION_CACHE_DIR': cache_dir}  # This test's own persistent cache.
   config_path = _config_file(tmp_path, data_dir, total=8, every=100)
-  proc = _run(config_path, workdir, wait=False)
+  proc = _run(config_path, workdir, wait=False, env=cache)
   _wait_for_step(proc, workdir, 2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
   assert len(saved) == 1 and 2 <= saved[0] < 8, (saved, out[-3000:])
-  _run(config_path, workdir)
+  compiled = _compiled_steps(cache_dir)
+  assert len(compiled) == 1, compiled
+  _run(config_path, workdir, env=cache)
+  # The resumed process lowers the same step program: it reads the executable, writes none.
+  assert _compiled_steps(cache_dir) == compiled
   want, got = _losses(uninterrupted), _losses(workdir)
   assert sorted(got) == list(range(1, 9))
   for step in range(saved[0] + 1, 9):
