@@ -76,7 +76,9 @@ setuptools.setup(
         'beam': BEAM,
         # transformers: open_clip 3.3's CoCa.generate (the decoding tests' reference) needs < 4.56
         # (newer ones moved BeamSearchScorer); 4.55 pins huggingface_hub < 1.0.
-        'test': TORCH_REFERENCE + ['pytest>=9.2,<10', 'scikit-image>=0.26,<0.27', 'portpicker',
+        # pytest-xdist: the fast suite runs in two worker processes (README's test command).
+        'test': TORCH_REFERENCE + ['pytest>=9.2,<10', 'pytest-xdist>=3.8,<4',
+                                   'scikit-image>=0.26,<0.27', 'portpicker',
                                    'transformers>=4.55.4,<4.56'],
         'export': EXPORT,
     },
