@@ -159,8 +159,10 @@ def _per_example(fn, *arrays):
   XLA:CPU fuses cheap producers into every consumer, recomputing them: fused into the taps'
   loops, a producer of x or of the cotangent (a BatchNorm's backward, the forward taps sum
   itself) would be recomputed kh * kw times per element. Loop operands are computed once; one
-  example per iteration also keeps the working set in cache.
+  example per iteration also keeps the working set in cache. The optimization barrier keeps them
+  buffers when the batch is 1 and XLA removes the one-iteration loop.
   """
+  arrays = jax.lax.optimization_barrier(arrays)
   return jax.lax.map(lambda a: fn(*[v[None] for v in a]), arrays)
 
 
