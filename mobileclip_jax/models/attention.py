@@ -216,9 +216,8 @@ def _self_cache(module: nn.Module, k, v, mask):
   The first call creates a zero cache sized by k and returns None: it attends as without a cache.
   """
   initialized = module.has_variable(CACHE, 'cached_key')
-  zeros = lambda x: jnp.zeros(x.shape, x.dtype)
-  cached_k = module.variable(CACHE, 'cached_key', lambda: zeros(_key_layout(k)))
-  cached_v = module.variable(CACHE, 'cached_value', lambda: zeros(_value_layout(v)))
+  cached_k = module.variable(CACHE, 'cached_key', lambda: jnp.zeros_like(_key_layout(k)))
+  cached_v = module.variable(CACHE, 'cached_value', lambda: jnp.zeros_like(_value_layout(v)))
   index = module.variable(CACHE, 'cache_index', lambda: jnp.zeros((), jnp.int32))
   if not initialized:
     return None
