@@ -55,7 +55,6 @@ from typing import Any, Dict, Iterator
 import numpy as np
 from PIL import Image
 
-from mobileclip_jax.benchmark import common
 from mobileclip_jax import demo as demo_world
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.data import augment
