@@ -1,10 +1,13 @@
-"""Helpers the whole package shares: atomic file writes, "did you mean" hints, relative L2.
+"""Helpers the whole package shares: atomic file writes, "did you mean" hints, relative L2,
+returning freed heap memory to the OS.
 
 Atomic writes go to a temporary file in the destination's folder and are renamed over it only
 when complete, so a reader (or a resumed run) never sees half a file. The result gets the
 permissions a plain `open()` would give under the user's umask (mkstemp's own are 0600).
 """
 import contextlib
+import ctypes
+import ctypes.util
 import difflib
 import json
 import os
@@ -88,3 +91,16 @@ def rel_l2(got: Any, want: Any) -> float:
   norm = np.linalg.norm(want)
   diff = np.linalg.norm(got - want)
   return float(diff / norm) if norm else float(diff)
+
+
+def release_freed_host_memory() -> bool:
+  """Returns the C heap's free pages to the OS (glibc's malloc_trim); False where unavailable.
+
+  Compiling a large step frees most of what it allocated, but glibc keeps the pages (1.35 of
+  3.5 GB resident after compiling MobileCLIP2-S0's step on CPU), and the step's buffers then come
+  on top of them: the process's peak memory was 7.1 instead of 5.8 GB.
+  """
+  try:
+    return bool(ctypes.CDLL(ctypes.util.find_library('c')).malloc_trim(0))
+  except (OSError, AttributeError, TypeError):  # Not glibc (macOS, musl): nothing to trim.
+    return False

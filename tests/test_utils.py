@@ -1,6 +1,7 @@
-"""The package's shared helpers: atomic writes, "did you mean" hints, relative L2."""
+"""The package's shared helpers: atomic writes, "did you mean" hints, relative L2, heap release."""
 import os
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -48,3 +49,23 @@ def test_rel_l2():
   assert utils.rel_l2([3.0, 4.0], [3.0, 4.0]) == 0.0
   assert utils.rel_l2([3.0, 4.0], [0.0, 5.0]) == pytest.approx(np.sqrt(9 + 1) / 5)
   assert utils.rel_l2([1e-3], [0.0]) == pytest.approx(1e-3)
+
+
+def _resident_mb() -> float:
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc and /proc: Linux only')
+def test_freed_heap_pages_go_back_to_the_os():
+  # 400 MB in heap-sized blocks (below malloc's mmap threshold), then a block above them that
+  # stays, so that freeing the rest cannot shrink the heap from its top on its own.
+  blocks = [bytearray(64 * 1024) for _ in range(6400)]
+  for b in blocks:
+    b[::4096] = b'\1' * len(b[::4096])  # Touch every page: resident.
+  pin = bytearray(64 * 1024)
+  del blocks
+  before = _resident_mb()
+  assert utils.release_freed_host_memory()
+  assert before - _resident_mb() > 300, (before, _resident_mb())
+  del pin

@@ -27,6 +27,7 @@ from mobileclip_jax import config as config_lib
 from mobileclip_jax import keys
 from mobileclip_jax import losses
 from mobileclip_jax import sharding as sharding_lib
+from mobileclip_jax import utils
 from mobileclip_jax.data import loader
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import coca as coca_lib
@@ -343,6 +344,7 @@ class Run:
     self.lower_seconds = time.perf_counter() - start
     compiled = lowered.compile()  # Or loaded from the persistent compilation cache.
     self.compile_seconds = time.perf_counter() - start - self.lower_seconds
+    utils.release_freed_host_memory()  # What compiling freed, before the step's buffers come.
     return compiled
 
   def memory(self) -> Optional[str]:
