@@ -14,10 +14,12 @@ devices with abstract inputs (`train.setup.build` with a synthetic input spec: n
 weights): first with an empty persistent cache (a real compile, written to the cache), then
 with that cache, as a resumed run would. A row: recipe, batch, cold_s, warm_s, cold_wrote_cache,
 warm_hit (the first process wrote the executable and the second wrote nothing: it read it),
-the compiled step's per-device memory. *_lower_s is tracing + lowering (paid on every start),
+the compiled step's per-device memory, and entry_thunks / thunks_by_op (`entry_thunks`). *_lower_s is tracing + lowering (paid on every start),
 cold_s / warm_s compiling or reading the executable from the cache (`train.setup.Run`).
 """
+import collections
 import os
+import re
 import tempfile
 from typing import Any, Dict, Iterator
 
@@ -25,6 +27,22 @@ from mobileclip_jax.benchmark import common
 
 _OPTIONS = ('recipes', 'batch', 'quick')
 TEACHER_DIMS = (768, 768)  # Both recipes' teachers are ViT-L/14s.
+# Entry-computation instructions that run nothing: no thunk of their own.
+_FREE_OPS = frozenset(('parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast'))
+
+
+def entry_thunks(hlo_text: str) -> Dict[str, int]:
+  """Instructions of the compiled program's ENTRY computation that run, by opcode.
+
+  XLA:CPU runs each as one thunk (a loop or a conditional as one, with its body a graph of its
+  own) and, at every compile and every load from the persistent cache, builds their dependency
+  graph in time that grows with the square of their count (README, Performance).
+  """
+  entry = re.search(r'^ENTRY [^\n]*\n(.*?)^}', hlo_text, re.S | re.M)
+  if entry is None:
+    raise ValueError('No ENTRY computation in the HLO text.')
+  ops = re.findall(r'^\s*(?:ROOT )?%?[\w.\-]+ = [^=]*? ([a-z][\w\-]*)\(', entry.group(1), re.M)
+  return dict(collections.Counter(op for op in ops if op not in _FREE_OPS).most_common())
 
 
 def measure(spec: str, batch: int, cache_dir: str) -> Dict[str, Any]:
@@ -44,7 +62,9 @@ def measure(spec: str, batch: int, cache_dir: str) -> Dict[str, Any]:
   files_before = len(os.listdir(cache_dir))
   run.step  # pylint: disable=pointless-statement  (compiles)
   analysis = run.step.memory_analysis()
-  return {'lower_s': round(run.lower_seconds, 2), 'compile_s': round(run.compile_seconds, 2),
+  thunks = entry_thunks(run.step.as_text())
+  return {'entry_thunks': sum(thunks.values()), 'thunks_by_op': thunks,
+          'lower_s': round(run.lower_seconds, 2), 'compile_s': round(run.compile_seconds, 2),
           'batch': config.batch_size,
           'cache_files_written': len(os.listdir(cache_dir)) - files_before,
           'temp_gib': round(analysis.temp_size_in_bytes / 2**30, 3) if analysis else None,
@@ -77,6 +97,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
            'warm_lower_s': warm['lower_s'], 'warm_s': warm['compile_s'],
            'cold_wrote_cache': cold['cache_files_written'] > 0,
            'warm_hit': cold['cache_files_written'] > 0 and warm['cache_files_written'] == 0,
-           'temp_gib': cold['temp_gib'],
+           'temp_gib': cold['temp_gib'], 'entry_thunks': cold['entry_thunks'],
+           'thunks_by_op': cold['thunks_by_op'],
            'argument_gib': cold['argument_gib'], 'devices': cold['devices'],
            'platform': cold['platform']}
