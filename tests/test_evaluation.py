@@ -392,7 +392,16 @@ def test_tfds_array_record_source_without_tensorflow(oracle, tmp_path):
   with pytest.raises(FileNotFoundError, match='not prepared'):
     datasets.open_source(dict(kind='tfds', name='cifar10', split='test',
                              data_dir=str(tmp_path / 'empty')), 'zeroshot', 16)
-  assert 'tensorflow' not in sys.modules
+  # Reading needs no TensorFlow: in a fresh process (this worker may hold it from other tests).
+  spec = dict(source, templates=None, limit=4, caption_key='captions/text')
+  code = ('import sys\nfrom mobileclip_jax.evaluation import datasets\n'
+          f'examples = datasets.open_source({spec!r}, "retrieval", 16).examples\n'
+          'print(sum(len(examples[i].captions) for i in range(len(examples))), '
+          '"tensorflow" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-2:] == ['8', 'False']
 
 
 def test_sharded_oracle_embeddings_equal_host_preprocessing(oracle, tmp_path):
