@@ -14,8 +14,9 @@ devices with abstract inputs (`train.setup.build` with a synthetic input spec: n
 weights): first with an empty persistent cache (a real compile, written to the cache), then
 with that cache, as a resumed run would. A row: recipe, batch, cold_s, warm_s, cold_wrote_cache,
 warm_hit (the first process wrote the executable and the second wrote nothing: it read it),
-the compiled step's per-device memory, and entry_thunks / thunks_by_op (`entry_thunks`). *_lower_s is tracing + lowering (paid on every start),
-cold_s / warm_s compiling or reading the executable from the cache (`train.setup.Run`).
+the compiled step's per-device memory, entry_thunks / thunks_by_op (`entry_thunks`, counted in
+the first process). *_lower_s is tracing + lowering (paid on every start), cold_s / warm_s
+compiling or reading the executable from the cache (`train.setup.Run`).
 """
 import collections
 import os
@@ -45,8 +46,11 @@ def entry_thunks(hlo_text: str) -> Dict[str, int]:
   return dict(collections.Counter(op for op in ops if op not in _FREE_OPS).most_common())
 
 
-def measure(spec: str, batch: int, cache_dir: str) -> Dict[str, Any]:
-  """Compiles the recipe's step in this process with `cache_dir` as the persistent cache."""
+def measure(spec: str, batch: int, cache_dir: str, count_thunks: bool) -> Dict[str, Any]:
+  """Compiles the recipe's step in this process with `cache_dir` as the persistent cache.
+
+  count_thunks: also count `entry_thunks` (printing the program's HLO: tens of MB at S4).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mobileclip_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -62,7 +66,7 @@ def measure(spec: str, batch: int, cache_dir: str) -> Dict[str, Any]:
   files_before = len(os.listdir(cache_dir))
   run.step  # pylint: disable=pointless-statement  (compiles)
   analysis = run.step.memory_analysis()
-  thunks = entry_thunks(run.step.as_text())
+  thunks = entry_thunks(run.step.as_text()) if count_thunks else {}
   return {'entry_thunks': sum(thunks.values()), 'thunks_by_op': thunks,
           'lower_s': round(run.lower_seconds, 2), 'compile_s': round(run.compile_seconds, 2),
           'batch': config.batch_size,
@@ -87,8 +91,10 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix='mobileclip_compile_cache_') as cache_dir:
       kwargs = dict(spec=specs[name], batch=batch, cache_dir=cache_dir)
       try:
-        cold = common.isolated(__name__, 'measure', kwargs, timeout=4 * 3600)
-        warm = common.isolated(__name__, 'measure', kwargs, timeout=4 * 3600)
+        cold = common.isolated(__name__, 'measure', dict(kwargs, count_thunks=True),
+                               timeout=4 * 3600)
+        warm = common.isolated(__name__, 'measure', dict(kwargs, count_thunks=False),
+                               timeout=4 * 3600)
       except RuntimeError as e:  # Out of memory, or a failed compile: report it, go on.
         yield {'recipe': name, 'error': str(e)[-2000:]}
         continue
