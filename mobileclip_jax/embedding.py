@@ -29,6 +29,7 @@ import numpy as np
 
 from mobileclip_jax import sharding
 from mobileclip_jax.data import preprocess
+from mobileclip_jax.models import layers
 from mobileclip_jax.models import reduce as reduce_lib
 
 IMAGE = 'encode_image'
@@ -95,7 +96,8 @@ def encoder(model, tower: str, mesh: Mesh,
                                            {'params': ranker})
     return unit_rows(model.apply(variables, inputs, method=tower, **kwargs))
 
-  return jax.jit(encode, out_shardings=sharding.batch_sharding(mesh))
+  return jax.jit(layers.for_platform(encode, sharding.platform(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
 
 
 def global_max(values: Sequence[int], mesh: Mesh) -> List[int]:

@@ -372,6 +372,20 @@ def test_cpu_depthwise_conv_in_bfloat16_follows_the_float32_conv():
                                err_msg=name)
 
 
+def test_for_platform_traces_only_that_platforms_form_and_only_while_it_runs():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 6))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 6))
+  conv = lambda x, k: layers.depthwise_conv(x, k, 2, (1, 1))
+  jaxpr = lambda fn: str(jax.make_jaxpr(fn)(x, k))
+  on_cpu, on_gpu = jaxpr(layers.for_platform(conv, 'cpu')), jaxpr(layers.for_platform(conv, 'gpu'))
+  assert 'platform_index' not in on_cpu and 'scan' in on_cpu and 'feature_group_count' not in on_cpu
+  assert 'platform_index' not in on_gpu and 'scan' not in on_gpu
+  assert 'feature_group_count=6' in on_gpu
+  assert 'platform_index' in jaxpr(conv)  # Outside: both forms, XLA picks (export relies on it).
+  np.testing.assert_allclose(jax.jit(layers.for_platform(conv, 'cpu'))(x, k),
+                             jax.jit(layers.for_platform(conv, 'gpu'))(x, k), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('stride', [1, 2])
 def test_cpu_pointwise_conv_and_its_gradients_equal_xlas_conv(stride):
   rng = np.random.default_rng(2)

@@ -119,6 +119,14 @@ def test_sharded_mci_step_equals_single_device():
                    train(build(config), make_batch()))
 
 
+def test_the_step_is_traced_for_its_meshs_platform_alone():
+  # layers.for_platform: the CPU forms only, not a lax.platform_dependent choice whose other
+  # branch would be traced, differentiated and lowered too (a third of the S0 step's tracing).
+  run = build(make_config('MobileCLIP2-S0', TINY_MCI))
+  jaxpr = str(jax.make_jaxpr(run.grad_fn)(run.abstract_state, run.abstract_batch))
+  assert 'platform_index' not in jaxpr and 'scan' in jaxpr
+
+
 @pytest.mark.parametrize('accum_steps', [2, 4])
 def test_accumulation_keeps_all_negatives_and_equals_the_full_batch(accum_steps):
   # A BatchNorm-free model: micro-batches then see exactly the full-batch computation.

@@ -6,6 +6,7 @@ renames and transposes (see `mobileclip_jax.convert`). Every block has a train-t
 form and, with `reparameterized=True`, the single-conv inference form that
 `mobileclip_jax.models.reparam` produces from the train-time parameters.
 """
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Optional, Sequence, Tuple, Union
@@ -16,7 +17,34 @@ import jax.numpy as jnp
 
 Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
+# The platform that the function being traced will run on, when its caller knows it (for_platform).
+_PLATFORM = contextvars.ContextVar('mobileclip_jax_platform', default=None)
 
+
+def for_platform(fn, platform: str):
+  """`fn`, whose layer forms (CPU or elsewhere) are chosen in Python for `platform` while it runs.
+
+  Outside it each choice is a `lax.platform_dependent`: both forms are traced, differentiated and
+  lowered, and XLA drops one. That was a third of tracing the S0 train step (15 -> 10 s, paid at
+  every start and resume). Export keeps the choice in the graph (export/portable.py).
+  platform: a JAX device's `platform` ('cpu', 'gpu', 'tpu').
+  """
+  @functools.wraps(fn)
+  def traced_for_platform(*args, **kwargs):
+    token = _PLATFORM.set(platform)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _PLATFORM.reset(token)
+  return traced_for_platform
+
+
+def _per_platform(*args, cpu, default):
+  """cpu(*args) on CPU, default(*args) elsewhere (see `for_platform`)."""
+  platform = _PLATFORM.get()
+  if platform is None:
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+  return (cpu if platform == 'cpu' else default)(*args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +249,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[i
 
   The shifted-slice form on CPU, XLA's native convolution (cuDNN, TPU) elsewhere.
   """
-  return jax.lax.platform_dependent(
+  return _per_platform(
       x, kernel, cpu=lambda x, k: _shift_depthwise_conv(x, k, stride, pad),
       default=lambda x, k: _xla_conv(x, k, stride, pad, x.shape[-1]))
 
@@ -240,7 +268,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   with transposed copies of both operands, 3-4x slower than the matmul's forward + backward.
   XLA's convolution elsewhere.
   """
-  return jax.lax.platform_dependent(
+  return _per_platform(
       x, kernel, cpu=lambda x, k: _pointwise_matmul(x, k, stride),
       default=lambda x, k: _xla_conv(x, k, stride, (0, 0), 1))
 
@@ -252,7 +280,7 @@ def materialize_on_cpu(x: jax.Array) -> jax.Array:
   transformer's backward pass it rebuilt each block's residual stream from all earlier branch
   outputs for every weight gradient, quadratic in depth (half of the text tower's step time).
   """
-  return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+  return _per_platform(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 class Conv(nn.Module):

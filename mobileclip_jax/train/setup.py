@@ -31,6 +31,7 @@ from mobileclip_jax import utils
 from mobileclip_jax.data import loader
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import coca as coca_lib
+from mobileclip_jax.models import layers
 from mobileclip_jax.train import optimizer as optimizer_lib
 from mobileclip_jax.train import reporting
 from mobileclip_jax.train import step as step_lib
@@ -296,7 +297,7 @@ class Run:
 
   def init_state(self) -> step_lib.TrainState:
     """A fresh state placed per its shardings; weights from `model.init_from` when set."""
-    init = functools.partial(_initial_state, self.model, self.tx)
+    init = self._for_platform(functools.partial(_initial_state, self.model, self.tx))
     state = jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
     if self.config.model.init_from:
       state = self._init_from(state, self.config.model.init_from)
@@ -321,6 +322,9 @@ class Run:
     log.info('Initialized the weights from %s (%s).', path, source_config.name)
     return state.replace(params=params, batch_stats=batch_stats)
 
+  def _for_platform(self, fn):
+    return layers.for_platform(fn, sharding_lib.platform(self.mesh))
+
   def _step_kwargs(self) -> Dict[str, Any]:
     return dict(mesh=self.mesh, accum_steps=self.config.accum_steps,
                 use_syn=self.objective.use_syn, use_teachers=self.objective.use_teachers,
@@ -330,13 +334,15 @@ class Run:
   def grad_fn(self):
     """jit(state, batch) -> (loss, metrics, grads, batch statistics): the step before the
     optimizer (step.make_grad_fn), for checks against reference losses."""
-    return jax.jit(step_lib.make_grad_fn(self.model, self.loss_config, **self._step_kwargs()))
+    return jax.jit(self._for_platform(
+        step_lib.make_grad_fn(self.model, self.loss_config, **self._step_kwargs())))
 
   @functools.cached_property
   def step(self):
     """The compiled step: (state, batch) -> (state, metrics); the state is donated."""
-    fn = step_lib.make_train_step(self.model, self.tx, self.loss_config,
-                                  regularizer=self.regularizer, **self._step_kwargs())
+    fn = self._for_platform(step_lib.make_train_step(
+        self.model, self.tx, self.loss_config, regularizer=self.regularizer,
+        **self._step_kwargs()))
     start = time.perf_counter()
     lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
@@ -385,14 +391,17 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   steps = durations(config, spec.num_examples)
   schedule = optimizer_lib.lr_schedule(config.optim.lr, steps.total, steps.warmup,
                                        config.schedule.kind, steps.constant)
-  abstract_params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+  platform = sharding_lib.platform(mesh)
+  abstract_params = jax.eval_shape(layers.for_platform(model.init, platform),
+                                   jax.random.PRNGKey(0),
                                    *clip_lib.dummy_inputs(model_config_))['params']
   o = config.optim
   eps = optimizer_lib.default_eps(model_config_.name) if o.eps is None else o.eps
   tx = optimizer_lib.make_optimizer(
       abstract_params, schedule, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay,
       grad_clip=o.grad_clip, wd_rules=o.wd_rules, lr_rules=o.lr_rules, freeze=o.freeze)
-  abstract = jax.eval_shape(functools.partial(_initial_state, model, tx), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(layers.for_platform(functools.partial(_initial_state, model, tx),
+                                                platform), jax.random.PRNGKey(0))
   shardings = sharding_lib.infer_shardings(abstract, mesh, rules=config.sharding.rules,
                                            min_fsdp_size=config.sharding.min_fsdp_size)
   return Run(
