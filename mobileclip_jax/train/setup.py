@@ -260,12 +260,19 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
 # The run.
 
 
-def _initial_state(model, tx: Any, rng: jax.Array) -> step_lib.TrainState:
-  variables = model.init(rng, *clip_lib.dummy_inputs(model.config))
+def _init_variables(model, rng: jax.Array) -> Dict[str, Any]:
+  return model.init(rng, *clip_lib.dummy_inputs(model.config))
+
+
+def _state_from(variables: Dict[str, Any], tx: Any) -> step_lib.TrainState:
   params = variables['params']
   return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              batch_stats=variables.get('batch_stats', {}),
                              opt_state=tx.init(params))
+
+
+def _initial_state(model, tx: Any, rng: jax.Array) -> step_lib.TrainState:
+  return _state_from(_init_variables(model, rng), tx)
 
 
 @dataclasses.dataclass
@@ -391,17 +398,16 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   steps = durations(config, spec.num_examples)
   schedule = optimizer_lib.lr_schedule(config.optim.lr, steps.total, steps.warmup,
                                        config.schedule.kind, steps.constant)
-  platform = sharding_lib.platform(mesh)
-  abstract_params = jax.eval_shape(layers.for_platform(model.init, platform),
-                                   jax.random.PRNGKey(0),
-                                   *clip_lib.dummy_inputs(model_config_))['params']
+  # Traced once (the towers' forward): the optimizer's rules need the parameter tree.
+  abstract_variables = jax.eval_shape(layers.for_platform(
+      functools.partial(_init_variables, model), sharding_lib.platform(mesh)),
+      jax.random.PRNGKey(0))
   o = config.optim
   eps = optimizer_lib.default_eps(model_config_.name) if o.eps is None else o.eps
   tx = optimizer_lib.make_optimizer(
-      abstract_params, schedule, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay,
+      abstract_variables['params'], schedule, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay,
       grad_clip=o.grad_clip, wd_rules=o.wd_rules, lr_rules=o.lr_rules, freeze=o.freeze)
-  abstract = jax.eval_shape(layers.for_platform(functools.partial(_initial_state, model, tx),
-                                                platform), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(functools.partial(_state_from, tx=tx), abstract_variables)
   shardings = sharding_lib.infer_shardings(abstract, mesh, rules=config.sharding.rules,
                                            min_fsdp_size=config.sharding.min_fsdp_size)
   return Run(
