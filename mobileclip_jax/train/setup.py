@@ -275,6 +275,11 @@ def _initial_state(model, tx: Any, rng: jax.Array) -> step_lib.TrainState:
   return _state_from(_init_variables(model, rng), tx)
 
 
+def _for_mesh(fn, mesh):
+  """`fn` traced with only the towers' forms for the platform of the mesh's devices."""
+  return layers.for_platform(fn, sharding_lib.platform(mesh))
+
+
 @dataclasses.dataclass
 class Run:
   """Everything a step needs, built by `build`. `step` compiles on first use."""
@@ -304,7 +309,7 @@ class Run:
 
   def init_state(self) -> step_lib.TrainState:
     """A fresh state placed per its shardings; weights from `model.init_from` when set."""
-    init = self._for_platform(functools.partial(_initial_state, self.model, self.tx))
+    init = _for_mesh(functools.partial(_initial_state, self.model, self.tx), self.mesh)
     state = jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
     if self.config.model.init_from:
       state = self._init_from(state, self.config.model.init_from)
@@ -329,9 +334,6 @@ class Run:
     log.info('Initialized the weights from %s (%s).', path, source_config.name)
     return state.replace(params=params, batch_stats=batch_stats)
 
-  def _for_platform(self, fn):
-    return layers.for_platform(fn, sharding_lib.platform(self.mesh))
-
   def _step_kwargs(self) -> Dict[str, Any]:
     return dict(mesh=self.mesh, accum_steps=self.config.accum_steps,
                 use_syn=self.objective.use_syn, use_teachers=self.objective.use_teachers,
@@ -341,15 +343,15 @@ class Run:
   def grad_fn(self):
     """jit(state, batch) -> (loss, metrics, grads, batch statistics): the step before the
     optimizer (step.make_grad_fn), for checks against reference losses."""
-    return jax.jit(self._for_platform(
-        step_lib.make_grad_fn(self.model, self.loss_config, **self._step_kwargs())))
+    return jax.jit(_for_mesh(
+        step_lib.make_grad_fn(self.model, self.loss_config, **self._step_kwargs()), self.mesh))
 
   @functools.cached_property
   def step(self):
     """The compiled step: (state, batch) -> (state, metrics); the state is donated."""
-    fn = self._for_platform(step_lib.make_train_step(
+    fn = _for_mesh(step_lib.make_train_step(
         self.model, self.tx, self.loss_config, regularizer=self.regularizer,
-        **self._step_kwargs()))
+        **self._step_kwargs()), self.mesh)
     start = time.perf_counter()
     lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
@@ -399,14 +401,14 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   schedule = optimizer_lib.lr_schedule(config.optim.lr, steps.total, steps.warmup,
                                        config.schedule.kind, steps.constant)
   # Traced once (the towers' forward): the optimizer's rules need the parameter tree.
-  abstract_variables = jax.eval_shape(layers.for_platform(
-      functools.partial(_init_variables, model), sharding_lib.platform(mesh)),
-      jax.random.PRNGKey(0))
+  abstract_variables = jax.eval_shape(
+      _for_mesh(functools.partial(_init_variables, model), mesh), jax.random.PRNGKey(0))
   o = config.optim
   eps = optimizer_lib.default_eps(model_config_.name) if o.eps is None else o.eps
   tx = optimizer_lib.make_optimizer(
-      abstract_variables['params'], schedule, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay,
-      grad_clip=o.grad_clip, wd_rules=o.wd_rules, lr_rules=o.lr_rules, freeze=o.freeze)
+      abstract_variables['params'], schedule, b1=o.b1, b2=o.b2, eps=eps,
+      weight_decay=o.weight_decay, grad_clip=o.grad_clip, wd_rules=o.wd_rules,
+      lr_rules=o.lr_rules, freeze=o.freeze)
   abstract = jax.eval_shape(functools.partial(_state_from, tx=tx), abstract_variables)
   shardings = sharding_lib.infer_shardings(abstract, mesh, rules=config.sharding.rules,
                                            min_fsdp_size=config.sharding.min_fsdp_size)
