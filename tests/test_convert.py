@@ -1,5 +1,4 @@
 """Checkpoint interchange: Orbax <-> open_clip / timm / Apple v1 files, checked against them."""
-import functools
 import json
 import os
 import subprocess
@@ -33,14 +32,9 @@ def _apple_shapes(apple_name):
     return {k: tuple(v) for k, v in json.load(f)['shapes'].items()}
 
 
-@functools.lru_cache(maxsize=None)
-def _abstract_variables(config):
-  return open_clip_lib.abstract_variables(config)
-
-
 def _random_variables(config, seed=0):
   """Seeded random variables of `config`'s shapes (no init compile); BN variances positive."""
-  shapes = _abstract_variables(config)
+  shapes = clip_lib.abstract_variables(config)
   rng = np.random.default_rng(seed)
   def fill(path, s):
     if path[0].key == 'batch_stats' and path[-1].key == 'var':
@@ -79,7 +73,7 @@ def test_apple_v1_table_covers_every_key_of_apples_checkpoint(apple_name):
   assert {e.torch_key: e.torch_shape for e in table.entries} == tensors  # with Apple's shapes.
   # Every Flax leaf is filled: by an Apple tensor, or (the timm head bias) with zeros.
   flax_leaves = {(c,) + tuple(k.key for k in path)
-                 for c, tree in _abstract_variables(config).items()
+                 for c, tree in clip_lib.abstract_variables(config).items()
                  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
   covered = [(e.collection,) + e.path for e in table.entries + (table.head_bias,)]
   assert len(covered) == len(set(covered)) and set(covered) == flax_leaves

@@ -193,12 +193,6 @@ def _tower_layouts(config) -> Dict[str, Tuple[str, _TowerLayout]]:
 
 
 @functools.lru_cache(maxsize=32)
-def abstract_variables(config):
-  """Shapes/dtypes of the model's variables (jax.eval_shape: no memory, no compute)."""
-  model = clip_lib.model_from_config(config)
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config))
-
-
 @functools.lru_cache(maxsize=32)
 def conversion_table(config, tower: Optional[str] = None) -> Tuple[Entry, ...]:
   """One Entry per Flax leaf of the model, in a deterministic order (cached per config).
@@ -211,7 +205,7 @@ def conversion_table(config, tower: Optional[str] = None) -> Tuple[Entry, ...]:
   if tower is not None and tower not in layouts:
     raise ValueError(f'tower must be one of {tuple(layouts)} or None, got {tower!r}.')
   entries = []
-  for collection, tree in abstract_variables(config).items():
+  for collection, tree in clip_lib.abstract_variables(config).items():
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       path = tuple(k.key for k in key_path)
       if tower is not None and path[0] != tower:

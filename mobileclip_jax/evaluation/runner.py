@@ -24,7 +24,7 @@ from mobileclip_jax.rules import path_str
 
 def check_variables(model: clip.CLIP, variables: Mapping[str, Any], source: str) -> None:
   """Raises ValueError naming every missing, unexpected and mis-shaped variable."""
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *clip.dummy_inputs(model.config))
+  expected = clip.abstract_variables(model.config)
   flat = lambda tree: {path_str(p): tuple(np.shape(v))
                        for p, v in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
   want, got = flat(expected), flat(variables)

@@ -122,8 +122,7 @@ class _Builder:
 
   def __init__(self, config: clip_lib.ModelConfig):
     self.config = config
-    abstract = jax.eval_shape(clip_lib.CLIP(config).init, jax.random.PRNGKey(0),
-                              *clip_lib.dummy_inputs(config))
+    abstract = clip_lib.abstract_variables(config)
     self.shapes: Dict[Leaf, Tuple[int, ...]] = {}
     for collection, tree in abstract.items():
       for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:

@@ -19,6 +19,7 @@ Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
 # The platform that the function being traced will run on, when its caller knows it (for_platform).
 _PLATFORM = contextvars.ContextVar('mobileclip_jax_platform', default=None)
+PLAIN = 'plain'
 
 
 def for_platform(fn, platform: str):
@@ -27,7 +28,8 @@ def for_platform(fn, platform: str):
   Outside it each choice is a `lax.platform_dependent`: both forms are traced, differentiated and
   lowered, and XLA drops one. That was a third of tracing the S0 train step (15 -> 10 s, paid at
   every start and resume). Export keeps the choice in the graph (export/portable.py).
-  platform: a JAX device's `platform` ('cpu', 'gpu', 'tpu').
+  platform: a JAX device's `platform` ('cpu', 'gpu', 'tpu'), or `PLAIN`: the form without the
+    CPU's workarounds, for traces whose forward only gives shapes (`clip.init_variables`).
   """
   @functools.wraps(fn)
   def traced_for_platform(*args, **kwargs):

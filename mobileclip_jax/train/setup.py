@@ -260,10 +260,6 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
 # The run.
 
 
-def _init_variables(model, rng: jax.Array) -> Dict[str, Any]:
-  return model.init(rng, *clip_lib.dummy_inputs(model.config))
-
-
 def _state_from(variables: Dict[str, Any], tx: Any) -> step_lib.TrainState:
   params = variables['params']
   return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -272,7 +268,7 @@ def _state_from(variables: Dict[str, Any], tx: Any) -> step_lib.TrainState:
 
 
 def _initial_state(model, tx: Any, rng: jax.Array) -> step_lib.TrainState:
-  return _state_from(_init_variables(model, rng), tx)
+  return _state_from(clip_lib.init_variables(model, rng), tx)
 
 
 def _for_mesh(fn, mesh):
@@ -309,7 +305,7 @@ class Run:
 
   def init_state(self) -> step_lib.TrainState:
     """A fresh state placed per its shardings; weights from `model.init_from` when set."""
-    init = _for_mesh(functools.partial(_initial_state, self.model, self.tx), self.mesh)
+    init = functools.partial(_initial_state, self.model, self.tx)
     state = jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
     if self.config.model.init_from:
       state = self._init_from(state, self.config.model.init_from)
@@ -400,9 +396,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   steps = durations(config, spec.num_examples)
   schedule = optimizer_lib.lr_schedule(config.optim.lr, steps.total, steps.warmup,
                                        config.schedule.kind, steps.constant)
-  # Traced once (the towers' forward): the optimizer's rules need the parameter tree.
-  abstract_variables = jax.eval_shape(
-      _for_mesh(functools.partial(_init_variables, model), mesh), jax.random.PRNGKey(0))
+  # Traced once: the optimizer's rules need the parameter tree.
+  abstract_variables = jax.eval_shape(functools.partial(clip_lib.init_variables, model),
+                                      jax.random.PRNGKey(0))
   o = config.optim
   eps = optimizer_lib.default_eps(model_config_.name) if o.eps is None else o.eps
   tx = optimizer_lib.make_optimizer(
