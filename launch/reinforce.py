@@ -32,7 +32,6 @@ the same command (JAX finds the others on TPU pods, SLURM or Open MPI; elsewhere
 import os
 import sys
 
-from absl import app
 from absl import flags
 import jax
 

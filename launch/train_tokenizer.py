@@ -11,7 +11,6 @@ Sources (see mobileclip_jax.data.caption_corpus): plain-text files (one caption 
 """
 import itertools
 
-from absl import app
 from absl import flags
 
 from mobileclip_jax import cli

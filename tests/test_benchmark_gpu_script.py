@@ -6,7 +6,6 @@ PyTorch eager and torch.compile, XLA's FLOPs of the timed step, the JSON rows an
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 

@@ -8,7 +8,6 @@ Results are written as JSON through a temporary file and a rename, only after ev
 has finished.
 """
 import dataclasses
-import os
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 

@@ -5,7 +5,7 @@ ordered regex rules over Flax parameter paths (train/rules.py, set in the config
 parameters get no update and no optimizer state.
 """
 import math
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
