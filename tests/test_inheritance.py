@@ -153,8 +153,8 @@ def _text_zeroed(params, kept, prefix, n_layers, heads, head_dim, offset=0):
 def _hard_masked(config, kept, variables):
   """MaskedCLIP and variables whose 0/1 gates keep exactly `kept` (other gates open)."""
   model = masks.MaskedCLIP(config, kinds=masks.KINDS)
-  init = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                        *clip_lib.dummy_inputs(config))['params']['masks']
+  init = jax.eval_shape(lambda rng: clip_lib.init_variables(model, rng),
+                        jax.random.PRNGKey(0))['params']['masks']
   layout = units.layout(config)
   gates = {}
   for name, value in init.items():
@@ -314,8 +314,7 @@ def test_inherited_parameter_count_equals_the_child_configs(kind, keep):
   config = _config(kind)
   parent_vars = _perturbed(config)
   child, child_config = mobileclip_jax.inherit(parent_vars, config, keep)
-  abstract = jax.eval_shape(clip_lib.CLIP(child_config).init, jax.random.PRNGKey(0),
-                            *clip_lib.dummy_inputs(child_config))
+  abstract = clip_lib.abstract_variables(child_config)
   assert jax.tree.map(np.shape, child) == jax.tree.map(lambda x: x.shape, dict(abstract))
   want = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   assert slicing.param_count(child) == want < slicing.param_count(parent_vars)

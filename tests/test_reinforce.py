@@ -54,7 +54,7 @@ NUM_SAMPLES, PER_SHARD = 7, 3
 def _save_teacher(directory, seed, **overrides):
   """A model checkpoint of random weights: N(0, 0.1), LayerNorm scales N(1, 0.1)."""
   model = clip_lib.create_model('ViT-B-16', **overrides)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *clip_lib.dummy_inputs(model.config))
+  shapes = clip_lib.abstract_variables(model.config)
   rng = np.random.default_rng(seed)
   variables = jax.tree_util.tree_map_with_path(
       lambda path, s: (float(path[-1].key == 'scale') + 0.1 * rng.normal(size=s.shape)).astype(
