@@ -193,7 +193,6 @@ def _tower_layouts(config) -> Dict[str, Tuple[str, _TowerLayout]]:
 
 
 @functools.lru_cache(maxsize=32)
-@functools.lru_cache(maxsize=32)
 def conversion_table(config, tower: Optional[str] = None) -> Tuple[Entry, ...]:
   """One Entry per Flax leaf of the model, in a deterministic order (cached per config).
 
