@@ -8,7 +8,8 @@ r"""Exports the image and text towers for phones: ONNX or TFLite, checked agains
 --checkpoint is a model checkpoint (launch/convert.py writes them) or a training run (latest
 step, or --step). The towers are exported reparameterized, float32 compute, with fixed shapes:
 --batch (default 1), --image_size and --context_length (default: the model's). OUT gets
-image.{onnx,tflite}, text.{onnx,tflite}, the tokenizer's vocabulary and export.json
+image.{onnx,tflite}, text.{onnx,tflite} (or the one tower --towers names), the tokenizer's
+vocabulary and export.json
 (preprocessing, tokenizer, input/output names, shapes and dtypes, precision, source, and each
 tower's measured distance from JAX). fp32 exports must match JAX within 1e-4 relative L2 or
 nothing is written. Needs the export extra (see setup.py).
@@ -35,6 +36,9 @@ _CONTEXT_LENGTH = flags.DEFINE_integer('context_length', None,
                                        'Tokens per text (default: the model\'s, 77).')
 _SEED = flags.DEFINE_integer('seed', 0, 'With --model: the seed of the random weights.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export directory.')
+_TOWERS = flags.DEFINE_list('towers', ['image', 'text'],
+                            'The towers to export (e.g. image alone, for an app that only embeds '
+                            'photos).')
 
 
 def main(argv):
@@ -45,10 +49,10 @@ def main(argv):
   try:
     metadata = export.export_checkpoint(
         _CHECKPOINT.value, _OUT.value, _FORMAT.value, _PRECISION.value, shapes, step=_STEP.value,
-        model=_MODEL.value, seed=_SEED.value, overwrite=_OVERWRITE.value)
+        model=_MODEL.value, seed=_SEED.value, overwrite=_OVERWRITE.value, towers=_TOWERS.value)
   except (FileExistsError, FileNotFoundError, ImportError, ValueError) as e:
     sys.exit(f'{type(e).__name__}: {e}')
-  for tower in ('image', 'text'):
+  for tower in _TOWERS.value:
     entry = metadata[tower]
     print(f'{tower}: {entry["file"]} {entry["input"]["name"]} {entry["input"]["shape"]} '
           f'{entry["input"]["dtype"]} -> {entry["output"]["shape"]}; relative L2 vs JAX '

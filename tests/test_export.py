@@ -188,6 +188,24 @@ def test_onnx_graphs_use_matmul_for_dense_layers_and_int8_integer_kernels(tmp_pa
   assert 'ConvInteger' in image_ops
 
 
+def test_one_tower_exports_that_tower_alone(tmp_path):
+  """An image-only export has no text tower, tokenizer or vocabulary; a text-only one no image
+  tower or preprocessing; each file still matches JAX."""
+  _needs('onnx')
+  config = clip_lib.get_config('MobileCLIP2-S0', **TINY)
+  variables = towers.random_variables(config, seed=4)
+  for tower, other in (('image', 'text'), ('text', 'image')):
+    out = str(tmp_path / tower)
+    metadata = bundle.export_variables(variables, config, out, 'onnx', towers=(tower,))
+    assert other not in metadata and metadata[tower]['rel_l2_vs_jax'] < 1e-4
+    files = {bundle.METADATA, f'{tower}.onnx'}
+    if tower == 'text':
+      files.add(metadata['text']['tokenizer']['vocabulary'])
+    else:
+      assert metadata['image']['preprocess']['size'] == config.image_size
+    assert set(os.listdir(out)) == files
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -207,6 +225,8 @@ def _export_cli(tmp_path, *args):
      "MCt text tower mixes tokens"),
     (['--model=MobileCLIP2-S0', '--format=onnx', '--batch=0'], 'fixed batch'),
     (['--model=MobileCLIP2-S0', '--format=torchscript'], "Unknown export format 'torchscript'"),
+    (['--model=MobileCLIP2-S0', '--format=onnx', '--towers=image,audio'],
+     "Export towers ['image', 'audio']: choose one or both of image, text"),
     (['--checkpoint=does/not/exist', '--format=onnx'], 'No checkpoint at does/not/exist'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):

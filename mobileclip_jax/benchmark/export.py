@@ -22,16 +22,16 @@ tower with seeded non-trivial normalization statistics, its state_dict and input
 per variant; JAX (`jax.jit`, reparameterized where the tower has branches to fold) and PyTorch
 (`timm.models.reparameterize_model`, `inference_mode`) are measured by `benchmark/models.py`'s
 workers. The same weights, converted to Flax, are exported by `export.export_variables` (batch 1,
-checked against JAX on export), and each exported tower is timed in its runtime in a fresh
-process: onnxruntime's CPU provider (its default threads) and LiteRT's interpreter (XNNPACK,
-`os.cpu_count()` threads). Every output is compared with JAX's (`*_rel_l2`), so a fast but wrong
+the requested towers only, checked against JAX on export), and each exported tower is timed in
+its runtime in a fresh process: onnxruntime's CPU provider (its default threads) and LiteRT's
+interpreter (XNNPACK, `os.cpu_count()` threads). Every output is compared with JAX's (`*_rel_l2`), so a fast but wrong
 number shows. Each timed section records the CPU share other processes used.
 """
 # This benchmark reuses the models benchmark's reference, workers and timing helpers.
 # pylint: disable=protected-access
 import os
 import tempfile
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import numpy as np
 
@@ -53,26 +53,30 @@ _CONVERT_TOWER = {'image': 'visual', 'text': 'text'}
 # ---------------------------------------------------------------- worker processes
 
 
-def _flax_variables(variant: str, overrides: Dict[str, Any], workdir: str):
-  """Both towers' reference weights (benchmark/models.py's npz files) as Flax variables."""
+def _flax_variables(variant: str, overrides: Dict[str, Any], workdir: str, towers: List[str]):
+  """The reference weights of `towers` (benchmark/models.py's npz files) as Flax variables; a
+  tower not measured keeps seeded random weights (the export needs only its shapes)."""
   from mobileclip_jax import convert  # pylint: disable=g-import-not-at-top
+  from mobileclip_jax.export import towers as towers_lib  # pylint: disable=g-import-not-at-top
   config = models_bench._model_config(variant, overrides)
-  variables = {'params': {'logit_scale': np.float32(config.init_logit_scale)}, 'batch_stats': {}}
-  for tower, name in _CONVERT_TOWER.items():
+  variables = towers_lib.random_variables(config)
+  variables = {'params': {**variables['params'], 'logit_scale': np.float32(config.init_logit_scale)},
+               'batch_stats': dict(variables.get('batch_stats', {}))}
+  for tower in towers:
     with np.load(models_bench._weights_path(workdir, tower)) as weights:
-      part = convert.from_open_clip(weights, config, tower=name)
+      part = convert.from_open_clip(weights, config, tower=_CONVERT_TOWER[tower])
     for collection, tree in part.items():
       variables[collection].update(tree)
   return variables, config
 
 
 def export_towers(variant: str, fmt: str, precision: str, overrides: Dict[str, Any],
-                  workdir: str) -> Dict[str, Any]:
-  """Exports both towers (batch 1) into workdir/<fmt>_<precision>; returns export.json."""
+                  workdir: str, towers: List[str]) -> Dict[str, Any]:
+  """Exports `towers` (batch 1) into workdir/<fmt>_<precision>; returns export.json."""
   from mobileclip_jax.export import bundle  # pylint: disable=g-import-not-at-top
-  variables, config = _flax_variables(variant, overrides, workdir)
+  variables, config = _flax_variables(variant, overrides, workdir, towers)
   return bundle.export_variables(variables, config, os.path.join(workdir, f'{fmt}_{precision}'),
-                                 fmt, precision)
+                                 fmt, precision, towers=towers)
 
 
 def measure_runtime(fmt: str, path: str, tower: str, layout: str, repeats: int, threads: int,
@@ -143,11 +147,12 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
   for variant in o['variants']:
     with tempfile.TemporaryDirectory(prefix='mobileclip_bench_export_') as workdir:
       common.isolated(models_bench.__name__, 'make_reference', dict(
-          variant=variant, towers=list(models_bench.TOWERS), max_batch=1,
+          variant=variant, towers=o['towers'], max_batch=1,
           overrides=o['overrides'], workdir=workdir, seed=o['seed']))
       exports = {(fmt, precision): common.isolated(__name__, 'export_towers', dict(
           variant=variant, fmt=fmt, precision=precision, overrides=o['overrides'],
-          workdir=workdir)) for fmt in o['formats'] for precision in o['precisions']}
+          workdir=workdir, towers=o['towers']))
+                 for fmt in o['formats'] for precision in o['precisions']}
       for tower in o['towers']:
         forms = models_bench._forms(variant, tower, ['reparameterized'], o['overrides'])
         form = forms[0] if forms else 'train-time'

@@ -3,6 +3,8 @@
   OUT/image.onnx|.tflite|.mlpackage   image tower: normalized pixels -> embedding [batch, D]
   OUT/text.onnx|.tflite|.mlpackage    text tower: int32 tokens -> embedding [batch, D]
   OUT/<vocabulary>         bpe_simple_vocab_16e6.txt.gz (CLIP BPE) or tokenizer.model
+  (`towers` may ask for one tower: an app that only embeds photos needs no text tower; then
+  export.json describes that tower alone, and the vocabulary comes with the text tower)
   OUT/export.json          everything an app needs to feed the towers and read their outputs
 
 `export.json`: format, precision; `source` (checkpoint path, step, variant name and the full
@@ -15,14 +17,14 @@ how ids are laid out, and an example text with its ids, for checking an app's to
 (relative L2 of each tower's embeddings against JAX in the format's own runtime); versions.
 
 Everything is written into a temporary directory beside OUT and renamed into place only when
-both towers are written and checked, so OUT is either complete or absent.
+every tower is written and checked, so OUT is either complete or absent.
 """
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import numpy as np
@@ -47,8 +49,13 @@ CHECK_CAPTIONS = (EXAMPLE_TEXT, 'two dogs playing in the snow', 'a diagram on a 
                   'an empty street at night, wet with rain')
 
 
-def check_request(fmt: str, precision: str) -> None:
-  """One-line ValueErrors for a format or precision that does not exist."""
+def check_request(fmt: str, precision: str,
+                  towers: Sequence[str] = towers_lib.TOWERS) -> None:
+  """One-line ValueErrors for a format, precision or tower that does not exist."""
+  unknown = [t for t in towers if t not in towers_lib.TOWERS]
+  if unknown or not towers:
+    raise ValueError(f'Export towers {list(towers)}: choose one or both of '
+                     f'{", ".join(towers_lib.TOWERS)}.')
   if fmt not in FORMATS:
     raise ValueError(f'Unknown export format {fmt!r}; choose one of {", ".join(FORMATS)}.')
   if precision not in FORMATS[fmt].PRECISIONS:
@@ -107,11 +114,12 @@ def _to_layout(x: np.ndarray, tower: str, module) -> np.ndarray:
 
 
 def _write_towers(directory: str, fmt: str, precision: str, variables, config,
-                  shapes: towers_lib.Shapes, inputs, reference) -> Dict[str, Any]:
-  """Writes and checks both towers; `reference` = (variables, config) of the model as given."""
+                  shapes: towers_lib.Shapes, inputs, reference,
+                  towers: Sequence[str]) -> Dict[str, Any]:
+  """Writes and checks `towers`; `reference` = (variables, config) of the model as given."""
   module = FORMATS[fmt]
   entries = {}
-  for tower in towers_lib.TOWERS:
+  for tower in towers:
     path = os.path.join(directory, tower + module.SUFFIX)
     io = module.write(config, variables, tower, towers_lib.input_spec(config, shapes, tower),
                       path, precision, NAMES[tower])
@@ -133,14 +141,15 @@ def _write_towers(directory: str, fmt: str, precision: str, variables, config,
 
 def export_variables(variables: Dict[str, Any], config: clip_lib.ModelConfig, out: str, fmt: str,
                      precision: str = 'fp32', shapes: towers_lib.Shapes = towers_lib.Shapes(),
-                     source: Optional[Dict[str, Any]] = None,
-                     overwrite: bool = False) -> Dict[str, Any]:
-  """Exports both towers of (variables, config) into the directory `out`; returns export.json.
+                     source: Optional[Dict[str, Any]] = None, overwrite: bool = False,
+                     towers: Sequence[str] = towers_lib.TOWERS) -> Dict[str, Any]:
+  """Exports `towers` (default both) of (variables, config) into the directory `out`; returns
+  export.json.
 
-  Raises ValueError (one line, before anything is written) for an unknown format or precision
-  or shapes the towers cannot take, FileExistsError when `out` exists and not `overwrite`.
+  Raises ValueError (one line, before anything is written) for an unknown format, precision or
+  tower or shapes the towers cannot take, FileExistsError when `out` exists and not `overwrite`.
   """
-  check_request(fmt, precision)
+  check_request(fmt, precision, towers)
   shapes = towers_lib.resolve_shapes(config, shapes)
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
@@ -157,11 +166,15 @@ def export_variables(variables: Dict[str, Any], config: clip_lib.ModelConfig, ou
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode.
   try:
     inputs = _check_inputs(config, shapes, tokenizer)
-    entries = _write_towers(tmp, fmt, precision, variables, config, shapes, inputs, reference)
-    text = entries['text']
-    text['tokenizer'] = _tokenizer_entry(tokenizer, shapes.context_length)
-    shutil.copyfile(_vocabulary_path(tokenizer), os.path.join(tmp, text['tokenizer']['vocabulary']))
-    entries['image']['preprocess'] = convert_files.preprocess_cfg(config)
+    entries = _write_towers(tmp, fmt, precision, variables, config, shapes, inputs, reference,
+                            towers)
+    if 'text' in entries:
+      text = entries['text']
+      text['tokenizer'] = _tokenizer_entry(tokenizer, shapes.context_length)
+      shutil.copyfile(_vocabulary_path(tokenizer),
+                      os.path.join(tmp, text['tokenizer']['vocabulary']))
+    if 'image' in entries:
+      entries['image']['preprocess'] = convert_files.preprocess_cfg(config)
     params = variables['params']
     metadata = {
         'format': fmt, 'precision': precision,
@@ -204,12 +217,12 @@ def _step(checkpoint: str, step: Optional[int]) -> Optional[int]:
 
 def export_checkpoint(checkpoint: Optional[str], out: str, fmt: str, precision: str = 'fp32',
                       shapes: towers_lib.Shapes = towers_lib.Shapes(), step: Optional[int] = None,
-                      model: Optional[str] = None, seed: int = 0,
-                      overwrite: bool = False) -> Dict[str, Any]:
+                      model: Optional[str] = None, seed: int = 0, overwrite: bool = False,
+                      towers: Sequence[str] = towers_lib.TOWERS) -> Dict[str, Any]:
   """Exports a model checkpoint or training run (`checkpoint.load_variables`), or, with
   `model` and no checkpoint, the named variant with `towers.random_variables` (for trying an
   app or timing a runtime before training). Returns export.json's content."""
-  check_request(fmt, precision)
+  check_request(fmt, precision, towers)
   if (checkpoint is None) == (model is None):
     raise ValueError('Give a checkpoint to export, or a model name (without a checkpoint) for '
                      'random weights.')
@@ -221,4 +234,5 @@ def export_checkpoint(checkpoint: Optional[str], out: str, fmt: str, precision: 
     towers_lib.resolve_shapes(config, shapes)  # Fail before building the weights.
     variables = towers_lib.random_variables(config, seed)
     source = {'checkpoint': None, 'random_weights_seed': seed}
-  return export_variables(variables, config, out, fmt, precision, shapes, source, overwrite)
+  return export_variables(variables, config, out, fmt, precision, shapes, source, overwrite,
+                          towers)
