@@ -176,14 +176,14 @@ def test_processors_and_warpers_equal_transformers():
     same(decoding.top_k_filter(jnp.asarray(scores.numpy()), k),
          transformers.TopKLogitsWarper(k)(tokens, scores.clone()))
   for p in (0.1, 0.5, 0.9, 1.0):
-    ours = np.isfinite(np.asarray(decoding.top_p_filter(jnp.asarray(scores.numpy()), p)))
+    ours = np.asarray(decoding.top_p_keep(jnp.asarray(scores.numpy()), p))
     theirs = torch.isfinite(transformers.TopPLogitsWarper(p)(tokens, scores.clone())).numpy()
     np.testing.assert_array_equal(ours, theirs, err_msg=f'top_p={p}')
     assert 1 < ours.sum(1).mean() < 300 or p in (0.1, 1.0)
 
 
 def test_top_p_among_candidates_equals_transformers():
-  """The sampler's fast path (the set among the k best) and its fallback (sorting all)."""
+  """The sampler's fast path (the set among the k best) and its fallback (the whole row)."""
   gen = torch.Generator().manual_seed(1)
   flat, peaked = _random_scores(gen) * 0.2, _random_scores(gen) * 4  # Nuclei of 100s / a few.
   for scores, p in ((flat, 0.9), (peaked, 0.9), (peaked, 0.99)):
