@@ -1,9 +1,10 @@
 """A function's computation with `lax.platform_dependent` choices made before export.
 
-The towers pick their depthwise convolution per platform (models/layers.py: a `lax.scan` over
-taps on CPU, XLA's grouped convolution elsewhere). Exporters need one plain graph: jax2onnx has
-no rule for the `platform_index` primitive, and a scan exported to TFLite becomes a WHILE loop
-of slices that phone runtimes run slowly. `resolve_platform(fn)` traces `fn` and re-runs its
+The towers pick their depthwise convolution per platform (models/layers.py: unrolled shifted
+taps behind an optimization barrier on CPU, a `lax.scan` over examples when differentiated;
+XLA's grouped convolution elsewhere). Exporters need one plain graph: jax2onnx has no rule for
+the `platform_index` primitive, and the taps exported would be dozens of slices per
+convolution (a WHILE loop of them in TFLite for a scan) that phone runtimes run slowly. `resolve_platform(fn)` traces `fn` and re-runs its
 jaxpr with every platform choice taken for a platform that none of the branches names, i.e.
 the `default` branch: the grouped convolution that ONNX `Conv(group=C)` and TFLite
 `DEPTHWISE_CONV_2D` express directly. The models stay untouched, and running the result under

@@ -200,14 +200,18 @@ def _per_example(fn, *arrays):
 def _sum_of_taps(x, taps, stride, pad, out_hw):
   """sum_t window_t(pad(x)) * taps[t]: x [B, H, W, C], taps [kh, kw, C] float32. [B, H', W', C].
 
-  The VJP keeps only x and taps (not every tap's window).
+  Not differentiated (inference), the whole batch is one fusion over a buffer of x: the
+  reparameterized S0 image tower at batch 8 took 481 ms (median, interleaved) instead of 697
+  ms per example. Differentiated, `_taps_fwd` goes per example, which measured faster in the
+  train step (5.5 vs 6.3 s); the VJP keeps only x and taps (not every tap's window).
   """
-  y = _per_example(lambda xp: _taps_sum(xp, taps, stride, out_hw)[0], _pad_hw(x, pad))
-  return y.astype(x.dtype)
+  xp = jax.lax.optimization_barrier(_pad_hw(x, pad))
+  return _taps_sum(xp, taps, stride, out_hw).astype(x.dtype)
 
 
 def _taps_fwd(x, taps, stride, pad, out_hw):
-  return _sum_of_taps(x, taps, stride, pad, out_hw), (x, taps)
+  y = _per_example(lambda xp: _taps_sum(xp, taps, stride, out_hw)[0], _pad_hw(x, pad))
+  return y.astype(x.dtype), (x, taps)
 
 
 def _taps_bwd(stride, pad, out_hw, residuals, grad):
