@@ -122,13 +122,15 @@ def top_p_keep(scores: jax.Array, p: float) -> jax.Array:
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
     above = jnp.sum(jnp.where(keys <= mid[:, None], probs, 0.0), axis=-1) > dropped_mass
-    return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
+    return jnp.where(above, lo, jnp.minimum(mid + 1, hi)), jnp.where(above, mid, hi)
 
   rows = scores.shape[0]
   lo = jnp.zeros((rows,), jnp.uint32)
   hi = jnp.full((rows,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
   threshold, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
-  return keys >= threshold[:, None]
+  # The best token stays (transformers' min_tokens_to_keep=1), also where p is below float32's
+  # resolution of the row's total mass and no threshold exists.
+  return (keys >= threshold[:, None]) | (keys == keys.max(axis=-1, keepdims=True))
 
 
 def _sample_top_p(scores, p: float, temperature: float, key, k: int = _NUCLEUS_CANDIDATES):

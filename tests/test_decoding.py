@@ -180,6 +180,9 @@ def test_processors_and_warpers_equal_transformers():
     theirs = torch.isfinite(transformers.TopPLogitsWarper(p)(tokens, scores.clone())).numpy()
     np.testing.assert_array_equal(ours, theirs, err_msg=f'top_p={p}')
     assert 1 < ours.sum(1).mean() < 300 or p in (0.1, 1.0)
+  # Below float32's resolution of the total mass no threshold exists: the best token stays.
+  tiny = np.asarray(decoding.top_p_keep(jnp.asarray(scores.numpy()), 1e-9))
+  np.testing.assert_array_equal(tiny, scores.numpy() == scores.numpy().max(1, keepdims=True))
 
 
 def test_top_p_among_candidates_equals_transformers():

@@ -24,8 +24,8 @@ per variant; JAX (`jax.jit`, reparameterized where the tower has branches to fol
 workers. The same weights, converted to Flax, are exported by `export.export_variables` (batch 1,
 the requested towers only, checked against JAX on export), and each exported tower is timed in
 its runtime in a fresh process: onnxruntime's CPU provider (its default threads) and LiteRT's
-interpreter (XNNPACK, `os.cpu_count()` threads). Every output is compared with JAX's (`*_rel_l2`), so a fast but wrong
-number shows. Each timed section records the CPU share other processes used.
+interpreter (XNNPACK, `os.cpu_count()` threads). Every output is compared with JAX's
+(`*_rel_l2`), so a fast but wrong number shows. Each timed section records the CPU share other processes used.
 """
 # This benchmark reuses the models benchmark's reference, workers and timing helpers.
 # pylint: disable=protected-access
