@@ -53,7 +53,7 @@ def check_request(fmt: str, precision: str,
                   towers: Sequence[str] = towers_lib.TOWERS) -> None:
   """One-line ValueErrors for a format, precision or tower that does not exist."""
   unknown = [t for t in towers if t not in towers_lib.TOWERS]
-  if unknown or not towers:
+  if unknown or not towers or len(set(towers)) < len(towers):
     raise ValueError(f'Export towers {list(towers)}: choose one or both of '
                      f'{", ".join(towers_lib.TOWERS)}.')
   if fmt not in FORMATS:
