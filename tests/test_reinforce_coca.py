@@ -68,7 +68,7 @@ def _reinforce(world, out, *captioner_specs, extra=()):
 def reinforced(world):
   out, data_dir = world['root'] / 'dr', world['root'] / 'dr_tfds'
   # Small batches: a CoCa trained 4 steps predicts a near-flat distribution, whose top-p set is
-  # beyond the 256 candidates, so every step sorts the vocabulary for each (padded) row.
+  # beyond the 256 candidates, so every step searches the whole vocabulary for each padded row.
   result = _reinforce(world, out, f'coca:a={world["run"]}:batch_size=16',
                       f'coca:b={world["ckpt"]}:temperature=1.5:batch_size=8',
                       extra=('--build_tfds', '--name=coca_dr', f'--data_dir={data_dir}'))

@@ -25,7 +25,8 @@ workers. The same weights, converted to Flax, are exported by `export.export_var
 the requested towers only, checked against JAX on export), and each exported tower is timed in
 its runtime in a fresh process: onnxruntime's CPU provider (its default threads) and LiteRT's
 interpreter (XNNPACK, `os.cpu_count()` threads). Every output is compared with JAX's
-(`*_rel_l2`), so a fast but wrong number shows. Each timed section records the CPU share other processes used.
+(`*_rel_l2`), so a fast but wrong number shows. Each timed section records the CPU share other
+processes used.
 """
 # This benchmark reuses the models benchmark's reference, workers and timing helpers.
 # pylint: disable=protected-access
@@ -59,14 +60,13 @@ def _flax_variables(variant: str, overrides: Dict[str, Any], workdir: str, tower
   from mobileclip_jax import convert  # pylint: disable=g-import-not-at-top
   from mobileclip_jax.export import towers as towers_lib  # pylint: disable=g-import-not-at-top
   config = models_bench._model_config(variant, overrides)
-  variables = towers_lib.random_variables(config)
-  variables = {'params': {**variables['params'], 'logit_scale': np.float32(config.init_logit_scale)},
-               'batch_stats': dict(variables.get('batch_stats', {}))}
+  variables = towers_lib.random_variables(config)  # Fresh containers, ours to update.
+  variables['params']['logit_scale'] = np.float32(config.init_logit_scale)
   for tower in towers:
     with np.load(models_bench._weights_path(workdir, tower)) as weights:
       part = convert.from_open_clip(weights, config, tower=_CONVERT_TOWER[tower])
     for collection, tree in part.items():
-      variables[collection].update(tree)
+      variables.setdefault(collection, {}).update(tree)
   return variables, config
 
 
