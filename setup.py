@@ -23,7 +23,6 @@ INSTALL_REQUIRES = [
     'absl-py',
     'etils',
     'tqdm',
-    'tensorboardX>=2.6.5,<2.7',
     'safetensors>=0.4',
     'matplotlib',
 ]
@@ -77,9 +76,10 @@ setuptools.setup(
         # transformers: open_clip 3.3's CoCa.generate (the decoding tests' reference) needs < 4.56
         # (newer ones moved BeamSearchScorer); 4.55 pins huggingface_hub < 1.0.
         # pytest-xdist: the fast suite runs in two worker processes (README's test command).
+        # tensorboardX: the reference the event files (train/reporting.py) are checked against.
         'test': TORCH_REFERENCE + ['pytest>=9.2,<10', 'pytest-xdist>=3.8,<4',
                                    'scikit-image>=0.26,<0.27', 'portpicker',
-                                   'transformers>=4.55.4,<4.56'],
+                                   'transformers>=4.55.4,<4.56', 'tensorboardX>=2.6.5,<2.7'],
         'export': EXPORT,
     },
 )

@@ -17,6 +17,8 @@ from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.train import loop
 from mobileclip_jax.train import setup
 
+import test_reporting
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'launch', 'train.py')
 
@@ -110,8 +112,10 @@ def test_run_writes_checkpoints_metrics_and_config(uninterrupted):
   assert sorted(os.listdir(os.path.join(uninterrupted, 'checkpoints'))) == ['4', '6', '8']
   assert sorted(_losses(uninterrupted)) == list(range(1, 9))
   assert os.path.exists(os.path.join(uninterrupted, 'config.json'))
-  assert any(name.startswith('events.out.tfevents') for name in
-             os.listdir(os.path.join(uninterrupted, 'tb')))
+  [events] = os.listdir(os.path.join(uninterrupted, 'tb'))
+  logged = {e.step: v.simple_value for e in test_reporting.read_events(
+      os.path.join(uninterrupted, 'tb', events)) for v in e.summary.value if v.tag == 'loss'}
+  assert logged == pytest.approx(_losses(uninterrupted), rel=1e-6)  # float32 in TensorBoard.
 
 
 def test_rerunning_a_finished_run_does_nothing(tmp_path, data_dir, uninterrupted):
