@@ -11,6 +11,7 @@ Configs name a tokenizer with a spec string, see `get_tokenizer`:
   'sentencepiece:/path/model.model' a SentencePiece model (e.g. from `train_sentencepiece`)
 """
 import abc
+import functools
 import gzip
 import html
 import importlib.util
@@ -453,6 +454,14 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int,
 # ---------------------------------------------------------------------------------------------
 # Spec strings.
 
+@functools.lru_cache(maxsize=None)
+def _clip_tokenizer(vocab_path: str | None) -> ClipTokenizer:
+  """One per vocabulary and process: a published file, read in 0.1 s, that every evaluator,
+  loader and captioner of a run would read again (a SentencePiece model may be retrained in
+  place, so it is read each time)."""
+  return ClipTokenizer(vocab_path)
+
+
 _SPEC_FORMS = ("'clip' (vocabulary found automatically), "
                f"'clip:/path/to/{CLIP_VOCAB_FILENAME}', 'sentencepiece:/path/to/model.model'")
 
@@ -468,10 +477,8 @@ def get_tokenizer(spec: str = 'clip') -> Tokenizer:
     ValueError: the spec has none of these forms.
   """
   kind, separator, path = spec.partition(':')
-  if kind == 'clip' and not separator:
-    return ClipTokenizer()
-  if kind == 'clip' and path:
-    return ClipTokenizer(path)
+  if kind == 'clip' and (path or not separator):
+    return _clip_tokenizer(path or None)
   if kind == 'sentencepiece' and path:
     return SentencePieceTokenizer(path)
   raise ValueError(f'Unknown tokenizer spec {spec!r}; valid forms: {_SPEC_FORMS}.')
