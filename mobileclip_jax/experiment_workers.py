@@ -52,6 +52,7 @@ def run_side_by_side(jobs, workers: int, runs: Dict[str, Dict[int, Dict[str, Any
   import jax  # pylint: disable=g-import-not-at-top
   print_fn(f'{len(jobs)} runs, {workers} side by side (each logs to <run>/{LOG_FILE}).')
   start, done, trained, error = time.perf_counter(), 0, 0, None
+  pool_start = time.time() - 1  # A log older than the pool is an earlier attempt's.
   with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')
                                    ) as pool:
     pending = {pool.submit(_run_in_worker, config, directory,
@@ -64,9 +65,15 @@ def run_side_by_side(jobs, workers: int, runs: Dict[str, Dict[int, Dict[str, Any
         runs[variant][seed] = future.result()
       except futures.process.BrokenProcessPool as e:
         if error is None:
-          error = RuntimeError(
-              f'A worker process died (out of memory?) while running {directory}; rerun with '
-              f'fewer workers (its log: {os.path.join(directory, LOG_FILE)}).')
+          log = os.path.join(directory, LOG_FILE)
+          if os.path.exists(log) and os.path.getmtime(log) >= pool_start:
+            error = RuntimeError(f'A worker process died (out of memory?) while running '
+                                 f'{directory}; rerun with fewer workers (its log: {log}).')
+          else:  # Workers are spawned: each imports the caller's main module first.
+            error = RuntimeError(
+                f'A worker process died before it started {directory} (see its error above); '
+                "a script that runs experiments must call them under `if __name__ == '__main__':`"
+                ', since each spawned worker imports it.')
           error.__cause__ = e
       except Exception as e:  # pylint: disable=broad-except
         error = error or e

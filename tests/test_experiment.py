@@ -293,3 +293,19 @@ def test_command_line_errors_name_the_fix(tmp_path, data_dir):
   assert code != 0 and 'optim.lr' in out
   code, out = _launch(config_path, str(tmp_path / 'x'), '--list_sweeps')
   assert code == 0 and 'lr: learning rate (optim.lr=0.001, optim.lr=0.003)' in out
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path, data_dir):
+  """Spawned workers import the calling script; unguarded, each dies starting up, before any
+  run: the line names the guard, not memory."""
+  script = tmp_path / 'unguarded.py'
+  script.write_text(
+      'from mobileclip_jax import experiment\n'
+      f'module = experiment.load_config_module({_config_file(tmp_path, data_dir)!r})\n'
+      "experiment.run({'a': module.get_config()}, 2, "
+      f'{str(tmp_path / "work")!r}, workers=2)\n')
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert "under `if __name__ == '__main__':`" in last and 'died before it started' in last, last
