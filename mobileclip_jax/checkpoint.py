@@ -52,15 +52,22 @@ def save_variables(directory: str, variables: Dict[str, Any],
 
 
 def _restore_numpy(item_dir: epath.Path, collections=VARIABLE_COLLECTIONS) -> Dict[str, Any]:
-  """Restores the given top-level entries of an Orbax PyTree as numpy, whatever its topology."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(item_dir).item_metadata.tree
-  wanted = {k: tree[k] for k in collections if k in tree}
-  if 'params' not in wanted:
-    raise ValueError(f'{item_dir} holds no model parameters (top-level entries: {sorted(tree)}).')
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True))
+  """Restores the given top-level entries of an Orbax PyTree as numpy, whatever its topology.
+
+  The item's handler reads it directly: a Checkpointer would also look for the step-level
+  _CHECKPOINT_METADATA inside the item of a training step and warn that it is missing."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(item_dir).tree
+    wanted = {k: tree[k] for k in collections if k in tree}
+    if 'params' not in wanted:
+      raise ValueError(f'{item_dir} holds no model parameters (top-level entries: '
+                       f'{sorted(tree)}).')
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    return handler.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True))
+  finally:
+    handler.close()
 
 
 def training_steps(checkpoint_dir: str) -> list:

@@ -1,5 +1,6 @@
 """launch/train.py end to end on the demo world: resume, preemption, crashes mid-save, NaN, errors."""
 import json
+import logging
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from mobileclip_jax import checkpoint
 from mobileclip_jax import config as config_lib
 from mobileclip_jax.demo import training_sets as demo_datasets
 from mobileclip_jax.demo import world as demo_world
@@ -116,6 +118,13 @@ def test_run_writes_checkpoints_metrics_and_config(uninterrupted):
   logged = {e.step: v.simple_value for e in test_reporting.read_events(
       os.path.join(uninterrupted, 'tb', events)) for v in e.summary.value if v.tag == 'loss'}
   assert logged == pytest.approx(_losses(uninterrupted), rel=1e-6)  # float32 in TensorBoard.
+
+
+def test_reading_a_run_s_weights_warns_of_nothing(uninterrupted, caplog):
+  with caplog.at_level(logging.WARNING):
+    variables, _ = checkpoint.load_variables(uninterrupted)
+  assert 'params' in variables
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_rerunning_a_finished_run_does_nothing(tmp_path, data_dir, uninterrupted):
