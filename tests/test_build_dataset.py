@@ -138,12 +138,15 @@ def test_round_trip_datacompdr12m_join(tmp_path):
   assert 'no_image_for_uid: 1' in report.summary()
 
 
-def test_plain_build(tmp_path):
+def test_plain_build(tmp_path, capsys):
   rng = np.random.default_rng(3)
   samples = [test_wds.make_sample(rng, i) for i in range(6)]
   plain_src = _write(tmp_path / 'plain', samples, encode=lambda s: {
       k: v for k, v in sample_codec.encode_sample(s).items() if k in ('jpg', 'txt', 'json')})
   _build(plain_src, tmp_path / 'data', name='plain', augmentation=None)
+  printed = capsys.readouterr().out
+  assert 'Writing the plain dataset (ArrayRecord files) to ' in printed
+  assert 'ownload' not in printed  # TFDS's "Downloading and preparing": nothing is downloaded.
   # A plain dataset can also be made from reinforced shards (e.g. for the baseline).
   _build(_write(tmp_path / 'dr', samples), tmp_path / 'data', name='from_dr', kind='plain')
   for name in ('plain', 'from_dr'):

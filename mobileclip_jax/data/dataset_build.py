@@ -83,6 +83,16 @@ class ReinforcedDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registratio
     for job in self._jobs:
       yield from shard_staging.read_staged(job.examples_path)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+  # before and "downloaded and prepared ..." after a build; nothing is downloaded here, and
+  # build() reports what it wrote.
+  def _log_download_bytes(self) -> None:
+    print(f'Writing the {self.name} dataset (ArrayRecord files) to {self.data_dir}...',
+          flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _download_and_prepare(self, dl_manager, download_config) -> None:
     super()._download_and_prepare(dl_manager, download_config)
     # self.data_dir is the folder TFDS renames into place once this returns.
