@@ -107,9 +107,8 @@ class EventFile:
     header = struct.pack('<Q', len(event))
     self._file.write(header + _masked_crc(header) + event + _masked_crc(event))
 
-  def add_scalars(self, step: int, values: Mapping[str, float],
-                  wall_time: Optional[float] = None) -> None:
-    wall_time = time.time() if wall_time is None else wall_time
+  def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    wall_time = time.time()
     for tag, value in values.items():
       self._write(encode_event(wall_time, step, scalar=(tag, value)))
     self._file.flush()
