@@ -10,7 +10,8 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 from mobileclip_jax import compilation_cache  # noqa: E402  (does not import JAX)
 
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', compilation_cache.DEFAULT_DIR)
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+                      str(compilation_cache.MIN_COMPILE_SECS))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import pytest  # noqa: E402
