@@ -17,11 +17,13 @@ MIN_COMPILE_SECS = 0.0
 def enable() -> str:
   """Turns the cache on in $JAX_COMPILATION_CACHE_DIR or DEFAULT_DIR; returns the directory.
 
-  A directory already configured (flag or environment) is kept.
+  A directory already configured (flag or environment) is kept, and so is a threshold set in
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS.
   """
   import jax  # pylint: disable=g-import-not-at-top
   directory = (jax.config.jax_compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR')
                or DEFAULT_DIR)
   jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECS)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float(
+      os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', MIN_COMPILE_SECS)))
   return directory
