@@ -164,6 +164,20 @@ def test_preempted_run_resumes_bit_exactly_from_the_cached_step(tmp_path, data_d
     assert got[step] == want[step], (step, got[step], want[step])  # Bitwise: same XLA program.
 
 
+def test_the_cache_keeps_sub_second_programs_unless_the_environment_sets_a_threshold(tmp_path):
+  script = ('import jax; from mobileclip_jax import compilation_cache; compilation_cache.enable(); '
+            'jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()')
+  for threshold, kept in ((None, True), ('60', False)):
+    cache_dir = tmp_path / str(threshold)
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'}
+    env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
+    if threshold:
+      env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = threshold
+    subprocess.run([sys.executable, '-c', script], env=env, check=True)
+    entries = [f for f in os.listdir(cache_dir) if f.startswith('jit_')] if cache_dir.exists() else []
+    assert bool(entries) == kept, (threshold, entries)
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, data_dir,
                                                                         uninterrupted):
