@@ -167,8 +167,8 @@ class TrainCheckpointer:
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Tuple[Any, Dict[str, Any]]:
     """(state placed per the target's shardings, meta); the data iterator is restored in place."""
     out = self._manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(
-            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+        STATE_ITEM: ocp.args.PyTreeRestore(abstract_state, restore_args=(
+            ocp.checkpoint_utils.construct_restore_args(abstract_state))),
         META_ITEM: ocp.args.JsonRestore(),
         DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
     return out[STATE_ITEM], out[META_ITEM]
@@ -212,20 +212,20 @@ class TrainCheckpointer:
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
-  """The TrainState's handler: each array written whole from one replica within a process.
+  """The TrainState's handler: within one process each array is written whole from one replica.
 
   Orbax's default (replica-parallel) has every replica of a replicated array write a slice of
   it, cut by an eager `lax.slice_in_dim`: one compiled program per array shape and replica, and
   a single process holds all its replicas, so it spreads no work. On 8 CPU devices those
   compiles were 8 of a tiny run's 17 s (its first save) and grow with the model's distinct
-  shapes. Across processes replica-parallel spreads the writes, so it stays Orbax's choice.
+  shapes. Across processes replica-parallel spreads the writes: Orbax's handlers stay as they are.
   """
+  if jax.process_count() > 1:
+    return ocp.PyTreeCheckpointHandler()
   handlers = ocp.type_handlers
-  array = handlers.ArrayHandler(use_replica_parallel=False if jax.process_count() == 1 else None)
   return ocp.PyTreeCheckpointHandler(type_handler_registry=handlers.create_type_handler_registry(
-      (jax.Array, array), (np.ndarray, handlers.NumpyHandler()),
-      (int, handlers.ScalarHandler()), (float, handlers.ScalarHandler()),
-      (np.number, handlers.ScalarHandler())))
+      (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)),
+      *[(ty, handlers.get_type_handler(ty)) for ty in (np.ndarray, np.number, int, float, str)]))
 
 
 def _is_mismatch(error: Exception) -> bool:

@@ -174,7 +174,7 @@ def test_the_cache_keeps_sub_second_programs_unless_the_environment_sets_a_thres
     if threshold:
       env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = threshold
     subprocess.run([sys.executable, '-c', script], env=env, check=True)
-    entries = [f for f in os.listdir(cache_dir) if f.startswith('jit_')] if cache_dir.exists() else []
+    entries = [f.name for f in cache_dir.glob('jit_*')]
     assert bool(entries) == kept, (threshold, entries)
 
 

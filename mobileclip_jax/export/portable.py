@@ -7,9 +7,10 @@ the `platform_index` primitive, and the taps exported would be dozens of slices 
 convolution (a WHILE loop of them in TFLite for a scan) that phone runtimes run slowly.
 `resolve_platform(fn)` traces `fn` and re-runs its jaxpr with every platform choice taken for
 a platform that none of the branches names, i.e. the `default` branch: the grouped convolution
-that ONNX `Conv(group=C)` and TFLite `DEPTHWISE_CONV_2D` express directly. The models stay untouched, and running the result under
-`jax.jit` on CPU still computes the same function (the reference the exports are checked
-against uses the CPU branch, so the check also covers the two branches agreeing).
+that ONNX `Conv(group=C)` and TFLite `DEPTHWISE_CONV_2D` express directly. The models stay
+untouched, and running the result under `jax.jit` on CPU still computes the same function (the
+reference the exports are checked against uses the CPU branch, so the check also covers the two
+branches agreeing).
 """
 from typing import Any, Callable, List, Optional, Sequence
 
