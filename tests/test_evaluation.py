@@ -417,8 +417,10 @@ def test_sharded_oracle_embeddings_equal_host_preprocessing(oracle, tmp_path):
     got = ev.encode_images(model, variables, ev._labels, {'labels': (1,)})
   want = np.stack([_color_vector(COLORS[NAMES[c]]) for c in CLASS_LABELS[0::2] +
                    CLASS_LABELS[1::2]])  # Shard 0 holds the even samples, shard 1 the odd.
+  # float32 rounding of the on-device preprocessing and normalization, which XLA's code generation
+  # sets (1.8e-6 at the fast suite's -O0); a sample out of order or mislabelled is off by O(1).
   np.testing.assert_allclose(got['embeddings'], want / np.linalg.norm(want, axis=1,
-                                                                      keepdims=True), atol=1e-6)
+                                                                      keepdims=True), atol=4e-6)
   np.testing.assert_array_equal(got['index'], np.arange(27))
   np.testing.assert_array_equal(got['labels'][:, 0], CLASS_LABELS[0::2] + CLASS_LABELS[1::2])
   with jax.transfer_guard('disallow'):
