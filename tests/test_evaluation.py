@@ -40,6 +40,7 @@ from mobileclip_jax.evaluation import runner
 from mobileclip_jax.evaluation import datasets
 from mobileclip_jax.evaluation import templates
 from mobileclip_jax.models import clip
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=32, image_size=32, image=dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
@@ -458,7 +459,7 @@ def test_two_processes_give_the_single_process_results(oracle, tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(4))
   procs = [subprocess.Popen([sys.executable, __file__, str(i), '2', str(port), str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=REPO) for i in range(2)]

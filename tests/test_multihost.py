@@ -10,6 +10,7 @@ import time
 import portpicker
 import pytest
 
+import conftest
 import test_train_loop as single
 
 TRAIN = single.TRAIN
@@ -17,8 +18,7 @@ TRAIN = single.TRAIN
 
 def _launch(config_path, workdir, devices, process_id=None, num_processes=None, port=None,
             extra=()):
-  env = dict(os.environ, PYTHONUNBUFFERED='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(os.environ, PYTHONUNBUFFERED='1', XLA_FLAGS=conftest.xla_flags(devices))
   args = [sys.executable, TRAIN, f'--config={config_path}', f'--workdir={workdir}', *extra]
   if process_id is not None:
     args += [f'--config.distributed.coordinator_address=localhost:{port}',
@@ -63,10 +63,12 @@ def test_two_processes_train_like_one(setup):
   # Same global batch on the same 4 devices; only reduction order may differ: the first loss
   # (no update yet) to float32 rounding; later ones also carry the order in which the streamed
   # loss's gradient reduce-scatter summed (gloo across processes vs in-process), which AdamW's
-  # first, sign-like updates amplify (measured: 4e-5 at step 2; the unstreamed loss: < 1e-5).
+  # first, sign-like updates amplify (measured at XLA's default code: 4e-5 at step 2, the
+  # unstreamed loss < 1e-5; at the fast suite's -O0 code: 1.1e-4, 9e-5, 2.2e-4 at steps 2-4). A
+  # step moves the loss by 0.2-0.3 here.
   assert got[1] == pytest.approx(want[1], rel=1e-6)
   for step in want:
-    assert got[step] == pytest.approx(want[step], rel=2e-4)
+    assert got[step] == pytest.approx(want[step], rel=1e-3)
   assert sorted(os.listdir(os.path.join(two, 'checkpoints'))) == ['2', '4']
 
 
