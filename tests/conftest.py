@@ -9,6 +9,7 @@ cost: it asks for XLA:CPU's cheapest code generation (`FAST_SUITE_XLA_FLAGS`). X
 (fusion, layout, SPMD partitioning) are unchanged; the kernels' code and float rounding differ.
 The full-size tests (`-m ...`) and launchers run outside the tests keep XLA's default.
 """
+import gc
 import os
 import re
 
@@ -37,6 +38,10 @@ def xla_flags(devices: int) -> str:
 
 
 def pytest_configure(config):
+  # Tracing makes millions of short-lived Python objects; with the default thresholds (700, 10,
+  # 10) the collector runs every 700 allocations (test_models.py warm: 73.5 / 74.9 -> 66.5 / 64.1
+  # s with these, peak RSS unchanged at 3.6 GB).
+  gc.set_threshold(100_000, 50, 100)
   # Before any test module initializes a backend; the processes tests launch with this environment
   # inherit it (the multi-process tests change only the device count: `xla_flags`).
   if not config.option.markexpr and 'xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
