@@ -42,8 +42,8 @@ def pytest_configure(config):
   # 10) the collector runs every 700 allocations (test_models.py warm: 73.5 / 74.9 -> 66.5 / 64.1
   # s with these, peak RSS unchanged at 3.6 GB).
   gc.set_threshold(100_000, 50, 100)
-  # Before any test module initializes a backend; the processes tests launch with this environment
-  # inherit it (the multi-process tests change only the device count: `xla_flags`).
+  # Before any test module initializes a backend; the processes tests launch inherit it (with one
+  # device: `launched_processes_get_one_device`).
   if not config.option.markexpr and 'xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
     os.environ['XLA_FLAGS'] += ' ' + FAST_SUITE_XLA_FLAGS
   config.addinivalue_line('markers', 'slow: full-size models; run with `-m slow` (CI does)')
