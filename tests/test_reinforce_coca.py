@@ -64,13 +64,21 @@ def _reinforce(world, out, *captioner_specs, extra=()):
   return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
+def _two_cocas(world, a_options=''):
+  """The fixture's captioner specs: the run and its conversion, the second at temperature 1.5.
+
+  Small batches: a CoCa trained 4 steps predicts a near-flat distribution, whose top-p set is
+  beyond the 256 candidates, so every step searches the whole vocabulary for each padded row; and
+  it rarely ends a caption early, so `seq_len=10` (of the default 30) cuts the decoding steps.
+  """
+  return (f'coca:a={world["run"]}:batch_size=16:seq_len=10{a_options}',
+          f'coca:b={world["ckpt"]}:temperature=1.5:batch_size=8:seq_len=10')
+
+
 @pytest.fixture(scope='module')
 def reinforced(world):
   out, data_dir = world['root'] / 'dr', world['root'] / 'dr_tfds'
-  # Small batches: a CoCa trained 4 steps predicts a near-flat distribution, whose top-p set is
-  # beyond the 256 candidates, so every step searches the whole vocabulary for each padded row.
-  result = _reinforce(world, out, f'coca:a={world["run"]}:batch_size=16',
-                      f'coca:b={world["ckpt"]}:temperature=1.5:batch_size=8',
+  result = _reinforce(world, out, *_two_cocas(world),
                       extra=('--build_tfds', '--name=coca_dr', f'--data_dir={data_dir}'))
   assert result.returncode == 0, result.stderr[-3000:]
   return dict(out=out, data_dir=str(data_dir), stdout=result.stdout)
@@ -88,7 +96,7 @@ def test_two_coca_captioners_write_their_keys_into_a_dataset_the_loader_reads(wo
   with open(os.path.join(reinforced['out'], 'reinforce_config.json')) as f:
     described = json.load(f)['generation']['captioners']
   assert [(c['name'], c['top_p'], c['seq_len'], c['temperature']) for c in described] == [
-      ('coca', 0.9, 30, 1.0), ('coca', 0.9, 30, 1.5)]
+      ('coca', 0.9, 10, 1.0), ('coca', 0.9, 10, 1.5)]
   assert described[0]['checksum'] == described[1]['checksum']  # The run and its conversion.
 
   # Which key wrote each caption (the stored tars, DFNDR's per-key embeddings).
@@ -117,11 +125,9 @@ def test_two_coca_captioners_write_their_keys_into_a_dataset_the_loader_reads(wo
 
 
 def test_a_rerun_resumes_and_other_settings_are_refused(world, reinforced):
-  again = _reinforce(world, reinforced['out'], f'coca:a={world["run"]}:batch_size=16',
-                     f'coca:b={world["ckpt"]}:temperature=1.5:batch_size=8')
+  again = _reinforce(world, reinforced['out'], *_two_cocas(world))
   assert again.returncode == 0 and 'Generated 0 shards' in again.stdout
-  changed = _reinforce(world, reinforced['out'], f'coca:a={world["run"]}:batch_size=16:top_p=0.5',
-                       f'coca:b={world["ckpt"]}:temperature=1.5:batch_size=8')
+  changed = _reinforce(world, reinforced['out'], *_two_cocas(world, ':top_p=0.5'))
   assert changed.returncode != 0
   assert 'generation.captioners' in changed.stderr and 'top_p' in changed.stderr
 
