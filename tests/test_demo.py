@@ -287,7 +287,9 @@ def test_model_sweeps_build_at_the_demo_sizes(role):
 
 
 def test_a_sweep_runs_through_the_runner_at_quick_sizes(first_run, tmp_path):
-  """The regeneration sweep end to end (one seed): both reinforced sets, trained and evaluated."""
+  """The regeneration sweep end to end (one seed): both reinforced sets, trained and evaluated,
+  side by side in two processes of one CPU device each, as `launch/experiment.py` runs them (in
+  this process they would train on its 8 fake devices)."""
   workdir, _, _ = first_run
   module = experiment.load_config_module(os.path.join(ROOT, 'configs', 'demo.py'))
   base = module.get_config('student_dr,quick')
@@ -296,7 +298,7 @@ def test_a_sweep_runs_through_the_runner_at_quick_sizes(first_run, tmp_path):
   configs = {n: experiment.apply_overrides(base, o) for n, o in sweep.variants.items()}
   results = experiment.run(configs, 1, str(tmp_path), metrics=module.METRICS,
                            overrides=sweep.variants, description=sweep.description,
-                           print_fn=lambda _: None)
+                           print_fn=lambda _: None, workers=2)
   assert list(results['variants']) == ['regenerated', 'not_regenerated']
   for variant, values in results['variants'].items():
     assert set(module.METRICS) <= set(values), variant
