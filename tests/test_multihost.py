@@ -45,18 +45,17 @@ def setup(tmp_path_factory):
   data_dir = str(tmp / 'tfds')
   single.demo_datasets.build_plain('demo_world', data_dir, 256, 32, 0, 128,
                                    single.demo_world.DemoWorldConfig())
-  return tmp, single._config_file(tmp, data_dir, total=2, every=1)  # pylint: disable=protected-access
+  return tmp, single._config_file(tmp, data_dir, total=2, every=1, warmup=1)  # pylint: disable=protected-access
 
 
 def test_two_processes_train_like_one(setup):
   tmp, config_path = setup
-  warmup = ('--config.schedule.warmup=1_steps',)  # Of the two steps.
   one = str(tmp / 'one')
-  _finish(_launch(config_path, one, devices=4, extra=warmup))
+  _finish(_launch(config_path, one, devices=4))
   two = str(tmp / 'two')
   port = portpicker.pick_unused_port()
-  procs = [_launch(config_path, two, devices=2, process_id=i, num_processes=2, port=port,
-                   extra=warmup) for i in range(2)]
+  procs = [_launch(config_path, two, devices=2, process_id=i, num_processes=2, port=port)
+           for i in range(2)]
   outs = [_finish(p) for p in procs]
   assert 'Processes: 2, devices: 4' in outs[0]
   want, got = _losses(one), _losses(two)

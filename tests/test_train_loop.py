@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.data.data_dir = {data_dir!r}
   c.batch_size = 8
   c.schedule.total = '{total}_steps'
-  c.schedule.warmup = '2_steps'
+  c.schedule.warmup = '{warmup}_steps'
   c.checkpoint.every = '{every}_steps'
   c.log_every = 1
   return config_lib.apply_presets(c, arg)
@@ -64,9 +64,9 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def _config_file(tmp_path, data_dir, total=6, every=2):
-  path = tmp_path / f'tiny_{total}_{every}.py'
-  path.write_text(TINY_CONFIG.format(data_dir=data_dir, total=total, every=every))
+def _config_file(tmp_path, data_dir, total=6, every=2, warmup=2):
+  path = tmp_path / f'tiny_{total}_{every}_{warmup}.py'
+  path.write_text(TINY_CONFIG.format(data_dir=data_dir, total=total, every=every, warmup=warmup))
   return str(path)
 
 
