@@ -14,11 +14,11 @@ Each (variant, seed) trains in <workdir>/runs/<variant>/seed<seed> with `train.l
 (config.seed = seed; the config's evals off during training), then its final weights are
 evaluated once with the config's `evals` (`evaluation.build_evaluators`). A run whose final
 checkpoint and evaluation exist is skipped; an interrupted one resumes from its last checkpoint
-(the trainer's own resume). Runs go one after another, each on the whole mesh; on a cluster every
-host runs the same command, and process 0 writes the summary. On one CPU host `workers` runs go
-side by side, each in its own process (a small model's XLA:CPU step keeps about one core busy),
-logging to <run>/log.txt (mobileclip_jax/experiment_workers.py); the results are the same as
-one after another.
+(the trainer's own resume). Runs go one after another, every variant's first seed before any
+second one, each on the whole mesh; on a cluster every host runs the same command, and process 0
+writes the summary. On one CPU host `workers` runs go side by side, each in its own process (a
+small model's XLA:CPU step keeps about one core busy), logging to <run>/log.txt
+(mobileclip_jax/experiment_workers.py); the results are the same as one after another.
 
   results.json   {"variants": {NAME: {METRIC: {"mean", "std", "values"}}}, "seeds": {NAME: [...]},
                   "overrides": {NAME: {key: value}}, "runs": {NAME: {SEED: {...}}}}; metrics
@@ -368,12 +368,15 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], num_seeds: int, workdi
   import jax  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
   seeds = {v: [c.seed + i for i in range(num_seeds)] for v, c in configs.items()}
+  # Seed-major: every variant's first seed before any repeat. A repeat compiles the same
+  # programs as its variant's first seed (the seed is data, not code), so side by side it reads
+  # them from the persistent cache instead of compiling them again beside it.
   jobs = []
-  for variant in configs:
-    for seed in seeds[variant]:
+  for i in range(num_seeds):
+    for variant in configs:
       config = ml_collections.ConfigDict(configs[variant].to_dict())
-      config.seed = seed
-      jobs.append((variant, seed, config, run_dir(workdir, variant, seed)))
+      config.seed = seeds[variant][i]
+      jobs.append((variant, config.seed, config, run_dir(workdir, variant, config.seed)))
   workers = experiment_workers.resolve_workers(workers, len(jobs))
   runs: Dict[str, Dict[int, Dict[str, Any]]] = {v: {} for v in configs}
   if workers == 1:

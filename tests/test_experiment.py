@@ -204,7 +204,9 @@ def test_sweep_runs_every_variant_and_seed_and_writes_the_summary(swept):
   for plot in (experiment.METRICS_PLOT, experiment.LOSS_PLOT):
     with open(os.path.join(workdir, plot), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  assert '[4/4] optim.lr=0.003 seed 1, ETA' in out
+  # Seed-major: each variant's first seed before any repeat (repeats then read its programs
+  # from the compilation cache rather than compiling them beside it).
+  assert '[2/4] optim.lr=0.003 seed 0, ETA' in out and '[4/4] optim.lr=0.003 seed 1, ETA' in out
 
 
 def test_rerun_skips_finished_runs(swept, data_dir, monkeypatch):
