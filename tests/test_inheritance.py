@@ -5,6 +5,7 @@ the units' reading weights set to zero (written out here per unit kind, not take
 package's unit table), run by the unmodified CLIP module, in train and eval mode.
 """
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -54,7 +55,7 @@ def _perturbed(config):
   """Random weights, perturbed so that LayerScales, BatchNorm statistics and biases are not at
   their (symmetric) init values."""
   model = clip_lib.CLIP(config)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config))
+  variables = jax.jit(functools.partial(clip_lib.init_variables, model))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(1)
   variables = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.2) * rng.normal(
       size=x.shape).astype(np.float32) if x.ndim else np.asarray(x), variables)

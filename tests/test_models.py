@@ -1,4 +1,5 @@
 """The Flax model zoo equals the PyTorch reference (open_clip + timm, Apple's MCt) number for number."""
+import functools
 import json
 import os
 
@@ -34,14 +35,14 @@ def test_param_counts_equal_reference_table(name):
   assert (round(counts['image'] / 1e6, 2), round(counts['text'] / 1e6, 2)) == REFERENCE_PARAMS_M[name]
 
 
-def _encode(config, variables, images_nhwc, tokens, train=False):
+@functools.lru_cache(maxsize=8)  # The slow tests' full-size variants each replace the last.
+def _encoder(config, tower, train=False):
+  """One tower's jitted forward, made once per (config, tower, train): the S0 tests reuse it."""
   model = clip_lib.CLIP(config)
+  if tower == 'text':
+    return jax.jit(lambda v, t: model.apply(v, t, method='encode_text'))
   mutable = ['batch_stats'] if train else False
-  def image_fn(v, x):
-    return model.apply(v, x, train, method='encode_image', mutable=mutable)
-  def text_fn(v, t):
-    return model.apply(v, t, method='encode_text')
-  return jax.jit(image_fn)(variables, images_nhwc), jax.jit(text_fn)(variables, tokens)
+  return jax.jit(lambda v, x: model.apply(v, x, train, method='encode_image', mutable=mutable))
 
 
 class _Reference:
@@ -83,7 +84,8 @@ def _rel(a, b):
 
 
 def _check_parity(ref: _Reference):
-  image, text = _encode(ref.config, ref.variables, ref.images_nhwc, ref.tokens)
+  image = _encoder(ref.config, 'image')(ref.variables, ref.images_nhwc)
+  text = _encoder(ref.config, 'text')(ref.variables, ref.tokens)
   assert image.shape == ref.image_features.shape and text.shape == ref.text_features.shape
   assert _rel(image, ref.image_features) <= TOL
   assert _rel(text, ref.text_features) <= TOL
@@ -101,7 +103,7 @@ def _check_round_trip(ref: _Reference):
 def _check_reparam(ref: _Reference):
   fused = mobileclip_jax.reparameterize(ref.variables)
   config = clip_lib.get_config(ref.name, reparameterized=True)
-  image, _ = _encode(config, fused, ref.images_nhwc, ref.tokens)
+  image = _encoder(config, 'image')(fused, ref.images_nhwc)
   assert _rel(image, ref.image_features) <= TOL       # equals the train-time eval forward,
   assert _rel(image, ref.image_features_reparam) <= TOL  # and timm's reparameterize_model.
   from_timm = convert.from_open_clip(ref.reparam_state_dict, ref.name)
@@ -119,7 +121,7 @@ def test_s0_round_trip_is_bit_exact(s0):
 
 
 def test_s0_train_mode_batchnorm_matches_torch(s0):
-  image, updates = _encode(s0.config, s0.variables, s0.images_nhwc, s0.tokens, train=True)[0]
+  image, updates = _encoder(s0.config, 'image', train=True)(s0.variables, s0.images_nhwc)
   assert _rel(image, s0.image_features_trainbn) <= TOL
   # Running statistics advance exactly as torch's (momentum 0.1, unbiased variance).
   new_vars = dict(s0.variables, batch_stats=updates['batch_stats'])
@@ -144,9 +146,9 @@ def test_parity_check_detects_a_one_percent_weight_change(s0, tower, path):
   for k in path[:-1]:
     leaf = leaf[k]
   leaf[path[-1]] = leaf[path[-1]] * 1.01
-  image, text = _encode(s0.config, dict(s0.variables, params=params), s0.images_nhwc, s0.tokens)
-  got, want = (image, s0.image_features) if tower == 'image' else (text, s0.text_features)
-  assert _rel(got, want) > TOL
+  got = _encoder(s0.config, tower)(dict(s0.variables, params=params),
+                                   s0.images_nhwc if tower == 'image' else s0.tokens)
+  assert _rel(got, s0.image_features if tower == 'image' else s0.text_features) > TOL
 
 
 SLOW_VARIANTS = ['MobileCLIP2-S2', 'MobileCLIP2-S3', 'MobileCLIP2-S4', 'MobileCLIP2-B',
@@ -215,16 +217,15 @@ def test_mci_accepts_other_resolutions():
   size = 320  # Not the trained 256: 10 x 10 and 5 x 5 grids in the attention stages.
   # Full size, abstractly: MCi4 downsamples once more (grid size // 64) than MCi0 (size // 32).
   model = mobileclip_jax.create_model('MobileCLIP2-S4')
-  images, tokens = jnp.zeros((2, size, size, 3)), jnp.zeros((2, 77), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
+  variables = clip_lib.abstract_variables(model.config)  # Made at 256.
+  images = jnp.zeros((2, size, size, 3))
   out = jax.eval_shape(lambda v: model.apply(v, images, method='encode_image'), variables)
   assert out.shape == (2, model.config.embed_dim)
-  # A real forward on a reduced MCi.
-  tiny = mobileclip_jax.create_model('MobileCLIP2-S0', embed_dim=16,
-                                     image=dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)))
+  # A real forward on a reduced MCi, its weights made at 256.
+  tiny = mobileclip_jax.create_model('MobileCLIP2-S0', embed_dim=16, text=dict(
+      layers=1, width=32, heads=2), image=dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)))
+  variables = jax.jit(functools.partial(clip_lib.init_variables, tiny))(jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
-  # The image tower alone, initialized in one compiled program (eagerly, op by op, took 28 s).
-  variables = jax.jit(lambda k: tiny.init(k, x, method='encode_image'))(jax.random.PRNGKey(0))
   emb = jax.jit(lambda v, x: tiny.apply(v, x, method='encode_image'))(variables, x)
   assert emb.shape == (2, 16) and bool(jnp.all(jnp.isfinite(emb)))
 
@@ -284,7 +285,7 @@ def test_sigmoid_attention_switch_reaches_every_attention_layer(monkeypatch):
   monkeypatch.setattr(attention, 'dot_product_attention', recording)
   for kind in ('softmax', 'sigmoid'):
     model = mobileclip_jax.create_model('MobileCLIP2-S0', attention=kind, qk_norm=True, **tiny)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens)
+    variables = jax.jit(functools.partial(clip_lib.init_variables, model))(jax.random.PRNGKey(0))
     calls.clear()
     jax.jit(model.apply)(variables, images, tokens)  # Traced once: one call per layer.
     assert calls == [kind] * 5  # 2 image attention blocks + 3 text layers.
@@ -315,9 +316,9 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close():
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 77), 0, 49408)
   f32 = mobileclip_jax.create_model('MobileCLIP2-S0', **tiny)
   b16 = mobileclip_jax.create_model('MobileCLIP2-S0', dtype='bfloat16', **tiny)
-  variables = jax.jit(f32.init)(jax.random.PRNGKey(0), images, tokens)
+  variables = jax.jit(functools.partial(clip_lib.init_variables, f32))(jax.random.PRNGKey(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
-      jax.eval_shape(b16.init, jax.random.PRNGKey(0), images, tokens)))
+      clip_lib.abstract_variables(b16.config)))
   for a, b in zip(jax.jit(f32.apply)(variables, images, tokens),
                   jax.jit(b16.apply)(variables, images, tokens)):
     assert b.dtype == jnp.float32

@@ -8,6 +8,7 @@ sides equal to the model's, cascade tau 0) must give bit-identical outputs; the 
 causal text tower must equal the uncut tower up to float summation order, while a bidirectional
 tower's output changes by O(1) (so the tolerance is tight enough to fail on a real change).
 """
+import functools
 import math
 
 import jax
@@ -46,7 +47,7 @@ def _mci_clip():
 
 def _init(config, seed=0):
   model = clip_lib.CLIP(config)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), *clip_lib.dummy_inputs(config))
+  variables = jax.jit(functools.partial(clip_lib.init_variables, model))(jax.random.PRNGKey(seed))
   # Non-trivial layer scales, so that the MCi attention blocks matter.
   variables = jax.tree_util.tree_map_with_path(
       lambda p, x: x * 2e4 if 'gamma' in jax.tree_util.keystr(p) else x, variables)

@@ -41,7 +41,7 @@ def vit():
       image=dict(width=32, depth=3, heads=2, stem='patch', patch_size=8),
       text=dict(width=32, heads=2, layers=2, context_length=24))
   model = clip_lib.CLIP(config)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config))
+  variables = jax.jit(functools.partial(clip_lib.init_variables, model))(jax.random.PRNGKey(0))
   return model, jax.tree.map(np.asarray, variables)
 
 
@@ -180,7 +180,7 @@ def test_precise_bn_statistics_equal_the_batch_statistics_of_the_first_layer():
                                image=dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
                                text=dict(width=32, heads=2, layers=1, context_length=24))
   model = clip_lib.CLIP(config)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config))
+  variables = jax.jit(functools.partial(clip_lib.init_variables, model))(jax.random.PRNGKey(0))
   images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), np.uint8)
   stats = reducers.bn_statistics(model, variables, images, 32, batch_size=4)
   x = reduce_lib.resize(jnp.asarray((images / 255.0 - np.asarray(config.mean)) /
