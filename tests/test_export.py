@@ -9,8 +9,10 @@ also `exhaustive`).
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,13 +117,33 @@ def test_resolve_platform_keeps_pytrees_and_refuses_a_choice_without_default():
 # ---------------------------------------------------------------- round trips (small models)
 
 
-@pytest.mark.parametrize('fmt', ['onnx', 'tflite'])
-def test_tiny_round_trip_matches_jax_and_the_json_describes_the_files(tmp_path, fmt):
+class _TinyExport(NamedTuple):
+  fmt: str
+  tmp_path: pathlib.Path
+  config: clip_lib.ModelConfig
+  variables: dict
+  shapes: towers.Shapes
+  results: dict
+  metadata: dict
+  out: str
+
+
+@pytest.fixture(scope='module', params=['onnx', 'tflite'])
+def tiny(request, tmp_path_factory):
+  """A tiny MCi CLIP exported in fp32 (128 px, 24 tokens) and run in the format's runtime; the
+  reduced-precision test compares its own exports with this one."""
+  fmt = request.param
   _needs(fmt)
+  tmp_path = tmp_path_factory.mktemp(fmt)
   config = clip_lib.get_config('MobileCLIP2-S0', **TINY)
   variables = towers.random_variables(config, seed=1)
   shapes = towers.Shapes(batch=2, image_size=128, context_length=24)
-  results, metadata, out = _round_trip(tmp_path, fmt, config, variables, shapes)
+  return _TinyExport(fmt, tmp_path, config, variables, shapes,
+                     *_round_trip(tmp_path, fmt, config, variables, shapes))
+
+
+def test_tiny_round_trip_matches_jax_and_the_json_describes_the_files(tiny):
+  fmt, results, metadata, out = tiny.fmt, tiny.results, tiny.metadata, tiny.out
   for tower, (got, want) in results.items():
     assert got.shape == want.shape == (2, 16)
     assert _rel_l2(got, want) < 1e-4, tower
@@ -139,7 +161,7 @@ def test_tiny_round_trip_matches_jax_and_the_json_describes_the_files(tmp_path, 
   assert metadata['source']['model_config']['reparameterized'] is True
   with open(os.path.join(out, bundle.METADATA)) as f:
     assert json.load(f) == json.loads(json.dumps(metadata))
-  assert sorted(os.listdir(tmp_path)) == [f'{fmt}_fp32']  # No temporary directory left.
+  assert sorted(os.listdir(tiny.tmp_path)) == [f'{fmt}_fp32']  # No temporary directory left.
 
 
 def test_vit_round_trip_at_another_resolution_and_context_in_onnx(tmp_path):
@@ -154,22 +176,16 @@ def test_vit_round_trip_at_another_resolution_and_context_in_onnx(tmp_path):
   assert metadata['image']['input']['shape'] == [1, 3, 160, 160]
 
 
-@pytest.mark.parametrize('fmt', ['onnx', 'tflite'])
-def test_reduced_precisions_drift_a_little_and_are_really_reduced(tmp_path, fmt):
-  _needs(fmt)
-  config = clip_lib.get_config('MobileCLIP2-S0', **TINY)
-  variables = towers.random_variables(config, seed=3)
-  shapes = towers.Shapes(batch=2)
-  fp32_out = str(tmp_path / 'fp32')
-  bundle.export_variables(variables, config, fp32_out, fmt, 'fp32', shapes)
+def test_reduced_precisions_drift_a_little_and_are_really_reduced(tiny, tmp_path):
   for precision, (low, high) in (('fp16', (1e-6, 1e-2)), ('int8', (1e-3, 0.2))):
-    results, metadata, out = _round_trip(tmp_path, fmt, config, variables, shapes, precision)
+    results, metadata, out = _round_trip(tmp_path, tiny.fmt, tiny.config, tiny.variables,
+                                         tiny.shapes, precision)
     for tower, (got, want) in results.items():
       assert low < _rel_l2(got, want) < high, (precision, tower, _rel_l2(got, want))
       assert low < metadata[tower]['rel_l2_vs_jax'] < high
     # Weights really are smaller (biases and norms stay float32; a tiny model has many).
     size = lambda d: os.path.getsize(os.path.join(d, metadata['image']['file']))
-    assert size(out) < 0.7 * size(fp32_out), precision
+    assert size(out) < 0.7 * size(tiny.out), precision
 
 
 def test_onnx_graphs_use_matmul_for_dense_layers_and_int8_integer_kernels(tmp_path):
