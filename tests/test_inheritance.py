@@ -77,16 +77,18 @@ def _inputs(config, batch=4):
   return images, jnp.asarray(tokens)
 
 
-def _run(model, variables, config, tower):
+def _run(model, variables, config, tower, train=True):
   """(eval, train) embeddings of one tower ('visual' or 'text') in one compiled call; train mode
-  normalizes with batch statistics."""
+  normalizes with batch statistics. train=False: (eval,) alone."""
   images, tokens = _inputs(config)
   x, method = (images, 'encode_image') if tower == 'visual' else (tokens, 'encode_text')
 
   def both(v):
-    train, _ = model.apply(v, x, True, method=method, mutable=['batch_stats'],
-                           rngs={'dropout': jax.random.PRNGKey(4)})
-    return model.apply(v, x, method=method), train
+    if not train:
+      return (model.apply(v, x, method=method),)
+    train_mode, _ = model.apply(v, x, True, method=method, mutable=['batch_stats'],
+                                rngs={'dropout': jax.random.PRNGKey(4)})
+    return model.apply(v, x, method=method), train_mode
   return jax.jit(both)(variables)
 
 
@@ -222,8 +224,8 @@ def test_narrower_text_width_equals_the_parent_with_layernorm_over_the_kept_chan
     _zero_rows(zeroed['params'], f'{block}/attn/proj/kernel',
                [h * hd + d for h in range(heads) for d in drop])
   _check(child, child_config, *_hard_masked(config, kept, zeroed), config, 'text')
-  plain = _run(clip_lib.CLIP(config), zeroed, config, 'text')[0]
-  got = _run(clip_lib.CLIP(child_config), child, child_config, 'text')[0]
+  plain = _run(clip_lib.CLIP(config), zeroed, config, 'text', train=False)[0]
+  got = _run(clip_lib.CLIP(child_config), child, child_config, 'text')[0]  # As _check's.
   assert float(jnp.abs(plain - got).max()) > 1e-2 * float(jnp.abs(got).max())
 
 
@@ -361,8 +363,8 @@ def test_slicing_then_reparameterizing_equals_reparameterizing_then_slicing(kind
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   folded_child = dataclasses.replace(child_config, reparameterized=True)
   tower = 'visual' if kind == 'mci' else 'text'
-  got = _run(clip_lib.CLIP(folded_child), b, folded_child, tower)[0]
-  want = _run(clip_lib.CLIP(child_config), child, child_config, tower)[0]
+  got = _run(clip_lib.CLIP(folded_child), b, folded_child, tower, train=False)[0]
+  want = _run(clip_lib.CLIP(child_config), child, child_config, tower, train=False)[0]
   _close([got], [want], tol=1e-4)
 
 
@@ -384,8 +386,8 @@ def test_open_gates_reproduce_the_parent_and_closed_gates_the_child(parent):
   model, hard = _hard_masked(config, kept, variables)
   opened = {**hard, 'params': {**hard['params'], 'masks': {
       k: jnp.full_like(g, 20.0) if g.ndim else g for k, g in hard['params']['masks'].items()}}}
-  _close(_run(model, opened, config, tower)[:1],
-         _run(clip_lib.CLIP(config), variables, config, tower)[:1])
+  _close(_run(model, opened, config, tower, train=False),
+         _run(clip_lib.CLIP(config), variables, config, tower, train=False))
   learned = masks.keep_from_masks(hard, config)
   assert slicing.child_config(config, learned)[0] == child_config
   _close(_run(model, hard, config, tower),
