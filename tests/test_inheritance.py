@@ -436,6 +436,29 @@ def test_a_learned_mask_run_moves_the_parameter_fraction_to_the_target():
   assert 'masks/constraint' in history[0]
 
 
+def test_init_from_takes_the_files_weights_and_a_masked_run_adds_fresh_gates(tmp_path):
+  """`model.init_from`: the file's weights, placed, at step 0 with a fresh optimizer state; a
+  masked run's gates (the file has none) are those of its own random init."""
+  config = _mask_run_config(target=0.5, steps=2)
+  model_config = setup.model_config(config)
+  mesh = sharding_lib.create_mesh(devices=jax.devices()[:1])
+  spec = setup.InputSpec.synthetic(model_config, (8,))
+  fresh = jax.device_get(setup.build(config, mesh, spec=spec).init_state())
+  weights = {k: jax.tree.map(lambda x: x + np.float32(0.5), v)
+             for k, v in fresh.params.items() if k != 'masks'}
+  checkpoint_lib.save_variables(str(tmp_path / 'parent'), {'params': weights}, model_config)
+  config.model.init_from = str(tmp_path / 'parent')
+  run = setup.build(config, mesh, spec=spec)
+  state = run.init_state()
+  assert int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in state.params.items()
+                                               if k != 'masks'}, weights)
+  jax.tree.map(np.testing.assert_array_equal, state.params['masks'], fresh.params['masks'])
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, fresh.opt_state)  # Zeros, count 0.
+  assert jax.tree.map(lambda x: x.sharding, state) == jax.tree.map(lambda x: x.sharding,
+                                                                     run.abstract_state)
+
+
 def test_bad_keep_specs_say_what_to_change():
   config = _config('mci')
   cases = [({'text.layer': 2}, 'Did you mean'), ({'text.heads': 1}, 'width'),
