@@ -129,6 +129,9 @@ def base_config() -> ConfigDict:
   c.checkpoint = ConfigDict(dict(every='2000_steps', keep_last=3, keep_every=placeholder(str),
                                  async_save=True))
   c.log_every = 50
+  # Global norms logged every step besides grad_norm (clipping computes it): 'param', 'update'.
+  # On XLA:CPU each is a pass with its own kernels per parameter array (README, Performance).
+  c.norm_metrics = ()
   c.evals = ConfigDict()         # name -> evaluator spec (see mobileclip_jax.evaluation).
   c.distributed = ConfigDict(dict(coordinator_address=placeholder(str),
                                   num_processes=placeholder(int), process_id=placeholder(int),

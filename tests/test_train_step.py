@@ -105,6 +105,23 @@ def single_device_b():
   return train(build(make_config('MobileCLIP2-B', TINY_B)), make_batch())
 
 
+def test_norm_metrics_log_the_named_global_norms(single_device_b):
+  assert 'param_norm' not in single_device_b[1][0] and 'update_norm' not in single_device_b[1][0]
+  config = make_config('MobileCLIP2-B', TINY_B)
+  config.norm_metrics = ('param', 'update')
+  run = build(config)
+  before = jax.device_get(run.init_state().params)
+  after, (metrics,) = train(run, make_batch(), steps=1)
+  norm = lambda tree: np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                                  for x in jax.tree.leaves(tree)))
+  np.testing.assert_allclose(metrics['param_norm'], norm(after.params), rtol=1e-5)
+  np.testing.assert_allclose(metrics['update_norm'],
+                             norm(jax.tree.map(np.subtract, after.params, before)), rtol=1e-3)
+  config.norm_metrics = ('param', 'updates')
+  with pytest.raises(ValueError, match=r"\['updates'\] not among \('param', 'update'\)"):
+    build(config)
+
+
 @pytest.mark.parametrize('shape', [(8, 1), (4, 2), (1, 8)])
 def test_sharded_step_equals_single_device(single_device_b, shape):
   run = build(make_config('MobileCLIP2-B', TINY_B), sharding_lib.create_mesh(*shape))

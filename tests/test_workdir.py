@@ -100,11 +100,12 @@ def test_rerun_with_another_model_is_refused_before_anything_is_written(tmp_path
   del old['optim']['wd_rules'], old['sharding']['rules']
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(old, f)
-  # Longer, with other cadences: safe; it resumes and the config records the new length.
+  # Longer, with other cadences and logged norms: safe; it resumes and the config records them.
   config = tl._config(tmp_path, data_dir, total=8, every=3)  # pylint: disable=protected-access
-  config.log_every = 2
+  config.log_every, config.norm_metrics = 2, ('param',)
   loop.train(config, workdir)
-  assert json.load(open(os.path.join(workdir, 'config.json')))['schedule']['total'] == '8_steps'
+  recorded = json.load(open(os.path.join(workdir, 'config.json')))
+  assert recorded['schedule']['total'] == '8_steps' and recorded['norm_metrics'] == ['param']
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, data_dir, six_steps,

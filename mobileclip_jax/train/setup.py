@@ -356,7 +356,7 @@ class Run:
     """The compiled step: (state, batch) -> (state, metrics); the state is donated."""
     fn = _for_mesh(step_lib.make_train_step(
         self.model, self.tx, self.loss_config, regularizer=self.regularizer,
-        **self._step_kwargs()), self.mesh)
+        norms=tuple(self.config.norm_metrics), **self._step_kwargs()), self.mesh)
     start = time.perf_counter()
     lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
@@ -390,6 +390,10 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
       process (process_index/count default to JAX's), listing skipped records in `skipped_log`.
   """
   check_batch(config, mesh)
+  unknown = sorted(set(config.norm_metrics) - set(step_lib.NORM_METRICS))
+  if unknown:
+    raise ValueError(f'norm_metrics={tuple(config.norm_metrics)!r}: {unknown} not among '
+                     f'{step_lib.NORM_METRICS} (grad_norm is always logged).')
   model_config_ = model_config(config)
   if config.loss.kind == 'sigmoid' and model_config_.init_logit_bias is None:
     raise ValueError("loss.kind='sigmoid' needs a learned logit bias: set model.init_logit_bias "

@@ -19,7 +19,7 @@ the batch and divided by their global count. The count depends on the tokens alo
 accumulation each micro-batch's summed cross-entropy gets the cotangent caption_weight / count
 in pass 2, beside its embedding gradients.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -35,6 +35,7 @@ from mobileclip_jax.data import preprocess
 from mobileclip_jax.train import optimizer as optimizer_lib
 
 PAD_ID = 0  # Every tokenizer's padding (data/tokenizer.py), ignored by the caption loss.
+NORM_METRICS = ('param', 'update')  # The global norms a step can log besides grad_norm.
 
 
 @flax.struct.dataclass
@@ -164,8 +165,12 @@ def make_grad_fn(model: nn.Module, loss_config: losses.LossConfig, *, mesh: Opti
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_config: losses.LossConfig, *, mesh: Optional[Mesh], accum_steps: int = 1,
                     use_syn: bool, use_teachers: bool, captions: bool = False, seed: int = 0,
-                    regularizer: Optional[Callable] = None) -> Callable:
+                    regularizer: Optional[Callable] = None,
+                    norms: Sequence[str] = ()) -> Callable:
   """Returns step(state, batch) -> (state, metrics); train/setup.py jits it with shardings.
+
+  Metrics: the loss terms, `grad_norm` (the clipping's own) and the global norms named in `norms`
+  ('param': of the new parameters, 'update': of the step's updates).
 
   `regularizer(params, step) -> (loss, metrics)`, if given, is added to the loss (and its
   gradient to the gradient): a term of the parameters alone, such as learned inheritance's
@@ -185,10 +190,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, params)
     new_params = optimizer_lib.clamp_logit_scale(optax.apply_updates(params, updates))
     metrics = dict(metrics)
-    metrics.update({
-        'loss': loss, 'logit_scale': jnp.exp(new_params['logit_scale']),
-        'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(new_params),
-        'update_norm': optax.tree.norm(updates)})
+    metrics.update({'loss': loss, 'logit_scale': jnp.exp(new_params['logit_scale']),
+                    'grad_norm': optax.tree.norm(grads)})
+    for name, tree in (('param', new_params), ('update', updates)):
+      if name in norms:
+        metrics[f'{name}_norm'] = optax.tree.norm(tree)
     new_state = TrainState(step=state.step + 1, params=new_params, batch_stats=new_stats,
                            opt_state=opt_state)
     return new_state, metrics

@@ -36,9 +36,9 @@ METRICS_FILE = 'metrics.jsonl'
 HEARTBEAT_S = 60
 STALE_AFTER_S = 10 * 60
 # Dotted-key prefixes a rerun may change (the rest must match config.json).
-SAFE_ON_RESUME = ('schedule.total', 'checkpoint.', 'log_every', 'evals', 'data.data_dir',
-                  'data.workers', 'data.prefetch', 'data.build_hint', 'mesh.', 'sharding.',
-                  'distributed.')
+SAFE_ON_RESUME = ('schedule.total', 'checkpoint.', 'log_every', 'norm_metrics', 'evals',
+                  'data.data_dir', 'data.workers', 'data.prefetch', 'data.build_hint', 'mesh.',
+                  'sharding.', 'distributed.')
 
 
 class WorkdirError(RuntimeError):
