@@ -83,13 +83,13 @@ def _run(model, variables, config, tower, train=True):
   images, tokens = _inputs(config)
   x, method = (images, 'encode_image') if tower == 'visual' else (tokens, 'encode_text')
 
-  def both(v):
+  def embeddings(v):
     if not train:
       return (model.apply(v, x, method=method),)
     train_mode, _ = model.apply(v, x, True, method=method, mutable=['batch_stats'],
                                 rngs={'dropout': jax.random.PRNGKey(4)})
     return model.apply(v, x, method=method), train_mode
-  return jax.jit(both)(variables)
+  return jax.jit(embeddings)(variables)
 
 
 def _close(got, want, tol=2e-5):

@@ -192,9 +192,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     metrics = dict(metrics)
     metrics.update({'loss': loss, 'logit_scale': jnp.exp(new_params['logit_scale']),
                     'grad_norm': optax.tree.norm(grads)})
-    for name, tree in (('param', new_params), ('update', updates)):
-      if name in norms:
-        metrics[f'{name}_norm'] = optax.tree.norm(tree)
+    trees = {'param': new_params, 'update': updates}
+    for name in norms:
+      metrics[f'{name}_norm'] = optax.tree.norm(trees[name])
     new_state = TrainState(step=state.step + 1, params=new_params, batch_stats=new_stats,
                            opt_state=opt_state)
     return new_state, metrics
