@@ -310,6 +310,31 @@ def test_batchnorm_group_statistics():
     layers.BatchNorm(group_size=3).apply(variables, x, train=True, mutable=['batch_stats'])
 
 
+@pytest.mark.parametrize('group', [0, 2])
+def test_batchnorm_train_gradients_equal_torch(group):
+  """Train-mode gradients against torch.nn.BatchNorm2d's backward (one torch call per group)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(8, 5, 6, 3)) * 3 + 1).astype(np.float32)
+  g = rng.normal(size=x.shape).astype(np.float32)
+  params = {'scale': np.float32([1.5, -0.5, 2.0]), 'bias': np.float32([0.1, 0.2, 0.3])}
+  bn = layers.BatchNorm(group_size=group)
+  stats = bn.init(jax.random.PRNGKey(0), x)['batch_stats']
+  loss = lambda x, p: jnp.vdot(bn.apply({'params': p, 'batch_stats': stats}, x, train=True,
+                                        mutable=['batch_stats'])[0], g)
+  dx, dparams = jax.grad(loss, (0, 1))(x, params)
+  t_bn = torch.nn.BatchNorm2d(3)
+  t_x = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_(True)
+  with torch.no_grad():
+    t_bn.weight.copy_(torch.from_numpy(params['scale']))
+    t_bn.bias.copy_(torch.from_numpy(params['bias']))
+  y = torch.cat([t_bn(part) for part in t_x.split(group or 8)])
+  (y * torch.from_numpy(g).permute(0, 3, 1, 2)).sum().backward()
+  np.testing.assert_allclose(dx, t_x.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dparams['scale'], t_bn.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dparams['bias'], t_bn.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_stays_close():
   tiny = dict(embed_dim=16, image=TWO_STAGE_MCI, text=dict(layers=2, width=32, heads=2))
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
@@ -352,6 +377,16 @@ def test_cpu_depthwise_conv_and_its_gradients_equal_xlas_grouped_conv(kernel, st
   got, want = jax.grad(loss(shifted), (0, 1))(x, k), jax.grad(loss(native), (0, 1))(x, k)
   for name, g, w in zip(('dx', 'dkernel'), got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('kernel,stride,phases', [(7, 1, 1), (3, 2, 4)])
+def test_cpu_depthwise_kernel_gradient_reduces_once_per_stride_phase(kernel, stride, phases):
+  # One reduce per tap (49 for 7x7) became one YNNPACK fusion each in XLA:CPU's loop bodies,
+  # rebuilt by a linear search at every load of a cached step (layers._taps_kernel_grad).
+  x = jnp.ones((2, 16, 16, 8))
+  dkernel = jax.grad(lambda k: layers._shift_depthwise_conv(x, k, stride, (1, 1)).sum())
+  program = jax.jit(dkernel).lower(jnp.ones((kernel, kernel, 1, 8))).as_text()
+  assert program.count('stablehlo.reduce') == phases + 1  # + the sum over the examples.
 
 
 def test_cpu_depthwise_conv_in_bfloat16_follows_the_float32_conv():
