@@ -264,8 +264,10 @@ def test_workers_are_refused_where_runs_need_the_whole_mesh(monkeypatch):
 
 def test_preempted_run_resumes_where_it_stopped(tmp_path, data_dir):
   """The runner reports a preempted run and resumes it on rerun (that the trainer's resume is
-  bit-exact is tests/test_train_loop.py's)."""
-  config_path = _config_file(tmp_path, data_dir, total=8, every=100)
+  bit-exact is tests/test_train_loop.py's). The tiny steps take ~0.04 s: 64 of them leave the
+  signal time to land before the last step (with 8, a run once finished before it did)."""
+  total = 64
+  config_path = _config_file(tmp_path, data_dir, total=total, every=100)
   grid = '--grid=optim.lr=0.002'
   workdir = str(tmp_path / 'preempted')
   run = experiment.run_dir(workdir, 'optim.lr=0.002', 0)
@@ -273,7 +275,7 @@ def test_preempted_run_resumes_where_it_stopped(tmp_path, data_dir):
   deadline = time.time() + 600
   while not experiment.loss_curve(run)[0] or experiment.loss_curve(run)[0][-1] < 2:
     assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
-    time.sleep(0.2)
+    time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode != 0 and 'rerun the same command to resume' in out, out[-3000:]
@@ -281,10 +283,10 @@ def test_preempted_run_resumes_where_it_stopped(tmp_path, data_dir):
   code, out = _launch(config_path, workdir, grid, '--seeds=1')
   assert code == 0, out[-4000:]
   resumed = re.search(r'Resumed from \S+ at step (\d+)\.', out)  # Not restarted from step 0.
-  assert resumed and 2 <= int(resumed.group(1)) < 8, out[-3000:]
-  assert experiment.loss_curve(run)[0] == list(range(1, 9))
+  assert resumed and 2 <= int(resumed.group(1)) < total, out[-3000:]
+  assert experiment.loss_curve(run)[0] == list(range(1, total + 1))
   with open(os.path.join(workdir, experiment.RESULTS_FILE)) as f:
-    assert json.load(f)['runs']['optim.lr=0.002']['0']['step'] == 8
+    assert json.load(f)['runs']['optim.lr=0.002']['0']['step'] == total
 
 
 def test_command_line_errors_name_the_fix(tmp_path, data_dir):
