@@ -178,9 +178,9 @@ def _taps_kernel_grad(phases, g, taps_shape, stride):
   sums = {}
   for (r, q), phase in phases.items():
     tap_list = [(di, dj) for di in range(r, kh, stride) for dj in range(q, kw, stride)]
-    rows = _add_reduce([_window(phase, di // stride, dj // stride, 1, g.shape[1:3])
-                        .astype(jnp.float32) * g for di, dj in tap_list], (0, 1, 2))
-    sums.update(zip(tap_list, rows))
+    tap_sums = _add_reduce([_window(phase, di // stride, dj // stride, 1, g.shape[1:3])
+                            .astype(jnp.float32) * g for di, dj in tap_list], (0, 1, 2))
+    sums.update(zip(tap_list, tap_sums))
   return jnp.stack([sums[(di, dj)] for di in range(kh) for dj in range(kw)]).reshape(taps_shape)
 
 
