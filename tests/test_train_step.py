@@ -273,6 +273,35 @@ def test_schedule_equals_open_clips_cosine_lr():
     np.testing.assert_allclose(float(ours(step)), opt.param_groups[0]['lr'], rtol=1e-5, atol=1e-10)
 
 
+
+def test_optimizer_equals_torchs_adamw_after_clip_grad_norm():
+  # open_clip's update: clip_grad_norm_, then AdamW with the decayed group and the undecayed one.
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  params = {'fc': {'kernel': rng.normal(size=(5, 3)).astype(np.float32),
+                   'bias': rng.normal(size=(3,)).astype(np.float32)}}
+  schedule = optimizer_lib.lr_schedule(0.1, 10, 2)
+  tx = optimizer_lib.make_optimizer(params, schedule, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.2,
+                                    grad_clip=1.0, wd_rules=rules.DEFAULT_WD_RULES)
+  theirs = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params['fc'].items()}
+  opt = torch.optim.AdamW([{'params': [theirs['kernel']], 'weight_decay': 0.2},
+                           {'params': [theirs['bias']], 'weight_decay': 0.0}],
+                          lr=0.1, betas=(0.9, 0.95), eps=1e-6)
+  state, clipped = tx.init(params), []
+  for step, scale in enumerate((3.0, 0.01, 2.0)):  # Clipped, not clipped (norm < 1), clipped.
+    grads = jax.tree.map(lambda p: (scale * rng.normal(size=p.shape)).astype(np.float32), params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    for name, p in theirs.items():
+      p.grad = torch.tensor(grads['fc'][name])
+    clipped.append(float(torch.nn.utils.clip_grad_norm_(list(theirs.values()), 1.0)) > 1.0)
+    for group in opt.param_groups:
+      group['lr'] = float(schedule(step))
+    opt.step()
+    for name, p in theirs.items():  # torch divides by (norm + 1e-6): ~1e-7 relative here.
+      np.testing.assert_allclose(params['fc'][name], p.detach().numpy(), rtol=2e-6, atol=1e-7)
+  assert clipped == [True, False, True]
+
 def test_eps_rule_and_logit_scale_clamp():
   assert optimizer_lib.default_eps('MobileCLIP2-L-14') == 1e-8
   assert optimizer_lib.default_eps('ViT-L-14') == 1e-6
