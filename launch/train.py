@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from mobileclip_jax import cli
 from mobileclip_jax import compilation_cache
 from mobileclip_jax import config as config_lib
+from mobileclip_jax import utils
 from mobileclip_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:presets]).',
@@ -35,6 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   compilation_cache.enable()
+  utils.run_cpu_programs_inline()
   loop.train(config_lib.add_evals(_CONFIG.value, _EVALS), _WORKDIR.value, _TAKE_OVER_LOCK.value)
 
 

@@ -96,7 +96,9 @@ def _run_in_worker(config: ml_collections.ConfigDict, directory: str,
   from mobileclip_jax import cli
   from mobileclip_jax import compilation_cache
   from mobileclip_jax import experiment
+  from mobileclip_jax import utils
   # pylint: enable=g-import-not-at-top
+  utils.run_cpu_programs_inline()
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     compilation_cache.enable()

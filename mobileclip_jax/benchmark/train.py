@@ -70,6 +70,7 @@ from typing import Any, Dict, Iterator, Sequence
 
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.benchmark import models as models_benchmark
 
@@ -188,6 +189,7 @@ def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: st
   from mobileclip_jax.train import setup  # pylint: disable=g-import-not-at-top
   # A cache hit would make the compile time a cache read.
   jax.config.update('jax_enable_compilation_cache', False)
+  utils.run_cpu_programs_inline()  # As launch/train.py: this process is fresh.
   config = training_config(variant, batch, overrides, dtype)
   config.seed = seed
   mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
