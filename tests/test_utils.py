@@ -109,6 +109,6 @@ def test_a_cpu_step_reuses_its_temporaries_when_run_inline():
   # On jax's dispatch thread the block is mapped afresh and every page faults again at every run.
   assert dispatched['faults'] > 0.8 * 24 * pages, (dispatched, pages)
   # Inline, it comes back from the main thread's heap. glibc may still split the freed block for a
-  # small request and take a new one a few times before it settles (at most 5 seen, in 1 of 8
-  # processes of this program; none in S0's 40-step run).
+  # small request and take a new one a few times before it settles (5 new blocks at most, in 1 of
+  # 16 processes of this program; none in S0's 40-step run).
   assert inline['faults'] < 12 * pages, (inline, pages)
