@@ -273,7 +273,6 @@ def test_schedule_equals_open_clips_cosine_lr():
     np.testing.assert_allclose(float(ours(step)), opt.param_groups[0]['lr'], rtol=1e-5, atol=1e-10)
 
 
-
 def test_optimizer_equals_torchs_adamw_after_clip_grad_norm():
   # open_clip's update: clip_grad_norm_, then AdamW with the decayed group and the undecayed one.
   torch = pytest.importorskip('torch')
@@ -301,6 +300,7 @@ def test_optimizer_equals_torchs_adamw_after_clip_grad_norm():
     for name, p in theirs.items():  # torch divides by (norm + 1e-6): ~1e-7 relative here.
       np.testing.assert_allclose(params['fc'][name], p.detach().numpy(), rtol=2e-6, atol=1e-7)
   assert clipped == [True, False, True]
+
 
 def test_eps_rule_and_logit_scale_clamp():
   assert optimizer_lib.default_eps('MobileCLIP2-L-14') == 1e-8
