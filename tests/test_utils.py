@@ -75,8 +75,9 @@ def test_freed_heap_pages_go_back_to_the_os():
 
 
 # Runs a program whose temporaries are one block far above glibc's mmap threshold, as a training
-# process does (`inline`: launch/train.py's setting) or with jax's async dispatch; prints the
-# block's size and the page faults of 24 runs once the process keeps its freed memory.
+# process does (`inline`: launch/train.py's setting, which keeps freed memory from the compile on)
+# or with jax's async dispatch (keeping freed memory too); prints the block's size and the page
+# faults of 24 runs.
 _STEP_FAULTS = """
 import json, os, resource, sys
 os.environ.pop('JAX_CPU_ENABLE_ASYNC_DISPATCH', None)
@@ -87,7 +88,8 @@ import jax, jax.numpy as jnp
 x, w = jnp.ones((4096, 2048), jnp.float32), jnp.ones((2048, 4), jnp.float32)
 parts = lambda x: [jnp.exp(x), jnp.sin(x), x * 2, x + 1, jnp.cos(x)]  # 160 MB, a dot's operand.
 step = jax.jit(lambda x, w: (jnp.concatenate(parts(x)) @ w).sum()).lower(x, w).compile()
-assert utils.keep_freed_host_memory()
+if sys.argv[1] == 'async':
+  assert utils.keep_freed_host_memory()
 step(x, w).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(24):
@@ -112,3 +114,37 @@ def test_a_cpu_step_reuses_its_temporaries_when_run_inline():
   # small request and take a new one a few times before it settles (5 new blocks at most, in 1 of
   # 16 processes of this program; none in S0's 40-step run).
   assert inline['faults'] < 12 * pages, (inline, pages)
+
+
+# A process that runs programs inline keeps freed heap memory from its first compile on, each
+# later compile returns what is free, and compiles run with glibc's limits: prints the resident
+# MB at each point.
+_COMPILE_RELEASES = """
+import json, os
+os.environ.pop('JAX_CPU_ENABLE_ASYNC_DISPATCH', None)
+from mobileclip_jax import utils
+utils.run_cpu_programs_inline()
+import jax, jax.numpy as jnp, numpy as np
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20
+jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()
+before = rss()
+block = np.ones(100 << 20, np.float32)  # 400 MB from the heap (no mapping of its own any more).
+del block
+kept = rss()
+jax.jit(lambda x: x * 2)(jnp.ones(4)).block_until_ready()
+after = rss()
+jax.monitoring.record_scalar(utils._COMPILE_EVENT, 0.0)  # As jax does when a compile starts.
+block = np.ones(100 << 20, np.float32)  # During a compile: a mapping of its own, unmapped.
+del block
+print(json.dumps({'before': before, 'kept': kept, 'after': after, 'compiling': rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc and /proc: Linux only')
+def test_each_compile_returns_the_freed_heap_when_run_inline():
+  out = subprocess.run([sys.executable, '-c', _COMPILE_RELEASES], check=True, capture_output=True,
+                       text=True).stdout
+  mb = json.loads(out.splitlines()[-1])
+  assert mb['kept'] - mb['before'] > 300, mb  # Kept after the first compile (not unmapped).
+  assert mb['kept'] - mb['after'] > 300, mb   # Returned by the second compile.
+  assert mb['compiling'] - mb['after'] < 100, mb  # Not kept while compiling.

@@ -292,8 +292,6 @@ def _forms(variant: str, tower: str, forms: Sequence[str], overrides: Dict[str, 
   return [f for f in forms if f == 'train-time' or has_reparam]
 
 
-
-
 def _row(variant, tower, form, batch, image_size, jax_r, torch_r, rel_l2, tol) -> Dict[str, Any]:
   row = {'variant': variant, 'tower': tower, 'form': form, 'batch': batch}
   if tower == 'image':

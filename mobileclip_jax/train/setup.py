@@ -365,9 +365,6 @@ class Run:
     compiled = lowered.compile()  # Or loaded from the persistent compilation cache.
     self.compile_seconds = time.perf_counter() - start - self.lower_seconds
     utils.release_freed_host_memory()  # What compiling freed, before the step's buffers come.
-    if self.mesh.devices.flat[0].platform == 'cpu' and not jax.config.values[
-        utils.CPU_ASYNC_DISPATCH]:
-      utils.keep_freed_host_memory()  # The step's temporaries, reused by every step.
     return compiled
 
   def memory(self) -> Optional[str]:
