@@ -108,7 +108,7 @@ def test_preempted_processes_agree_on_a_step_save_it_and_resume(setup):
   deadline = time.time() + 600
   while not (os.path.exists(metrics) and max(_losses(workdir), default=0) >= 3):
     assert procs[0].poll() is None and time.time() < deadline, procs[0].stdout.read()[-3000:]
-    time.sleep(0.2)
+    time.sleep(0.01)  # Near step 3, not at the end (test_train_loop.py's _wait_for_step).
   procs[1].send_signal(signal.SIGTERM)
   outs = [_finish(p, timeout=300) for p in procs]
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
