@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mobileclip_jax.models import lean_vjp
+
 Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
 # The platform that the function being traced will run on, when its caller knows it (for_platform).
@@ -70,9 +72,7 @@ torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform
 trunc_normal_02 = nn.initializers.truncated_normal(0.02)
 
 
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as PyTorch's nn.GELU; JAX's default is the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+gelu = lean_vjp.gelu  # Exact (erf) GELU, as PyTorch's nn.GELU; JAX's default is tanh's.
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -362,12 +362,8 @@ class BatchNorm(nn.Module):
     group = self.group_size or batch
     if batch % group:
       raise ValueError(f'BatchNorm group_size={group} does not divide the batch of {batch}.')
-    xg = x.astype(jnp.float32).reshape((batch // group, group) + x.shape[1:])
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = xg.mean(axes, keepdims=True)
-    var = jnp.square(xg - mean).mean(axes, keepdims=True)
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = (xg - mean) * mul + bias
+    xg = x.reshape((batch // group, group) + x.shape[1:])
+    y, mean, var = lean_vjp.normalize(xg, scale, bias, tuple(range(1, xg.ndim - 1)), self.epsilon)
     if not self.is_initializing():
       n = xg.size // (xg.shape[0] * c)
       unbiased = var.mean(0).reshape(c) * (n / max(n - 1, 1))
@@ -386,10 +382,7 @@ class LayerNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    xf = materialize_on_cpu(x).astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    y, _, _ = lean_vjp.normalize(materialize_on_cpu(x), scale, bias, (-1,), self.epsilon)
     return y.astype(self.dtype or x.dtype)
 
 

@@ -1,0 +1,108 @@
+"""GELU and the normalizations with hand-written VJPs that keep only their inputs for the backward.
+
+Differentiated as written, these elementwise chains leave their intermediates to the backward:
+exact GELU keeps erfc(-x / sqrt 2), exp(-x^2 / 2) and a product besides x; BatchNorm and LayerNorm
+keep x - mean twice (for the variance and for the output) and a product. Traced MobileCLIP2-S0
+towers at batch 8 (image 8 x 256 px, text 16 x 77) saved 2.27 + 0.89 GB of residuals; these VJPs
+save 1.34 + 0.54 GB (PyTorch's autograd: 1.13 + 0.47 GB). Their backward recomputes the
+elementwise parts from x inside the gradient's own passes over it.
+
+Two things keep XLA from computing that recomputation during the forward instead (it depends on
+x only), where its output would stay live until the backward: the residuals pass through an
+optimization barrier with the cotangent (`after`), and BatchNorm's backward has no x-sized
+intermediate that is independent of the cotangent (its dx is a * dy + b * x + c). XLA:CPU's
+temporaries of the S0 train step: 3.47 GB before, 3.84 GB with these VJPs but no barrier, 2.59 GB
+with both.
+
+Forward values: BatchNorm's are computed as before; LayerNorm's multiply by scale * rstd at once
+(as BatchNorm) instead of by rstd, then scale. Gradients differ from autodiff's by rounding.
+"""
+import functools
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SQRT_HALF = np.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+
+
+def after(cotangent, residuals):
+  """(cotangent, residuals), the residuals readable only once the cotangent exists."""
+  return jax.lax.optimization_barrier((cotangent, residuals))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as PyTorch's nn.GELU: x * erfc(-x / sqrt 2) / 2 (jax.nn.gelu's form)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  g, x = after(g, x)
+  xf = x.astype(jnp.float32)
+  # d/dx [x erfc(-x / sqrt 2) / 2] = erfc(-x / sqrt 2) / 2 + x exp(-x^2 / 2) / sqrt(2 pi).
+  slope = 0.5 * jax.lax.erfc(-xf * _SQRT_HALF) + xf * jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+  return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, axes: Tuple[int, ...],
+              epsilon: float) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """(x - mean) * (scale / sqrt(var + eps)) + bias, statistics over `axes`, in float32.
+
+  x: [..., C] of any float dtype; scale, bias: [C] float32. `axes` either leave out the channel
+  axis (BatchNorm: per-channel statistics; a leading group axis may be kept too) or are it alone
+  (LayerNorm). Returns y (float32, x's shape) and the mean and biased variance (x's rank, 1 on
+  `axes`), which BatchNorm's running statistics read.
+  """
+  return _normalize_fwd(x, scale, bias, axes, epsilon)[0]
+
+
+def _normalize_fwd(x, scale, bias, axes, epsilon):
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(axes, keepdims=True)
+  var = jnp.square(xf - mean).mean(axes, keepdims=True)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = (xf - mean) * (scale * rstd) + bias
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _normalize_bwd(axes, epsilon, residuals, cotangents):
+  del epsilon
+  (dy, dmean, dvar), (x, mean, rstd, scale) = after(cotangents, residuals)
+  axes = tuple(sorted(a % x.ndim for a in axes))
+  n = np.prod([x.shape[a] for a in axes])
+  over_positions = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  # dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dy scale, means over
+  # `axes`, plus the statistics' own cotangents (zero unless a caller differentiates them):
+  # d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n.
+  if x.ndim - 1 in axes:  # LayerNorm: per-position statistics over the channels.
+    xhat = (xf - mean) * rstd
+    dxhat = dy * scale
+    dx = (rstd * (dxhat - dxhat.mean(axes, keepdims=True)
+                  - xhat * (dxhat * xhat).mean(axes, keepdims=True))
+          + (dmean + 2.0 * dvar * (xf - mean)) / n)
+    dscale, dbias = (dy * xhat).sum(over_positions), dy.sum(over_positions)
+  else:  # BatchNorm: per-channel statistics, so the sums of dxhat are scale times those of dy.
+    sum_dy = dy.sum(axes, keepdims=True)
+    sum_dy_centered = (dy * (xf - mean)).sum(axes, keepdims=True)
+    a = rstd * scale
+    b = 2.0 * dvar / n - a * rstd * rstd * sum_dy_centered / n
+    c = dmean / n - a * sum_dy / n - b * mean
+    dx = a * dy + b * xf + c
+    dscale = (sum_dy_centered * rstd).sum(over_positions).reshape(-1)
+    dbias = sum_dy.sum(over_positions).reshape(-1)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
