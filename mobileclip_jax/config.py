@@ -132,6 +132,9 @@ def base_config() -> ConfigDict:
   # Global norms logged every step besides grad_norm (clipping computes it): 'param', 'update'.
   # On XLA:CPU each is a pass with its own kernels per parameter array (README, Performance).
   c.norm_metrics = ()
+  # XLA:CPU's instruction order for the train step: 'memory' (its memory-optimized scheduler) or
+  # 'concurrency' (XLA's default). S0 at batch 8: 0.6 GB less peak memory, ~2% slower (README).
+  c.cpu_scheduler = 'memory'
   c.evals = ConfigDict()         # name -> evaluator spec (see mobileclip_jax.evaluation).
   c.distributed = ConfigDict(dict(coordinator_address=placeholder(str),
                                   num_processes=placeholder(int), process_id=placeholder(int),

@@ -362,7 +362,8 @@ class Run:
                       out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
                       donate_argnums=(0,)).lower(self.abstract_state, self.abstract_batch)
     self.lower_seconds = time.perf_counter() - start
-    compiled = lowered.compile()  # Or loaded from the persistent compilation cache.
+    # Or loaded from the persistent compilation cache (the options are part of its key).
+    compiled = lowered.compile(compiler_options=_compiler_options(self.config, self.mesh))
     self.compile_seconds = time.perf_counter() - start - self.lower_seconds
     utils.release_freed_host_memory()  # What compiling freed, before the step's buffers come.
     return compiled
@@ -376,6 +377,17 @@ class Run:
     params = self.abstract_state.params
     towers = {'image': 'visual', 'text': 'text', 'decoder': 'text_decoder'}
     return {k: count(params[v]) for k, v in towers.items() if v in params}
+
+
+_CPU_SCHEDULERS = {'memory': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
+                   'concurrency': 'CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED'}
+
+
+def _compiler_options(config: ml_collections.ConfigDict, mesh) -> Optional[Dict[str, str]]:
+  """XLA options of the train step: on CPU, `config.cpu_scheduler`'s scheduler."""
+  if mesh.devices.flat[0].platform != 'cpu':
+    return None
+  return {'xla_cpu_scheduler_type': _CPU_SCHEDULERS[config.cpu_scheduler]}
 
 
 def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] = None,
@@ -394,6 +406,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   if unknown:
     raise ValueError(f'norm_metrics={tuple(config.norm_metrics)!r}: {unknown} not among '
                      f'{step_lib.NORM_METRICS} (grad_norm is always logged).')
+  if config.cpu_scheduler not in _CPU_SCHEDULERS:
+    raise ValueError(f'cpu_scheduler={config.cpu_scheduler!r}: use one of '
+                     f'{", ".join(map(repr, _CPU_SCHEDULERS))}.')
   model_config_ = model_config(config)
   if config.loss.kind == 'sigmoid' and model_config_.init_logit_bias is None:
     raise ValueError("loss.kind='sigmoid' needs a learned logit bias: set model.init_logit_bias "
