@@ -148,11 +148,12 @@ def test_the_step_is_traced_for_its_meshs_platform_alone():
 
 def test_the_cpu_step_is_scheduled_for_memory_unless_configured_otherwise():
   temps = {}
-  for scheduler in ('memory', 'concurrency'):
+  for scheduler in ('default', 'memory', 'concurrency'):
     config = make_config('MobileCLIP2-S0', TINY_MCI)
-    config.cpu_scheduler = scheduler
+    if scheduler != 'default':
+      config.cpu_scheduler = scheduler
     temps[scheduler] = build(config).step.memory_analysis().temp_size_in_bytes
-  assert temps['memory'] < 0.8 * temps['concurrency'], temps  # 8.5 vs 14.2 MB.
+  assert temps['default'] == temps['memory'] < 0.8 * temps['concurrency'], temps  # 8.5 vs 14.2 MB.
   config.cpu_scheduler = 'latency'
   with pytest.raises(ValueError, match="cpu_scheduler='latency': use one of 'memory', 'concurrency'"):
     build(config)

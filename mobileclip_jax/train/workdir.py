@@ -9,7 +9,7 @@
 - Config: a rerun of a run that has checkpoints is compared with `<workdir>/config.json` before
   anything is written. Keys that change the run's math or its checkpoints' shapes differ ->
   refused, listing them; keys in `SAFE_ON_RESUME` (length, cadences, evaluations, logging, data
-  location and loading, mesh and sharding, multi-host settings) may change. config.json is
+  location and loading, mesh and sharding, multi-host settings, XLA:CPU's scheduler) may change. config.json is
   (re)written only after the check.
 - Metrics: on resume from step S, rows of metrics.jsonl after S (logged after the last
   checkpoint of the previous run) are dropped, so each logged step has one row; TensorBoard gets
@@ -38,7 +38,7 @@ STALE_AFTER_S = 10 * 60
 # Dotted-key prefixes a rerun may change (the rest must match config.json).
 SAFE_ON_RESUME = ('schedule.total', 'checkpoint.', 'log_every', 'norm_metrics', 'evals',
                   'data.data_dir', 'data.workers', 'data.prefetch', 'data.build_hint', 'mesh.',
-                  'sharding.', 'distributed.')
+                  'sharding.', 'distributed.', 'cpu_scheduler')
 
 
 class WorkdirError(RuntimeError):
