@@ -1,4 +1,4 @@
-"""GELU, BatchNorm and LayerNorm with hand-written VJPs: PyTorch's gradients, inputs-only residuals."""
+"""GELU, BatchNorm, LayerNorm with hand-written VJPs: PyTorch's gradients, input-only residuals."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -155,7 +155,8 @@ def test_the_cpu_step_is_scheduled_for_memory_unless_configured_otherwise():
     temps[scheduler] = build(config).step.memory_analysis().temp_size_in_bytes
   assert temps['default'] == temps['memory'] < 0.8 * temps['concurrency'], temps  # 8.5 vs 14.2 MB.
   config.cpu_scheduler = 'latency'
-  with pytest.raises(ValueError, match="cpu_scheduler='latency': use one of 'memory', 'concurrency'"):
+  with pytest.raises(ValueError,
+                     match="cpu_scheduler='latency': use one of 'memory', 'concurrency'"):
     build(config)
 
 

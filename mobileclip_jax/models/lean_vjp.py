@@ -87,11 +87,12 @@ def _normalize_bwd(axes, epsilon, residuals, cotangents):
   # `axes`, plus the statistics' own cotangents (zero unless a caller differentiates them):
   # d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n.
   if x.ndim - 1 in axes:  # LayerNorm: per-position statistics over the channels.
-    xhat = (xf - mean) * rstd
+    centered = xf - mean
+    xhat = centered * rstd
     dxhat = dy * scale
     dx = (rstd * (dxhat - dxhat.mean(axes, keepdims=True)
                   - xhat * (dxhat * xhat).mean(axes, keepdims=True))
-          + (dmean + 2.0 * dvar * (xf - mean)) / n)
+          + (dmean + 2.0 * dvar * centered) / n)
     dscale, dbias = (dy * xhat).sum(over_positions), dy.sum(over_positions)
   else:  # BatchNorm: per-channel statistics, so the sums of dxhat are scale times those of dy.
     sum_dy = dy.sum(axes, keepdims=True)

@@ -9,8 +9,8 @@
 - Config: a rerun of a run that has checkpoints is compared with `<workdir>/config.json` before
   anything is written. Keys that change the run's math or its checkpoints' shapes differ ->
   refused, listing them; keys in `SAFE_ON_RESUME` (length, cadences, evaluations, logging, data
-  location and loading, mesh and sharding, multi-host settings, XLA:CPU's scheduler) may change. config.json is
-  (re)written only after the check.
+  location and loading, mesh and sharding, multi-host settings, XLA:CPU's scheduler) may change.
+  config.json is (re)written only after the check.
 - Metrics: on resume from step S, rows of metrics.jsonl after S (logged after the last
   checkpoint of the previous run) are dropped, so each logged step has one row; TensorBoard gets
   a purge step (reporting.MetricWriter).
