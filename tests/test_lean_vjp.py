@@ -1,4 +1,5 @@
-"""GELU, BatchNorm, LayerNorm with hand-written VJPs: PyTorch's gradients, input-only residuals."""
+"""GELU, BatchNorm, LayerNorm and dense layers with hand-written VJPs: PyTorch's gradients,
+input-only residuals, and what XLA keeps for the backward."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,9 @@ import pytest
 
 from mobileclip_jax.models import layers
 from mobileclip_jax.models import lean_vjp
+
+
+_MEMORY_SCHEDULER = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}  # The step's.
 
 
 def _rel(got, want):
@@ -135,3 +139,58 @@ def test_residuals_are_the_inputs_and_statistics():
   bn = lambda v: lean_vjp.normalize(v, jnp.ones(16), jnp.zeros(16), (0, 1, 2), 1e-5)[0]
   assert residual_elements(bn) <= x.size + 3 * 16  # x, mean, 1 / std, scale.
   assert residual_elements(lambda v: jax.nn.gelu(v, approximate=False)) > 2 * x.size
+
+
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_dense_and_gelu_dense_equal_torch(with_bias):
+  import torch  # pylint: disable=g-import-not-at-top
+  h, g = _inputs((3, 5, 12), 0.5)
+  rng = np.random.default_rng(2)
+  kernel = rng.normal(size=(12, 6)).astype(np.float32)
+  bias = rng.normal(size=6).astype(np.float32) if with_bias else None
+  g = g[..., :6]
+  for fn, t_act in ((lean_vjp.dense, lambda t: t), (lean_vjp.gelu_dense, torch.nn.functional.gelu)):
+    y, vjp = jax.vjp(fn, h, kernel, bias)
+    dh, dkernel, dbias = vjp(g)
+    t_h, t_k = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (h, kernel))
+    t_b = torch.tensor(bias, dtype=torch.float64, requires_grad=True) if with_bias else None
+    t_y = torch.nn.functional.linear(t_act(t_h), t_k.T, t_b)
+    t_y.backward(torch.tensor(g, dtype=torch.float64))
+    assert _rel(y, t_y.detach().numpy()) < 1e-6
+    assert _rel(dh, t_h.grad.numpy()) < 1e-6
+    assert _rel(dkernel, t_k.grad.numpy()) < 1e-6
+    if with_bias:
+      assert _rel(dbias, t_b.grad.numpy()) < 1e-6
+    else:
+      assert dbias is None
+
+
+def test_tie_returns_x_whatever_the_dependencies_hold():
+  x = jnp.float32([1.5, -2.0, 0.0])
+  deps = (jnp.float32([np.nan, 1.0]), jnp.float32([[np.inf]]), jnp.float32([-np.inf]))
+  np.testing.assert_array_equal(jax.jit(lean_vjp.tie)(x, *deps), x)
+
+
+def test_a_residual_mlp_stack_keeps_h_and_x_per_layer():
+  """x = x + fc2(gelu(fc1(x))), 12 layers, hidden 4x: per layer the backward needs fc1's input
+  (1/4 of a hidden-sized activation) and h = fc1(x) (1); gelu(h) is recomputed. Measured in
+  hidden-sized activations: 19 with these VJPs; 28.5 with GELU's VJP and autodiff's dense
+  layers, which keep gelu(h) too; 52 without `tie`, where XLA recomputes every layer's gelu(h)
+  at the start of the backward."""
+  depth, rows, width = 12, 1024, 64
+
+  def temps(dense, gelu_dense):
+    def f(params, x):
+      for w1, b1, w2, b2 in params:
+        x = x + gelu_dense(dense(x, w1, b1), w2, b2)
+      return x.sum()
+    params = [(jnp.full((width, 4 * width), 0.01), jnp.zeros(4 * width),
+               jnp.full((4 * width, width), 0.01), jnp.zeros(width))] * depth
+    compiled = jax.jit(jax.grad(f)).lower(params, jnp.ones((rows, width))).compile(
+        compiler_options=_MEMORY_SCHEDULER)
+    return compiled.memory_analysis().temp_size_in_bytes / (rows * 4 * width * 4)
+
+  lean = temps(lean_vjp.dense, lean_vjp.gelu_dense)
+  kept = temps(lambda x, w, b: x @ w + b, lambda h, w, b: lean_vjp.gelu(h) @ w + b)
+  assert lean < 1.25 * depth + 5, lean  # The residuals plus one layer's backward.
+  assert kept > 2.25 * depth, kept

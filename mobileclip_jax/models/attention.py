@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import lean_vjp
 
 ATTENTION_KINDS = ('softmax', 'sigmoid')
 CACHE = 'cache'
@@ -90,8 +91,7 @@ class FusedQKV(nn.Module):
     def project(inputs, cols):
       inputs, w, b = nn.dtypes.promote_dtype(inputs, kernel[:, cols],
                                              None if bias is None else bias[cols], dtype=self.dtype)
-      y = inputs @ w
-      return y if b is None else y + b
+      return lean_vjp.dense(inputs, w, b)
 
     if not cross:
       return project(x, slice(None))
@@ -168,7 +168,8 @@ class MultiHeadAttention(nn.Module):
     else:
       out = dot_product_attention(q, k, v, kind=self.opts.attention, mask=mask,
                                   is_causal=self.is_causal, key_size=key_size)
-    out = nn.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(out.reshape(b, n, c))
+    out = layers.Dense(c, kernel_init=self.proj_init, dtype=dtype, name='proj')(
+        out.reshape(b, n, c))
     return (out, q, k) if with_qk else out
 
 

@@ -307,6 +307,7 @@ class Conv(nn.Module):
   padding: Optional[Sequence[int]] = None  # per spatial dim, symmetric; None = timm's rule.
   kernel_init: Any = torch_conv_init
   dtype: Optional[Dtype] = None
+  gelu_input: bool = False  # conv(gelu(x)), gelu(x) recomputed in the backward (1x1 only).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -319,6 +320,12 @@ class Conv(nn.Module):
     dtype = self.dtype or x.dtype
     pad = self.padding if self.padding is not None else torch_padding(self.kernel_size, self.stride)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.gelu_input:
+      if (kh, kw, self.stride, self.groups) != (1, 1, 1, 1) or any(pad):
+        raise ValueError(f'{self.name}: gelu_input needs an unpadded 1x1 conv, stride 1, 1 group.')
+      bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+              if self.use_bias else None)
+      return lean_vjp.gelu_dense(x, kernel.reshape(kernel.shape[-2:]), bias)
     if self.groups == c_in and self.groups > 1:
       y = depthwise_conv(x, kernel, self.stride, pad)
     elif (kh, kw) == (1, 1) and self.groups == 1 and not any(pad):
@@ -512,8 +519,8 @@ class ConvMlp(nn.Module):
     x = ConvBN(features=c, kernel_size=self.kernel_size, groups=c, padding=pad, opts=self.opts,
                name='conv')(x, train)
     dense = dict(kernel_size=1, kernel_init=trunc_normal_02, dtype=self.opts.dtype)
-    x = gelu(Conv(features=self.hidden, name='fc1', **dense)(x))
-    return Conv(features=c, name='fc2', **dense)(x)
+    x = Conv(features=self.hidden, name='fc1', **dense)(x)
+    return Conv(features=c, gelu_input=True, name='fc2', **dense)(x)
 
 
 class RepMixerBlock(nn.Module):
@@ -535,6 +542,24 @@ class RepMixerBlock(nn.Module):
     return x + LayerScale(init_value=self.layer_scale_init, name='layer_scale')(y)
 
 
+class Dense(nn.Module):
+  """nn.Dense's parameters (kernel [C_in, features], bias [features]) through `lean_vjp.dense`;
+  with `gelu_input`, of gelu(x) through `lean_vjp.gelu_dense` (x kept, gelu(x) recomputed)."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = trunc_normal_02
+  dtype: Optional[Dtype] = None
+  gelu_input: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    fn = lean_vjp.gelu_dense if self.gelu_input else lean_vjp.dense
+    return fn(*nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype))
+
+
 class Mlp(nn.Module):
   """Transformer MLP: Dense(hidden) -> act -> Dense(C). [..., C] -> [..., C]."""
   hidden: int
@@ -545,9 +570,11 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.Dense(self.hidden, kernel_init=self.fc1_init, dtype=self.dtype, name='fc1')(x)
-    y = ACTIVATIONS[self.act](y)
-    return nn.Dense(x.shape[-1], kernel_init=self.fc2_init, dtype=self.dtype, name='fc2')(y)
+    dense = functools.partial(Dense, dtype=self.dtype)
+    y = dense(self.hidden, kernel_init=self.fc1_init, name='fc1')(x)
+    if self.act == 'gelu':
+      return dense(x.shape[-1], kernel_init=self.fc2_init, gelu_input=True, name='fc2')(y)
+    return dense(x.shape[-1], kernel_init=self.fc2_init, name='fc2')(ACTIVATIONS[self.act](y))
 
 
 class DropPath(nn.Module):
