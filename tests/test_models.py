@@ -400,6 +400,18 @@ def test_cpu_depthwise_kernel_gradient_reduces_once_per_stride_phase(kernel, str
   assert program.count('stablehlo.reduce') == phases + 1  # + the sum over the examples.
 
 
+@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (1, 2)])
+def test_conv_with_gelu_input_is_a_1x1_conv_of_gelu_and_refuses_other_shapes(kernel_size, stride):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))
+  fused = layers.Conv(features=5, kernel_size=1, gelu_input=True)
+  variables = fused.init(jax.random.PRNGKey(1), x)
+  want = layers.Conv(features=5, kernel_size=1).apply(variables, layers.gelu(x))
+  np.testing.assert_allclose(fused.apply(variables, x), want, rtol=1e-6, atol=1e-6)
+  conv = layers.Conv(features=5, kernel_size=kernel_size, stride=stride, gelu_input=True, name='fc2')
+  with pytest.raises(ValueError, match='fc2: gelu_input needs an unpadded 1x1 conv'):
+    conv.init(jax.random.PRNGKey(1), x)
+
+
 def test_cpu_depthwise_conv_chain_keeps_no_padded_copy_for_the_backward():
   """x = gelu(conv(x)), 6 layers: the backward needs each conv's input and output (2 per layer);
   XLA:CPU's temporaries, with the step's memory scheduler, hold 13.5 input-sized activations.
