@@ -407,7 +407,8 @@ def test_conv_with_gelu_input_is_a_1x1_conv_of_gelu_and_refuses_other_shapes(ker
   variables = fused.init(jax.random.PRNGKey(1), x)
   want = layers.Conv(features=5, kernel_size=1).apply(variables, layers.gelu(x))
   np.testing.assert_allclose(fused.apply(variables, x), want, rtol=1e-6, atol=1e-6)
-  conv = layers.Conv(features=5, kernel_size=kernel_size, stride=stride, gelu_input=True, name='fc2')
+  conv = layers.Conv(features=5, kernel_size=kernel_size, stride=stride, gelu_input=True,
+                     name='fc2')
   with pytest.raises(ValueError, match='fc2: gelu_input needs an unpadded 1x1 conv'):
     conv.init(jax.random.PRNGKey(1), x)
 
