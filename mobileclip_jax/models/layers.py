@@ -319,12 +319,12 @@ class Conv(nn.Module):
                         jnp.float32)
     dtype = self.dtype or x.dtype
     pad = self.padding if self.padding is not None else torch_padding(self.kernel_size, self.stride)
+    bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+            if self.use_bias else None)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if self.gelu_input:
       if (kh, kw, self.stride, self.groups) != (1, 1, 1, 1) or any(pad):
         raise ValueError(f'{self.name}: gelu_input needs an unpadded 1x1 conv, stride 1, 1 group.')
-      bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
-              if self.use_bias else None)
       return lean_vjp.gelu_dense(x, kernel.reshape(kernel.shape[-2:]), bias)
     if self.groups == c_in and self.groups > 1:
       y = depthwise_conv(x, kernel, self.stride, pad)
@@ -332,9 +332,7 @@ class Conv(nn.Module):
       y = pointwise_conv(x, kernel, self.stride)
     else:
       y = _xla_conv(x, kernel, self.stride, pad, self.groups)
-    if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
-    return y
+    return y if bias is None else y + bias
 
 
 class BatchNorm(nn.Module):

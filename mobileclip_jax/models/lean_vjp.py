@@ -48,12 +48,21 @@ def _gelu_fwd(x):
 def _gelu_bwd(x, g):
   g, x = after(g, x)
   xf = x.astype(jnp.float32)
-  # d/dx [x erfc(-x / sqrt 2) / 2] = erfc(-x / sqrt 2) / 2 + x exp(-x^2 / 2) / sqrt(2 pi).
-  slope = 0.5 * jax.lax.erfc(-xf * _SQRT_HALF) + xf * jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+  slope = _gelu_slope(xf, _half_erfc(xf))
   return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def _half_erfc(x):
+  """erfc(-x / sqrt 2) / 2: gelu(x) = x * _half_erfc(x)."""
+  return 0.5 * jax.lax.erfc(-x * _SQRT_HALF)
+
+
+def _gelu_slope(x, half_erfc):
+  """d gelu / dx = erfc(-x / sqrt 2) / 2 + x exp(-x^2 / 2) / sqrt(2 pi)."""
+  return half_erfc + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -109,7 +118,6 @@ def _normalize_bwd(axes, epsilon, residuals, cotangents):
 
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
 
 
 def tie(x: jax.Array, *deps: jax.Array) -> jax.Array:
@@ -177,10 +185,9 @@ def _gelu_dense_bwd(residuals, g):
   h, kernel, has_bias = residuals
   hf = tie(h, g).astype(jnp.float32)
   # Its own buffer: fused into both users, the erfc polynomial ran twice.
-  half_erfc = jax.lax.optimization_barrier(0.5 * jax.lax.erfc(-hf * _SQRT_HALF))
+  half_erfc = jax.lax.optimization_barrier(_half_erfc(hf))
   da, dkernel, dbias = _dense_grads((hf * half_erfc).astype(h.dtype), kernel, has_bias, g)
-  slope = half_erfc + hf * jnp.exp(-0.5 * hf * hf) * _INV_SQRT_2PI
-  return (da.astype(jnp.float32) * slope).astype(h.dtype), dkernel, dbias
+  return (da.astype(jnp.float32) * _gelu_slope(hf, half_erfc)).astype(h.dtype), dkernel, dbias
 
 
 gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
