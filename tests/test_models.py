@@ -413,6 +413,45 @@ def test_conv_with_gelu_input_is_a_1x1_conv_of_gelu_and_refuses_other_shapes(ker
     conv.init(jax.random.PRNGKey(1), x)
 
 
+def _random_variables(variables, seed=0):
+  """Every leaf random: variances in [0.5, 2], the rest normal (an init's BN would fold to ~1)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, a):
+    if jax.tree_util.keystr(path).endswith("['var']"):
+      return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32)
+    return jnp.asarray(rng.normal(0.0, 0.5, a.shape), jnp.float32)
+  return jax.tree.map_with_path(leaf, variables)
+
+
+def test_train_time_mobileone_block_evaluates_its_branches_as_one_conv():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 6))
+  block = layers.MobileOneBlock(features=6, kernel_size=3, use_act=False)
+  v = _random_variables(block.init(jax.random.PRNGKey(1), x))
+  p, s = v['params'], v['batch_stats']
+  bn = lambda y, p, s: (y - s['mean']) / jnp.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
+  conv = lambda k, pad: jax.lax.conv_general_dilated(x, k, (1, 1), [(pad, pad)] * 2,
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  branch = lambda name, pad: bn(conv(p[name]['conv']['kernel'], pad), p[name]['bn'], s[name]['bn'])
+  want = bn(x, p['identity'], s['identity']) + branch('conv_scale', 0) + branch('conv_kxk_0', 1)
+  np.testing.assert_allclose(block.apply(v, x), want, rtol=1e-5, atol=1e-5)
+  convs = lambda train: str(jax.make_jaxpr(
+      lambda v: block.apply(v, x, train, mutable=['batch_stats']))(v)).count('conv_general_dilated')
+  assert (convs(False), convs(True)) == (1, 2)  # Eval folds; training runs both conv branches.
+
+
+def test_cpu_folded_kernel_is_computed_once_not_in_every_pixel():
+  """XLA:CPU fused the fold's arithmetic (a dozen BN parameters per channel) into the taps loop,
+  recomputing it for every output pixel; the taps now read x and two folded buffers."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 32))
+  mixer = layers.RepMixer(kernel_size=3)
+  v = _random_variables(mixer.init(jax.random.PRNGKey(1), x))
+  hlo = jax.jit(lambda v, x: mixer.apply(v, x)).lower(v, x).compile().as_text()
+  root = next(line for line in hlo[hlo.index('ENTRY'):].splitlines() if 'ROOT' in line)
+  operands = root[root.index('fusion(') + len('fusion('):root.index(')')].split(', ')
+  assert len(operands) == 3 and not any(o.startswith('%v') for o in operands), root
+
+
 def test_cpu_depthwise_conv_chain_keeps_no_padded_copy_for_the_backward():
   """x = gelu(conv(x)), 6 layers: the backward needs each conv's input and output (2 per layer);
   XLA:CPU's temporaries, with the step's memory scheduler, hold 13.5 input-sized activations.

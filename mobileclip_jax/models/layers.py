@@ -4,8 +4,10 @@ Module and parameter names mirror timm's FastViT (`conv_kxk_0` for `conv_kxk.0`,
 `conv_scale`, `layer_scale/gamma`, ...) so that conversion to PyTorch state_dicts is a table of
 renames and transposes (see `mobileclip_jax.convert`). Every block has a train-time multi-branch
 form and, with `reparameterized=True`, the single-conv inference form that
-`mobileclip_jax.models.reparam` produces from the train-time parameters.
+`mobileclip_jax.models.reparam` produces from the train-time parameters; in eval mode the
+train-time form folds its branches the same way on the fly (`folded`).
 """
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -16,12 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from mobileclip_jax.models import lean_vjp
+from mobileclip_jax.models import reparam
 
 Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
 # The platform that the function being traced will run on, when its caller knows it (for_platform).
 _PLATFORM = contextvars.ContextVar('mobileclip_jax_platform', default=None)
 PLAIN = 'plain'
+_BRANCHES_IN_EVAL = contextvars.ContextVar('mobileclip_jax_branches_in_eval', default=False)
 
 
 def for_platform(fn, platform: str):
@@ -294,6 +298,69 @@ def materialize_on_cpu(x: jax.Array) -> jax.Array:
   return _per_platform(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
+def conv(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None, stride: int = 1,
+         groups: int = 1, padding: Optional[Sequence[int]] = None,
+         dtype: Optional[Dtype] = None) -> jax.Array:
+  """`Conv`'s computation on given parameters: x [B, H, W, C_in], kernel HWIO, in `dtype`.
+
+  padding: per spatial dim, symmetric; None = timm's rule for the kernel size and stride.
+  """
+  kh, kw = kernel.shape[:2]
+  dtype = dtype or x.dtype
+  pad = padding if padding is not None else torch_padding((kh, kw), stride)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if groups == x.shape[-1] and groups > 1:
+    y = depthwise_conv(x, kernel, stride, pad)
+  elif (kh, kw) == (1, 1) and groups == 1 and not any(pad):
+    y = pointwise_conv(x, kernel, stride)
+  else:
+    y = _xla_conv(x, kernel, stride, pad, groups)
+  return y if bias is None else y + bias.astype(dtype)
+
+
+def _computed_once(a: jax.Array) -> jax.Array:
+  """a, computed into its own buffer on CPU (a reduction); a itself elsewhere.
+
+  XLA:CPU fuses cheap elementwise producers into every consumer, and its optimization barriers
+  are gone before fusion: a folded kernel was recomputed for every output pixel of the taps
+  (S0's train-time eval forward at batch 1, 256 px: 27.7 instead of 23.1 ms). A reduction is
+  not fused into its consumers; the sum with zeros is exact.
+  """
+  return _per_platform(a, cpu=lambda a: jnp.stack([a, jnp.zeros_like(a)]).sum(0),
+                       default=lambda a: a)
+
+
+@contextlib.contextmanager
+def branches_in_eval():
+  """While active (tracing), train-time blocks run their branch modules in eval mode too.
+
+  For code that acts on those modules' calls (the inheritance masks' method interceptor gates
+  the inputs of branch convs): `folded` would skip them.
+  """
+  token = _BRANCHES_IN_EVAL.set(True)
+  try:
+    yield
+  finally:
+    _BRANCHES_IN_EVAL.reset(token)
+
+
+def folded(module: nn.Module, train: bool) -> Optional[dict]:
+  """A reparameterizable block's inference-form params, folded from its own train-time variables.
+
+  In eval mode only (`reparam.fold_block`, with the BatchNorm running statistics): the train-time
+  model then evaluates (zero-shot evaluation during training, train-time checkpoints) with one
+  conv per block, at the reparameterized model's cost, instead of one per branch. None while
+  training (batch statistics), at init (the branches create the variables), in the
+  reparameterized form (nothing to fold) and under `branches_in_eval`.
+  """
+  if (train or module.is_initializing() or module.opts.reparameterized
+      or _BRANCHES_IN_EVAL.get()):
+    return None
+  variables = module.variables
+  fold = reparam.fold_block(dict(variables['params']), dict(variables.get('batch_stats', {})))
+  return jax.tree.map(_computed_once, fold)
+
+
 class Conv(nn.Module):
   """2-D convolution with PyTorch padding. x: [B, H, W, C_in] -> [B, H', W', features].
 
@@ -317,22 +384,15 @@ class Conv(nn.Module):
       raise ValueError(f'{self.name}: {c_in} input channels are not divisible by {self.groups} groups.')
     kernel = self.param('kernel', self.kernel_init, (kh, kw, c_in // self.groups, self.features),
                         jnp.float32)
-    dtype = self.dtype or x.dtype
-    pad = self.padding if self.padding is not None else torch_padding(self.kernel_size, self.stride)
-    bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+    bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
             if self.use_bias else None)
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if self.gelu_input:
-      if (kh, kw, self.stride, self.groups) != (1, 1, 1, 1) or any(pad):
-        raise ValueError(f'{self.name}: gelu_input needs an unpadded 1x1 conv, stride 1, 1 group.')
-      return lean_vjp.gelu_dense(x, kernel.reshape(kernel.shape[-2:]), bias)
-    if self.groups == c_in and self.groups > 1:
-      y = depthwise_conv(x, kernel, self.stride, pad)
-    elif (kh, kw) == (1, 1) and self.groups == 1 and not any(pad):
-      y = pointwise_conv(x, kernel, self.stride)
-    else:
-      y = _xla_conv(x, kernel, self.stride, pad, self.groups)
-    return y if bias is None else y + bias
+    if not self.gelu_input:
+      return conv(x, kernel, bias, self.stride, self.groups, self.padding, self.dtype)
+    dtype = self.dtype or x.dtype
+    if (kh, kw, self.stride, self.groups) != (1, 1, 1, 1) or (self.padding and any(self.padding)):
+      raise ValueError(f'{self.name}: gelu_input needs an unpadded 1x1 conv, stride 1, 1 group.')
+    return lean_vjp.gelu_dense(x.astype(dtype), kernel.reshape(kernel.shape[-2:]).astype(dtype),
+                               None if bias is None else bias.astype(dtype))
 
 
 class BatchNorm(nn.Module):
@@ -459,20 +519,24 @@ class MobileOneBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = dict(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
+    spec = dict(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
                 groups=self.groups, padding=self.padding)
+    fold = folded(self, train)
     if self.opts.reparameterized:
-      out = Conv(use_bias=True, dtype=self.opts.dtype, name='reparam_conv', **conv)(x)
+      out = Conv(use_bias=True, dtype=self.opts.dtype, name='reparam_conv', **spec)(x)
+    elif fold:  # Eval: the branches' sum as one conv.
+      out = conv(x, **fold['reparam_conv'], stride=self.stride, groups=self.groups,
+                 padding=self.padding, dtype=self.opts.dtype)
     else:
       out = 0
       if self.features == x.shape[-1] and self.stride == 1:
         out = BatchNorm(group_size=self.opts.bn_group_size, dtype=self.opts.dtype,
                         name='identity')(x, train)
       if max(pair(self.kernel_size)) > 1 and self.use_scale_branch:
-        scale = dict(conv, kernel_size=1, padding=None)
+        scale = dict(spec, kernel_size=1, padding=None)
         out = out + ConvBN(opts=self.opts, name='conv_scale', **scale)(x, train)
       for i in range(self.num_conv_branches):
-        out = out + ConvBN(opts=self.opts, name=f'conv_kxk_{i}', **conv)(x, train)
+        out = out + ConvBN(opts=self.opts, name=f'conv_kxk_{i}', **spec)(x, train)
     if self.use_se:
       out = SqueezeExcite(rd_divisor=1, dtype=self.opts.dtype, name='se')(out)
     return gelu(out) if self.use_act else out
@@ -496,6 +560,9 @@ class RepMixer(nn.Module):
     if self.opts.reparameterized:
       return Conv(features=c, kernel_size=self.kernel_size, groups=c, padding=pad,
                   dtype=self.opts.dtype, name='reparam_conv')(x)
+    fold = folded(self, train)
+    if fold:  # Eval: x + gamma * (mixer - norm) as one conv.
+      return conv(x, **fold['reparam_conv'], groups=c, padding=pad, dtype=self.opts.dtype)
     common = dict(features=c, kernel_size=self.kernel_size, groups=c, use_act=False, padding=pad,
                   opts=self.opts)
     mixed = MobileOneBlock(use_scale_branch=self.use_scale_branch, name='mixer', **common)(x, train)

@@ -77,9 +77,13 @@ class ReparamLargeKernelConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = dict(features=self.features, stride=self.stride, groups=x.shape[-1])
+    fold = layers.folded(self, train)
     if self.opts.reparameterized:
       out = layers.Conv(kernel_size=self.kernel_size, dtype=self.opts.dtype, name='reparam_conv',
                         **conv)(x)
+    elif fold:  # Eval: both branches as one conv.
+      out = layers.conv(x, **fold['reparam_conv'], stride=self.stride, groups=x.shape[-1],
+                        dtype=self.opts.dtype)
     else:
       branch = lambda k, name: layers.ConvBN(kernel_size=k, opts=self.opts, name=name, **conv)(
           x, train)

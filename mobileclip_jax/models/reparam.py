@@ -55,8 +55,11 @@ def _mobileone_kernel_bias(p: Tree, s: Tree, shape: Tuple[int, int, int, int]):
   return kernel, bias
 
 
-def _reparam_node(p: Tree, s: Tree) -> Optional[Tree]:
-  """The inference-form params of one reparameterizable block, or None if `p` is not one."""
+def fold_block(p: Tree, s: Tree) -> Optional[Tree]:
+  """The inference-form params of one reparameterizable block, or None if `p` is not one.
+
+  p, s: the block's train-time params and running statistics (its own subtrees).
+  """
   if 'mixer' in p and 'norm' in p and 'layer_scale' in p:  # RepMixer.
     shape = p['mixer']['conv_kxk_0']['conv']['kernel'].shape
     wm, bm = _mobileone_kernel_bias(p['mixer'], s['mixer'], shape)
@@ -83,7 +86,7 @@ def _reparam_node(p: Tree, s: Tree) -> Optional[Tree]:
 
 
 def _walk(p: Tree, s: Tree) -> Tuple[Tree, Tree]:
-  fused = _reparam_node(p, s)
+  fused = fold_block(p, s)
   if fused is not None:
     return fused, {}
   params, stats = {}, {}
