@@ -13,6 +13,7 @@ from mobileclip_jax import convert
 from mobileclip_jax.models import attention
 from mobileclip_jax.models import clip as clip_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import mobileone
 from mobileclip_jax.models import text as text_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
@@ -426,7 +427,7 @@ def _random_variables(variables, seed=0):
 
 def test_train_time_mobileone_block_evaluates_its_branches_as_one_conv():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 6))
-  block = layers.MobileOneBlock(features=6, kernel_size=3, use_act=False)
+  block = mobileone.MobileOneBlock(features=6, kernel_size=3, use_act=False)
   v = _random_variables(block.init(jax.random.PRNGKey(1), x))
   p, s = v['params'], v['batch_stats']
   bn = lambda y, p, s: (y - s['mean']) / jnp.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
@@ -444,7 +445,7 @@ def test_cpu_folded_kernel_is_computed_once_not_in_every_pixel():
   """XLA:CPU fused the fold's arithmetic (a dozen BN parameters per channel) into the taps loop,
   recomputing it for every output pixel; the taps now read x and two folded buffers."""
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 32))
-  mixer = layers.RepMixer(kernel_size=3)
+  mixer = mobileone.RepMixer(kernel_size=3)
   v = _random_variables(mixer.init(jax.random.PRNGKey(1), x))
   hlo = jax.jit(lambda v, x: mixer.apply(v, x)).lower(v, x).compile().as_text()
   root = next(line for line in hlo[hlo.index('ENTRY'):].splitlines() if 'ROOT' in line)

@@ -19,7 +19,7 @@ Design, and why:
   checkpoints and evaluators. Ascent on the multipliers is a gradient reversal, so no optimizer
   rule can turn it into descent by accident.
 - Masks act on the train-time (un-reparameterized) modules without editing them (in eval mode
-  too, whose blocks would otherwise fold their branches: `layers.branches_in_eval`): a flax
+  too, whose blocks would otherwise fold their branches: `mobileone.branches_in_eval`): a flax
   method interceptor multiplies the *input* of every module that reads a masked unit (the table of
   readers comes from units.py: qkv / fc1 / 1x1 convs / SE / head read channels, attention `proj`
   reads heads, `fc2` reads neurons), gates each block's residual update
@@ -54,7 +54,7 @@ import numpy as np
 from mobileclip_jax import keys
 from mobileclip_jax.inheritance import units
 from mobileclip_jax.models import clip as clip_lib
-from mobileclip_jax.models import layers
+from mobileclip_jax.models import mobileone
 
 KINDS = ('heads', 'mlp', 'embed', 'layers')
 TOWERS = {'text': 'text', 'image': 'visual'}
@@ -271,13 +271,13 @@ class MaskedCLIP(nn.Module):
   def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
     gates = self._gates(train, 'visual')
     with nn.intercept_methods(_interceptor(gates, units.layout(self.config), 'visual')), \
-        layers.branches_in_eval():
+        mobileone.branches_in_eval():
       return self.clip.encode_image(images, train)
 
   def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     gates = self._gates(train, 'text')
     with nn.intercept_methods(_interceptor(gates, units.layout(self.config), 'text')), \
-        layers.branches_in_eval():
+        mobileone.branches_in_eval():
       return self.clip.encode_text(tokens, train)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False):

@@ -4,10 +4,9 @@ Module and parameter names mirror timm's FastViT (`conv_kxk_0` for `conv_kxk.0`,
 `conv_scale`, `layer_scale/gamma`, ...) so that conversion to PyTorch state_dicts is a table of
 renames and transposes (see `mobileclip_jax.convert`). Every block has a train-time multi-branch
 form and, with `reparameterized=True`, the single-conv inference form that
-`mobileclip_jax.models.reparam` produces from the train-time parameters; in eval mode the
-train-time form folds its branches the same way on the fly (`folded`).
+`mobileclip_jax.models.reparam` produces from the train-time parameters. The MobileOne /
+RepMixer blocks themselves are in `mobileone.py`.
 """
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -18,14 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from mobileclip_jax.models import lean_vjp
-from mobileclip_jax.models import reparam
 
 Dtype = Any
 KernelSize = Union[int, Tuple[int, int]]
 # The platform that the function being traced will run on, when its caller knows it (for_platform).
 _PLATFORM = contextvars.ContextVar('mobileclip_jax_platform', default=None)
 PLAIN = 'plain'
-_BRANCHES_IN_EVAL = contextvars.ContextVar('mobileclip_jax_branches_in_eval', default=False)
 
 
 def for_platform(fn, platform: str):
@@ -47,7 +44,7 @@ def for_platform(fn, platform: str):
   return traced_for_platform
 
 
-def _per_platform(*args, cpu, default):
+def per_platform(*args, cpu, default):
   """cpu(*args) on CPU, default(*args) elsewhere (see `for_platform`)."""
   platform = _PLATFORM.get()
   if platform is None:
@@ -264,7 +261,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Sequence[i
 
   The shifted-slice form on CPU, XLA's native convolution (cuDNN, TPU) elsewhere.
   """
-  return _per_platform(
+  return per_platform(
       x, kernel, cpu=lambda x, k: _shift_depthwise_conv(x, k, stride, pad),
       default=lambda x, k: _xla_conv(x, k, stride, pad, x.shape[-1]))
 
@@ -283,7 +280,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   with transposed copies of both operands, 3-4x slower than the matmul's forward + backward.
   XLA's convolution elsewhere.
   """
-  return _per_platform(
+  return per_platform(
       x, kernel, cpu=lambda x, k: _pointwise_matmul(x, k, stride),
       default=lambda x, k: _xla_conv(x, k, stride, (0, 0), 1))
 
@@ -295,7 +292,7 @@ def materialize_on_cpu(x: jax.Array) -> jax.Array:
   transformer's backward pass it rebuilt each block's residual stream from all earlier branch
   outputs for every weight gradient, quadratic in depth (half of the text tower's step time).
   """
-  return _per_platform(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+  return per_platform(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 def conv(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None, stride: int = 1,
@@ -316,49 +313,6 @@ def conv(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None, stri
   else:
     y = _xla_conv(x, kernel, stride, pad, groups)
   return y if bias is None else y + bias.astype(dtype)
-
-
-def _computed_once(a: jax.Array) -> jax.Array:
-  """a, computed into its own buffer on CPU (a reduction); a itself elsewhere.
-
-  XLA:CPU fuses cheap elementwise producers into every consumer, and its optimization barriers
-  are gone before fusion: a folded kernel was recomputed for every output pixel of the taps
-  (S0's train-time eval forward at batch 1, 256 px: 27.7 ms, the reparameterized tower 22.2). A
-  reduction is not fused into its consumers (25.7 against 21.9 ms); the sum with zeros is exact.
-  """
-  return _per_platform(a, cpu=lambda a: jnp.stack([a, jnp.zeros_like(a)]).sum(0),
-                       default=lambda a: a)
-
-
-@contextlib.contextmanager
-def branches_in_eval():
-  """While active (tracing), train-time blocks run their branch modules in eval mode too.
-
-  For code that acts on those modules' calls (the inheritance masks' method interceptor gates
-  the inputs of branch convs): `folded` would skip them.
-  """
-  token = _BRANCHES_IN_EVAL.set(True)
-  try:
-    yield
-  finally:
-    _BRANCHES_IN_EVAL.reset(token)
-
-
-def folded(module: nn.Module, train: bool) -> Optional[dict]:
-  """A reparameterizable block's inference-form params, folded from its own train-time variables.
-
-  In eval mode only (`reparam.fold_block`, with the BatchNorm running statistics): the train-time
-  model then evaluates (zero-shot evaluation during training, train-time checkpoints) with one
-  conv per block, at the reparameterized model's cost, instead of one per branch. None while
-  training (batch statistics), at init (the branches create the variables), in the
-  reparameterized form (nothing to fold) and under `branches_in_eval`.
-  """
-  if (train or module.is_initializing() or module.opts.reparameterized
-      or _BRANCHES_IN_EVAL.get()):
-    return None
-  variables = module.variables
-  fold = reparam.fold_block(dict(variables['params']), dict(variables.get('batch_stats', {})))
-  return jax.tree.map(_computed_once, fold)
 
 
 class Conv(nn.Module):
@@ -496,115 +450,6 @@ class SqueezeExcite(nn.Module):
     s = nn.relu(Conv(features=rd, kernel_size=1, dtype=self.dtype, name='fc1')(s))
     s = Conv(features=c, kernel_size=1, dtype=self.dtype, name='fc2')(s)
     return x * jax.nn.sigmoid(s)
-
-
-class MobileOneBlock(nn.Module):
-  """MobileOne block: act(SE(sum of branches)).
-
-  Train-time branches: `conv_kxk_{i}` (k x k conv+BN, `num_conv_branches` of them), `conv_scale`
-  (1x1 conv+BN, when the kernel is larger than 1 and `use_scale_branch`), `identity` (BN only,
-  when shapes are preserved). Inference form: one `reparam_conv` with bias.
-  x: [B, H, W, C_in] -> [B, H/stride, W/stride, features].
-  """
-  features: int
-  kernel_size: KernelSize
-  stride: int = 1
-  groups: int = 1
-  use_se: bool = False
-  use_act: bool = True
-  use_scale_branch: bool = True
-  num_conv_branches: int = 1
-  padding: Optional[Sequence[int]] = None
-  opts: Options = Options()
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    spec = dict(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
-                groups=self.groups, padding=self.padding)
-    fold = folded(self, train)
-    if self.opts.reparameterized:
-      out = Conv(use_bias=True, dtype=self.opts.dtype, name='reparam_conv', **spec)(x)
-    elif fold:  # Eval: the branches' sum as one conv.
-      out = conv(x, **fold['reparam_conv'], stride=self.stride, groups=self.groups,
-                 padding=self.padding, dtype=self.opts.dtype)
-    else:
-      out = 0
-      if self.features == x.shape[-1] and self.stride == 1:
-        out = BatchNorm(group_size=self.opts.bn_group_size, dtype=self.opts.dtype,
-                        name='identity')(x, train)
-      if max(pair(self.kernel_size)) > 1 and self.use_scale_branch:
-        scale = dict(spec, kernel_size=1, padding=None)
-        out = out + ConvBN(opts=self.opts, name='conv_scale', **scale)(x, train)
-      for i in range(self.num_conv_branches):
-        out = out + ConvBN(opts=self.opts, name=f'conv_kxk_{i}', **spec)(x, train)
-    if self.use_se:
-      out = SqueezeExcite(rd_divisor=1, dtype=self.opts.dtype, name='se')(out)
-    return gelu(out) if self.use_act else out
-
-
-class RepMixer(nn.Module):
-  """FastViT token mixer: x + gamma * (MobileOne_dw(x) - BN(x)); inference form: one dw conv.
-
-  `kernel_size` is 3 (3x3) in MCi and (1, 11) in MCt, which runs it on [B, 1, L, D].
-  The text variant of Apple's code has no 1x1 scale branch (`use_scale_branch=False`).
-  """
-  kernel_size: KernelSize = 3
-  use_scale_branch: bool = True
-  layer_scale_init: float = 1e-5
-  opts: Options = Options()
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    c = x.shape[-1]
-    pad = tuple(k // 2 for k in pair(self.kernel_size))
-    if self.opts.reparameterized:
-      return Conv(features=c, kernel_size=self.kernel_size, groups=c, padding=pad,
-                  dtype=self.opts.dtype, name='reparam_conv')(x)
-    fold = folded(self, train)
-    if fold:  # Eval: x + gamma * (mixer - norm) as one conv.
-      return conv(x, **fold['reparam_conv'], groups=c, padding=pad, dtype=self.opts.dtype)
-    common = dict(features=c, kernel_size=self.kernel_size, groups=c, use_act=False, padding=pad,
-                  opts=self.opts)
-    mixed = MobileOneBlock(use_scale_branch=self.use_scale_branch, name='mixer', **common)(x, train)
-    normed = MobileOneBlock(use_scale_branch=False, num_conv_branches=0, name='norm',
-                            **common)(x, train)
-    return x + LayerScale(init_value=self.layer_scale_init, name='layer_scale')(mixed - normed)
-
-
-class ConvMlp(nn.Module):
-  """FastViT ConvFFN: dw conv+BN -> 1x1 conv (ratio x) -> GELU -> 1x1 conv. No pre-norm."""
-  hidden: int
-  kernel_size: KernelSize = 7
-  opts: Options = Options()
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    c = x.shape[-1]
-    pad = tuple(k // 2 for k in pair(self.kernel_size))
-    x = ConvBN(features=c, kernel_size=self.kernel_size, groups=c, padding=pad, opts=self.opts,
-               name='conv')(x, train)
-    dense = dict(kernel_size=1, kernel_init=trunc_normal_02, dtype=self.opts.dtype)
-    x = Conv(features=self.hidden, name='fc1', **dense)(x)
-    return Conv(features=c, gelu_input=True, name='fc2', **dense)(x)
-
-
-class RepMixerBlock(nn.Module):
-  """MetaFormer block with RepMixer: x = RepMixer(x); x = x + gamma * ConvMlp(x)."""
-  mlp_ratio: float = 3.0
-  kernel_size: KernelSize = 3
-  mlp_kernel_size: KernelSize = 7
-  use_scale_branch: bool = True
-  layer_scale_init: float = 1e-5
-  opts: Options = Options()
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = RepMixer(kernel_size=self.kernel_size, use_scale_branch=self.use_scale_branch,
-                 layer_scale_init=self.layer_scale_init, opts=self.opts,
-                 name='token_mixer')(x, train)
-    y = ConvMlp(hidden=int(x.shape[-1] * self.mlp_ratio), kernel_size=self.mlp_kernel_size,
-                opts=self.opts, name='mlp')(x, train)
-    return x + LayerScale(init_value=self.layer_scale_init, name='layer_scale')(y)
 
 
 class Dense(nn.Module):

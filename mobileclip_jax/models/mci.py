@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import mobileone
 from mobileclip_jax.models import reduce as reduce_lib
 
 
@@ -77,7 +78,7 @@ class ReparamLargeKernelConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = dict(features=self.features, stride=self.stride, groups=x.shape[-1])
-    fold = layers.folded(self, train)
+    fold = mobileone.folded(self, train)
     if self.opts.reparameterized:
       out = layers.Conv(kernel_size=self.kernel_size, dtype=self.opts.dtype, name='reparam_conv',
                         **conv)(x)
@@ -118,7 +119,7 @@ class PatchEmbed(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = ReparamLargeKernelConv(features=self.features, use_se=self.use_se, opts=self.opts,
                                name='proj_0')(x, train)
-    return layers.MobileOneBlock(features=self.features, kernel_size=1, opts=self.opts,
+    return mobileone.MobileOneBlock(features=self.features, kernel_size=1, opts=self.opts,
                                  name='proj_1')(x, train)
 
 
@@ -156,7 +157,7 @@ class AttentionBlock(nn.Module):
       y = mixer(y)
     scale = lambda name: layers.LayerScale(init_value=self.layer_scale_init, name=name)
     x = x + scale('layer_scale_1')(y.reshape(b, h, w, c))
-    y = layers.ConvMlp(hidden=int(c * self.mlp_ratio), opts=self.opts, name='mlp')(x, train)
+    y = mobileone.ConvMlp(hidden=int(c * self.mlp_ratio), opts=self.opts, name='mlp')(x, train)
     return x + scale('layer_scale_2')(y)
 
 
@@ -179,7 +180,7 @@ class Stage(nn.Module):
       x = RepCPE(opts=self.opts, name='pos_emb')(x)
     for j in range(cfg.depths[i]):
       if cfg.token_mixers[i] == 'repmixer':
-        block = layers.RepMixerBlock(mlp_ratio=cfg.mlp_ratio,
+        block = mobileone.RepMixerBlock(mlp_ratio=cfg.mlp_ratio,
                                      layer_scale_init=cfg.layer_scale_init, opts=self.opts,
                                      name=f'blocks_{j}')
       else:
@@ -221,14 +222,14 @@ class MCi(nn.Module):
     c0 = cfg.widths[0]
     stem = dict(features=c0, kernel_size=3, stride=2, use_scale_branch=cfg.stem_scale_branch,
                 opts=opts)
-    x = layers.MobileOneBlock(name='stem_0', **stem)(images, train)
-    x = layers.MobileOneBlock(groups=c0, name='stem_1', **stem)(x, train)
-    x = layers.MobileOneBlock(features=c0, kernel_size=1, opts=opts, name='stem_2')(x, train)
+    x = mobileone.MobileOneBlock(name='stem_0', **stem)(images, train)
+    x = mobileone.MobileOneBlock(groups=c0, name='stem_1', **stem)(x, train)
+    x = mobileone.MobileOneBlock(features=c0, kernel_size=1, opts=opts, name='stem_2')(x, train)
     for i in range(len(cfg.depths)):
       stage = Stage(config=cfg, index=i, opts=opts, name=f'stages_{i}')
       x = stage(x, train, merges[i])
     c_last = x.shape[-1]
-    x = layers.MobileOneBlock(features=int(c_last * cfg.final_ratio), kernel_size=3,
+    x = mobileone.MobileOneBlock(features=int(c_last * cfg.final_ratio), kernel_size=3,
                               groups=c_last, use_se=True, opts=opts, name='final_conv')(x, train)
     pooled = x.astype(jnp.float32).mean((1, 2)).astype(x.dtype)
     return nn.Dense(self.embed_dim, kernel_init=layers.trunc_normal_02, dtype=opts.dtype,

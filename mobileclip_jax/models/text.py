@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mobileclip_jax.models import attention as attn_lib
 from mobileclip_jax.models import layers
+from mobileclip_jax.models import mobileone
 from mobileclip_jax.models import reduce as reduce_lib
 
 PAD_ID = 0  # open_clip's pad_id; every tokenizer here pads with 0.
@@ -128,7 +129,7 @@ class TextTransformer(nn.Module):
       # Apple's MCt: FFN width rounded up to a multiple of 16; blocks 0 and L+1 are RepMixer
       # blocks running 1 x k depthwise convs along the sequence ([B, L, D] as [B, 1, L, D]).
       mlp_dim = int(math.ceil(width * cfg.mlp_ratio / 16.0) * 16)
-      repmixer = lambda i: layers.RepMixerBlock(
+      repmixer = lambda i: mobileone.RepMixerBlock(
           mlp_ratio=cfg.mlp_ratio, kernel_size=(1, cfg.repmixer_kernel),
           mlp_kernel_size=(1, cfg.repmixer_kernel), use_scale_branch=False, opts=self.opts,
           name=f'blocks_{i}')
