@@ -20,6 +20,7 @@ from mobileclip_jax import sharding
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import dataset_build
 from mobileclip_jax.data import errors
+from mobileclip_jax.data import jpeg_rows
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import sample_codec
@@ -425,6 +426,45 @@ def test_corrupt_records_fail_naming_the_record(data_dir):
   assert bad[index] == error.reason
   assert error.key == records[index]['key'].decode()
   assert records[index]['uid'].decode() in str(error)
+
+
+def test_jpeg_records_replay_exactly_from_the_rows_their_crops_need(data_dir, monkeypatch):
+  """JPEG images are decoded only down to their crop (`jpeg_rows`); every example still equals
+  the replay on the whole decode, and a cut JPEG is bad even where its crop's rows are intact."""
+  from mobileclip_jax.benchmark.data import photo  # pylint: disable=g-import-not-at-top
+  source, meta = reinforced_tfds.open_reinforced('reinforced', data_dir)
+  rng = np.random.default_rng(1)
+  records = {}
+  for i in range(len(source)):
+    buffer = io.BytesIO()
+    Image.fromarray(photo(rng, HEIGHT, WIDTH)).save(buffer, 'JPEG', quality=90)  # 4:2:0
+    record = {**source[i], 'image': buffer.getvalue()}
+    records[_decode_row(record['image_emb'][0])[0]] = record
+  cut = records[7]
+  cut['image'] = cut['image'][:len(cut['image']) * 3 // 4]
+  cut['paug'] = json.dumps([[[0, 0, 8, 8], ops] for _, ops in json.loads(cut['paug'])]).encode()
+  heights = []
+  decode = jpeg_rows.decode_top_rows
+
+  def spy(image, data, rows):
+    image = decode(image, data, rows)
+    heights.append(image.height)
+    return image
+
+  monkeypatch.setattr(jpeg_rows, 'decode_top_rows', spy)
+  iterator = _iterator([records[n] for n in range(NUM_SAMPLES)], meta, error_policy='skip',
+                       worker_count=0)
+  batches = list(iterator)
+  assert dict(iterator.skip_counter.skipped) == {errors.BAD_IMAGE: 1}
+  assert min(heights) < HEIGHT  # Some decodes did stop above the bottom.
+  config = augment.from_generation_config(meta.augmentation)
+  for batch in batches:
+    for image, row in zip(batch[keys.IMAGE], batch[keys.TEACHER_IMAGE]):
+      number, a = _decode_row(row)
+      record = records[number]
+      want = augment.replay(Image.open(io.BytesIO(record['image'])),
+                            json.loads(record['paug'])[a], SIZE, config)
+      np.testing.assert_array_equal(image, want, err_msg=f'{number}, {a}')
 
 
 def test_corrupt_records_skipped_counted_and_replaced(data_dir):

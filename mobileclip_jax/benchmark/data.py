@@ -28,8 +28,9 @@ Rows ('row' field):
   setup    the data: mean encoded size and bits per pixel of the source images.
   stage    CPU microseconds per example of each stage, one thread: shuffle (the record index,
            at this dataset's size and at DataCompDR-12M's: it costs more below ~1e5 records),
-           read (TFDS record read and decode: zstd-compressed ArrayRecord), decode (PIL, as
-           the loader), replay (crop + bicubic resize + 2 RandAugment ops at image_size;
+           read (TFDS record read and decode: zstd-compressed ArrayRecord), decode (PIL, the
+           whole image), decode_rows (the loader's: only down to the stored crop's bottom,
+           `jpeg_rows`), replay (crop + bicubic resize + 2 RandAugment ops at image_size;
            crop_resize alone), tokenize (a batch of captions, per caption), normalize (per
            image). draft_* is PIL's reduced-size JPEG decode, which the loader does NOT use:
            draft_applicable is the fraction of stored crops at least twice the output side
@@ -59,6 +60,7 @@ from mobileclip_jax import demo as demo_world
 from mobileclip_jax.benchmark import common
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import dataset_build
+from mobileclip_jax.data import jpeg_rows
 from mobileclip_jax.data import loader
 from mobileclip_jax.data import preprocess
 from mobileclip_jax.data import reinforced_tfds
@@ -209,6 +211,12 @@ def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
       with Image.open(io.BytesIO(data)) as image:
         image.load()
 
+  def decode_rows():
+    for data, a in zip(encoded, params):
+      top, _, height, _ = a[0]
+      with Image.open(io.BytesIO(data)) as image:
+        jpeg_rows.decode_top_rows(image, data, top + height)
+
   def crop_resize():
     for image, a in zip(images, params):
       top, left, height, width = a[0]
@@ -227,6 +235,7 @@ def _stage_row(data_dir: str, o: Dict[str, Any]) -> Dict[str, Any]:
       'shuffle_us_12m': us(shuffle(_DATACOMPDR_12M)),
       'read_us': us(lambda: [source[i] for i in range(count)]),
       'decode_us': us(decode),
+      'decode_rows_us': us(decode_rows),
       'replay_us': us(lambda: [augment.replay(i, a, size, config)
                                for i, a in zip(images, params)]),
       'crop_resize_us': us(crop_resize),

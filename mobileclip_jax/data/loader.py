@@ -53,6 +53,7 @@ from mobileclip_jax import keys
 from mobileclip_jax import utils
 from mobileclip_jax.data import augment
 from mobileclip_jax.data import errors
+from mobileclip_jax.data import jpeg_rows
 from mobileclip_jax.data import reinforced_tfds
 from mobileclip_jax.data import sample_codec
 from mobileclip_jax.data import tokenizer as tokenizer_lib
@@ -324,21 +325,29 @@ class ChunkLoader:
     return CorruptSampleError(f'{self._path} {self.config.split}[{index}]', key, reason,
                               f'uid {uid!r}: {detail}')
 
-  def _image(self, index: int, record: dict[str, Any]) -> Image.Image:
+  def _bad_image(self, index: int, record: dict[str, Any], e: Exception) -> CorruptSampleError:
+    # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on damaged input.
+    return self._corrupt(index, record, errors.BAD_IMAGE, f'{type(e).__name__}: {e}')
+
+  def _open(self, index: int, record: dict[str, Any]) -> Image.Image:
+    """The record's image, its header read (size, format), not yet decoded."""
     try:
-      image = Image.open(io.BytesIO(record['image']))
-      image.load()
-      return image
+      return Image.open(io.BytesIO(record['image']))
     except Exception as e:  # pylint: disable=broad-except
-      # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on damaged input.
-      raise self._corrupt(index, record, errors.BAD_IMAGE, f'{type(e).__name__}: {e}') from None
+      raise self._bad_image(index, record, e) from None
 
   def _replay(self, index: int, record: dict[str, Any], image: Image.Image,
               params: Any) -> np.ndarray:
+    """Decodes `image` (from `_open`) down to the bottom of params' crop and replays params."""
     try:
-      return augment.replay(image, params, self.config.image_size, self._augment_config)
+      (top, _, height, _), _ = augment.validate_params(params, image.height, image.width)
     except ValueError as e:
       raise self._corrupt(index, record, errors.BAD_PAUG, str(e)) from None
+    try:
+      image = jpeg_rows.decode_top_rows(image, record['image'], top + height)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._bad_image(index, record, e) from None
+    return augment.replay(image, params, self.config.image_size, self._augment_config)
 
   def _reinforced_example(self, index: int, record: dict[str, Any],
                           rng: np.random.Generator) -> dict[str, Any]:
@@ -361,7 +370,7 @@ class ChunkLoader:
       raise self._corrupt(index, record, errors.BAD_PAUG,
                           f'no augmentation {a} of k={self.meta.k} ({type(e).__name__}: '
                           f'{e})') from None
-    image = self._replay(index, record, self._image(index, record), params)
+    image = self._replay(index, record, self._open(index, record), params)
     return {keys.IMAGE: image, keys.TEXT: record['captions'][c],
             keys.SYN_TEXT: record['syn_captions'][s],
             **embeddings}
@@ -369,7 +378,7 @@ class ChunkLoader:
   def _plain_example(self, index: int, record: dict[str, Any],
                      rng: np.random.Generator) -> dict[str, Any]:
     c = int(rng.integers(self.meta.num_captions))
-    image = self._image(index, record)
+    image = self._open(index, record)
     params = augment.sample_params(rng, image.height, image.width, self._augment_config)
     return {keys.IMAGE: self._replay(index, record, image, params),
             keys.TEXT: record['captions'][c]}
