@@ -160,6 +160,35 @@ def test_the_cpu_step_is_scheduled_for_memory_unless_configured_otherwise():
     build(config)
 
 
+def test_the_update_as_its_own_program_gives_the_fused_steps_run():
+  # On CPU the optimizer's update is a second program (`update_program='auto'`): it must give
+  # what the one-program step gives, update the batch statistics and still donate the state.
+  runs = {}
+  for choice in ('auto', 'fused'):
+    config = make_config('MobileCLIP2-S0', TINY_MCI)
+    config.update_program = choice
+    runs[choice] = build(config)
+  assert [len(run.step.programs) for run in runs.values()] == [2, 1]
+  memory = [run.step.memory_analysis() for run in runs.values()]
+  for field in ('argument', 'output', 'alias'):  # The same state and batch in and out.
+    assert len({getattr(m, f'{field}_size_in_bytes') for m in memory}) == 1, field
+  separate, fused = (train(run, make_batch(), steps=3) for run in runs.values())
+  assert jax.tree.structure(separate) == jax.tree.structure(fused)
+  for got, want in zip(jax.tree.leaves(separate), jax.tree.leaves(fused)):
+    np.testing.assert_array_equal(got, want)  # The same operations: bit for bit.
+  assert separate[0].step == 3
+  initial = runs['auto'].init_state()
+  for got, before in zip(jax.tree.leaves(separate[0].batch_stats),
+                         jax.tree.leaves(initial.batch_stats)):
+    assert not np.array_equal(got, before)  # Every BatchNorm's running statistics moved.
+  state = runs['auto'].init_state()
+  runs['auto'].step(state, sharding_lib.global_batch(make_batch(), runs['auto'].mesh))
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves((state.params, state.opt_state)))
+  config.update_program = 'split'
+  with pytest.raises(ValueError, match="update_program='split': use one of 'auto', 'separate'"):
+    build(config)
+
+
 @pytest.fixture(scope='module')
 def vit_full_batch_run():
   return train(build(make_config('ViT-B-16', TINY_VIT)), make_batch())

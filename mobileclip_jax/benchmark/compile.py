@@ -15,7 +15,9 @@ weights): first with an empty persistent cache (a real compile, written to the c
 with that cache, as a resumed run would. A row: recipe, batch, cold_s, warm_s, cold_wrote_cache,
 warm_hit (the first process wrote the executable and the second wrote nothing: it read it),
 the compiled step's per-device memory, entry_thunks / thunks_by_op (`entry_thunks`, counted in
-the first process). *_lower_s is tracing + lowering (paid on every start), cold_s / warm_s
+the first process, summed over the step's programs) and program_thunks (per program: the
+gradients', then the update's where `update_program` separates it). *_lower_s is tracing +
+lowering (paid on every start), cold_s / warm_s
 compiling or reading the executable from the cache (`train.setup.Run`).
 """
 import collections
@@ -66,8 +68,12 @@ def measure(spec: str, batch: int, cache_dir: str, count_thunks: bool) -> Dict[s
   files_before = len(os.listdir(cache_dir))
   run.step  # pylint: disable=pointless-statement  (compiles)
   analysis = run.step.memory_analysis()
-  thunks = entry_thunks(run.step.as_text()) if count_thunks else {}
+  per_program = [entry_thunks(program.as_text()) if count_thunks else {}
+                 for program in run.step.programs]
+  thunks = dict(sum((collections.Counter(t) for t in per_program), collections.Counter())
+                .most_common())
   return {'entry_thunks': sum(thunks.values()), 'thunks_by_op': thunks,
+          'program_thunks': [sum(t.values()) for t in per_program],
           'lower_s': round(run.lower_seconds, 2), 'compile_s': round(run.compile_seconds, 2),
           'batch': config.batch_size,
           'cache_files_written': len(os.listdir(cache_dir)) - files_before,
@@ -104,6 +110,7 @@ def run(options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
            'cold_wrote_cache': cold['cache_files_written'] > 0,
            'warm_hit': cold['cache_files_written'] > 0 and warm['cache_files_written'] == 0,
            'temp_gib': cold['temp_gib'], 'entry_thunks': cold['entry_thunks'],
+           'program_thunks': cold['program_thunks'],
            'thunks_by_op': cold['thunks_by_op'],
            'argument_gib': cold['argument_gib'], 'devices': cold['devices'],
            'platform': cold['platform']}

@@ -8,13 +8,17 @@
 `build` decides everything a step depends on: the model (its config with the run's overrides),
 the input (its per-example shapes and teacher widths), the objective (CLIP or DR), the loss,
 durations and schedule, the optimizer (rule-based decay, lr multipliers, freezing), the state's
-shardings (fsdp threshold, sharding rules) and the step (accumulation, donation). The loop, the
-train benchmark, the tests and launch/evaluate.py all come through here, so they run one step.
+shardings (fsdp threshold, sharding rules) and the step (accumulation, donation, one XLA program
+or two with the optimizer's update apart). The loop, the train benchmark, the tests and
+launch/evaluate.py all come through here, so they run one step.
 """
+import collections
 import dataclasses
 import functools
 import logging
+import math
 import time
+import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -351,22 +355,45 @@ class Run:
     return jax.jit(_for_mesh(
         step_lib.make_grad_fn(self.model, self.loss_config, **self._step_kwargs()), self.mesh))
 
+  @property
+  def separate_update(self) -> bool:
+    """Whether the step is two XLA programs, the optimizer's update apart (`update_program`)."""
+    choice = self.config.update_program
+    return choice == 'separate' or (choice == 'auto'
+                                    and sharding_lib.platform(self.mesh) == 'cpu')
+
   @functools.cached_property
-  def step(self):
+  def step(self) -> 'CompiledStep':
     """The compiled step: (state, batch) -> (state, metrics); the state is donated."""
-    fn = _for_mesh(step_lib.make_train_step(
-        self.model, self.tx, self.loss_config, regularizer=self.regularizer,
-        norms=tuple(self.config.norm_metrics), **self._step_kwargs()), self.mesh)
+    kwargs, norms = self._step_kwargs(), tuple(self.config.norm_metrics)
+    states, replicated = self.state_shardings, sharding_lib.replicated(self.mesh)
     start = time.perf_counter()
-    lowered = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                      out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
-                      donate_argnums=(0,)).lower(self.abstract_state, self.abstract_batch)
+    if self.separate_update:
+      grad_fn = step_lib.make_grad_fn(self.model, self.loss_config, **kwargs)
+      first = jax.jit(_for_mesh(grad_fn, self.mesh), in_shardings=(states, self.batch_sharding),
+                      out_shardings=(replicated, replicated, states.params, states.batch_stats)
+                      ).lower(self.abstract_state, self.abstract_batch)
+      loss, metrics, _, _ = first.out_info
+      update = step_lib.make_update(self.tx, regularizer=self.regularizer, norms=norms)
+      lowered = [first, jax.jit(_for_mesh(update, self.mesh),
+                                in_shardings=(states, replicated, replicated, states.params),
+                                out_shardings=(states, replicated), donate_argnums=(0,)).lower(
+                                    self.abstract_state, loss, metrics, self.abstract_state.params)]
+    else:
+      fn = step_lib.make_train_step(self.model, self.tx, self.loss_config,
+                                    regularizer=self.regularizer, norms=norms, **kwargs)
+      lowered = [jax.jit(_for_mesh(fn, self.mesh), in_shardings=(states, self.batch_sharding),
+                         out_shardings=(states, replicated), donate_argnums=(0,)).lower(
+                             self.abstract_state, self.abstract_batch)]
     self.lower_seconds = time.perf_counter() - start
     # Or loaded from the persistent compilation cache (the options are part of its key).
-    compiled = lowered.compile(compiler_options=_compiler_options(self.config, self.mesh))
+    options = _compiler_options(self.config, self.mesh)
+    programs = tuple(program.compile(compiler_options=options) for program in lowered)
     self.compile_seconds = time.perf_counter() - start - self.lower_seconds
     utils.release_freed_host_memory()  # What compiling freed, before the step's buffers come.
-    return compiled
+    per_device = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    return CompiledStep(programs, sum(map(per_device, jax.tree.leaves(
+        (self.abstract_state, self.abstract_batch)))))
 
   def memory(self) -> Optional[str]:
     """Per-device memory of the compiled step (arguments, outputs, temporaries)."""
@@ -379,6 +406,52 @@ class Run:
     return {k: count(params[v]) for k, v in towers.items() if v in params}
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The train step as compiled XLA programs, called as one: (state, batch) -> (state, metrics).
+
+  One program, or two (`Run.separate_update`): the loss and gradients, then the optimizer's
+  update. On XLA:CPU reading a program back from the persistent cache costs more than linearly in
+  its operations (each program's thunk graph is built pairwise, README, Performance), so two
+  halves read in about half the time of the whole (S0 at batch 8: 5.8 vs 12.2 s), for the
+  gradients and statistics handed between them (the whole program holds them as temporaries).
+  """
+  programs: Tuple[Any, ...]
+  argument_bytes: int  # Per device: the state and the batch.
+
+  def __call__(self, state: step_lib.TrainState, batch: Dict[str, jax.Array]):
+    if len(self.programs) == 1:
+      return self.programs[0](state, batch)
+    gradients, update = self.programs
+    loss, metrics, grads, new_stats = gradients(state, batch)
+    state, metrics = update(state, loss, metrics, grads)  # Donates the state.
+    return state.replace(batch_stats=new_stats), metrics
+
+  def memory_analysis(self) -> Optional[Any]:
+    """Per-device bytes: arguments (state and batch), outputs, aliased, and temporaries: of two
+    programs, the larger one's own plus what the first hands to the second."""
+    stats = [program.memory_analysis() for program in self.programs]
+    if len(stats) == 1 or any(m is None for m in stats):
+      return stats[0]
+    first, last = stats
+    return types.SimpleNamespace(
+        argument_size_in_bytes=self.argument_bytes,  # The first program reads no optimizer state.
+        output_size_in_bytes=last.output_size_in_bytes,
+        alias_size_in_bytes=last.alias_size_in_bytes,
+        temp_size_in_bytes=max(first.temp_size_in_bytes, last.temp_size_in_bytes)
+        + first.output_size_in_bytes)
+
+  def cost_analysis(self) -> Dict[str, float]:
+    """XLA's cost estimates summed over the programs ('flops', 'bytes accessed', ...)."""
+    total = collections.Counter()
+    for program in self.programs:
+      cost = program.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list in older jax.
+      total.update({k: v for k, v in (cost or {}).items() if isinstance(v, (int, float))})
+    return dict(total)
+
+
+UPDATE_PROGRAMS = ('auto', 'separate', 'fused')
 _CPU_SCHEDULERS = {'memory': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
                    'concurrency': 'CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED'}
 
@@ -409,6 +482,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, spec: Optional[InputSpec] 
   if config.cpu_scheduler not in _CPU_SCHEDULERS:
     raise ValueError(f'cpu_scheduler={config.cpu_scheduler!r}: use one of '
                      f'{", ".join(map(repr, _CPU_SCHEDULERS))}.')
+  if config.update_program not in UPDATE_PROGRAMS:
+    raise ValueError(f'update_program={config.update_program!r}: use one of '
+                     f'{", ".join(map(repr, UPDATE_PROGRAMS))}.')
   model_config_ = model_config(config)
   if config.loss.kind == 'sigmoid' and model_config_.init_logit_bias is None:
     raise ValueError("loss.kind='sigmoid' needs a learned logit bias: set model.init_logit_bias "

@@ -1,4 +1,4 @@
-"""The train state and the single train step (one XLA computation per step).
+"""The train state and the train step: the loss and its gradients, then the optimizer update.
 
 One step: uint8 images normalized on device; student image embeddings once; ground-truth and synthetic captions through the text
 tower in one pass (interleaved per example, so the concatenation needs no cross-device move);
@@ -77,7 +77,7 @@ def make_grad_fn(model: nn.Module, loss_config: losses.LossConfig, *, mesh: Opti
                  seed: int = 0) -> Callable:
   """Returns grad_fn(state, batch) -> (loss, metrics, grads, new batch statistics).
 
-  The loss and parameter gradients of one step (see the module docstring); `make_train_step`
+  The loss and parameter gradients of one step (see the module docstring); `make_update`
   applies the optimizer to them.
   """
   kinds = 2 if use_syn else 1
@@ -162,12 +162,10 @@ def make_grad_fn(model: nn.Module, loss_config: losses.LossConfig, *, mesh: Opti
   return grad_fn
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    loss_config: losses.LossConfig, *, mesh: Optional[Mesh], accum_steps: int = 1,
-                    use_syn: bool, use_teachers: bool, captions: bool = False, seed: int = 0,
-                    regularizer: Optional[Callable] = None,
-                    norms: Sequence[str] = ()) -> Callable:
-  """Returns step(state, batch) -> (state, metrics); train/setup.py jits it with shardings.
+def make_update(tx: optax.GradientTransformation, *, regularizer: Optional[Callable] = None,
+                norms: Sequence[str] = ()) -> Callable:
+  """Returns update(state, loss, metrics, grads) -> (state, metrics): the optimizer's half of
+  the step, after `make_grad_fn`'s (the new batch statistics are the caller's to set).
 
   Metrics: the loss terms, `grad_norm` (the clipping's own) and the global norms named in `norms`
   ('param': of the new parameters, 'update': of the step's updates).
@@ -176,11 +174,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   gradient to the gradient): a term of the parameters alone, such as learned inheritance's
   sparsity constraint (inheritance/masks.py).
   """
-  grad_fn = make_grad_fn(model, loss_config, mesh=mesh, accum_steps=accum_steps, use_syn=use_syn,
-                         use_teachers=use_teachers, captions=captions, seed=seed)
 
-  def step(state: TrainState, batch: Dict[str, jax.Array]):
-    loss, metrics, grads, new_stats = grad_fn(state, batch)
+  def update(state: TrainState, loss: jax.Array, metrics: Dict[str, jax.Array], grads: Any):
     params = state.params
     if regularizer is not None:
       (penalty, penalty_metrics), g_penalty = jax.value_and_grad(regularizer, has_aux=True)(
@@ -195,9 +190,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     trees = {'param': new_params, 'update': updates}
     for name in norms:
       metrics[f'{name}_norm'] = optax.tree.norm(trees[name])
-    new_state = TrainState(step=state.step + 1, params=new_params, batch_stats=new_stats,
-                           opt_state=opt_state)
-    return new_state, metrics
+    return state.replace(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
+
+  return update
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_config: losses.LossConfig, *, mesh: Optional[Mesh], accum_steps: int = 1,
+                    use_syn: bool, use_teachers: bool, captions: bool = False, seed: int = 0,
+                    regularizer: Optional[Callable] = None,
+                    norms: Sequence[str] = ()) -> Callable:
+  """Returns step(state, batch) -> (state, metrics): `make_grad_fn`'s half, then `make_update`'s,
+  as one function; train/setup.py jits it with shardings, or jits the two halves apart."""
+  grad_fn = make_grad_fn(model, loss_config, mesh=mesh, accum_steps=accum_steps, use_syn=use_syn,
+                         use_teachers=use_teachers, captions=captions, seed=seed)
+  update = make_update(tx, regularizer=regularizer, norms=norms)
+
+  def step(state: TrainState, batch: Dict[str, jax.Array]):
+    loss, metrics, grads, new_stats = grad_fn(state, batch)
+    state, metrics = update(state, loss, metrics, grads)
+    return state.replace(batch_stats=new_stats), metrics
 
   return step
 

@@ -38,7 +38,7 @@ STALE_AFTER_S = 10 * 60
 # Dotted-key prefixes a rerun may change (the rest must match config.json).
 SAFE_ON_RESUME = ('schedule.total', 'checkpoint.', 'log_every', 'norm_metrics', 'evals',
                   'data.data_dir', 'data.workers', 'data.prefetch', 'data.build_hint', 'mesh.',
-                  'sharding.', 'distributed.', 'cpu_scheduler')
+                  'sharding.', 'distributed.', 'cpu_scheduler', 'update_program')
 
 
 class WorkdirError(RuntimeError):
