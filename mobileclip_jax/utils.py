@@ -118,6 +118,13 @@ def release_freed_host_memory() -> bool:
   return bool(libc and libc.malloc_trim(0))
 
 
+def cost_analysis(compiled: Any) -> dict[str, Any]:
+  """XLA's cost estimates of a compiled program as a dict ('flops', ...; a one-item list in older
+  jax releases)."""
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
 _CPU_ASYNC_DISPATCH = 'jax_cpu_enable_async_dispatch'
 _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # A compile or a cache read.
 _inline = False

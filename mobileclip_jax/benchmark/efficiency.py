@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from mobileclip_jax import utils
 from mobileclip_jax.benchmark import common
 
 _OPTIONS = ('parts', 'variants', 'towers', 'batch_sizes', 'heavy_batch_sizes', 'heavy',
@@ -108,9 +109,7 @@ def _interleaved(fns: Sequence[Callable[[], Any]], rounds: int) -> List[Dict[str
 
 
 def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', float('nan')))
+  return float(utils.cost_analysis(compiled).get('flops', float('nan')))
 
 
 def measure_cost(variant: str, tower: str, batch_sizes: Sequence[int], repeats: int,

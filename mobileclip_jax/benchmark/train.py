@@ -220,8 +220,7 @@ def measure_jax(variant: str, overrides: Dict[str, Any], batch: int, workdir: st
   result['compile_s'] = round(run.lower_seconds + run.compile_seconds, 3)  # Lower + compile.
   result['peak_rss_mb'] = round(common.peak_rss_mb(), 1)
   result['compile_peak_rss_mb'] = round(compile_peak_rss_mb, 1)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list in older jax releases.
+  cost = compiled.cost_analysis()  # Summed over the step's programs.
   if cost and cost.get('flops', 0) > 0:
     result['flops_per_step'] = float(cost['flops'])
   analysis = compiled.memory_analysis()  # XLA's buffers of one step, per device.

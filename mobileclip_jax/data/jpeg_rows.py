@@ -60,8 +60,9 @@ def decode_top_rows(image: Image.Image, data: bytes, rows: int) -> Image.Image:
   `rows`: its rows [0, rows) equal those of `image.load()`.
 
   A sequential JPEG that ends with its EOI marker comes back shorter than `image` where the crop
-  allows; anything else is `image`, loaded. If the shortened decode fails, the whole image is decoded instead, so that a
-  damaged file fails with PIL's own error and a sound one never fails here.
+  allows; anything else is `image`, loaded. If the shortened decode fails, the whole image is
+  decoded instead, so that a damaged file fails with PIL's own error and a sound one never fails
+  here.
   """
   whole = image.format != 'JPEG' or not data.endswith(_END_OF_IMAGE)
   frame = None if whole else sequential_frame(data)

@@ -123,7 +123,7 @@ class RepMixer(nn.Module):
     pad = tuple(k // 2 for k in layers.pair(self.kernel_size))
     if self.opts.reparameterized:
       return layers.Conv(features=c, kernel_size=self.kernel_size, groups=c, padding=pad,
-                  dtype=self.opts.dtype, name='reparam_conv')(x)
+                         dtype=self.opts.dtype, name='reparam_conv')(x)
     fold = folded(self, train)
     if fold:  # Eval: x + gamma * (mixer - norm) as one conv.
       return layers.conv(x, **fold['reparam_conv'], groups=c, padding=pad, dtype=self.opts.dtype)
@@ -145,8 +145,8 @@ class ConvMlp(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     pad = tuple(k // 2 for k in layers.pair(self.kernel_size))
-    x = layers.ConvBN(features=c, kernel_size=self.kernel_size, groups=c, padding=pad, opts=self.opts,
-               name='conv')(x, train)
+    x = layers.ConvBN(features=c, kernel_size=self.kernel_size, groups=c, padding=pad,
+                      opts=self.opts, name='conv')(x, train)
     dense = dict(kernel_size=1, kernel_init=layers.trunc_normal_02, dtype=self.opts.dtype)
     x = layers.Conv(features=self.hidden, name='fc1', **dense)(x)
     return layers.Conv(features=c, gelu_input=True, name='fc2', **dense)(x)

@@ -413,7 +413,7 @@ class CompiledStep:
   One program, or two (`Run.separate_update`): the loss and gradients, then the optimizer's
   update. On XLA:CPU reading a program back from the persistent cache costs more than linearly in
   its operations (each program's thunk graph is built pairwise, README, Performance), so two
-  halves read in about half the time of the whole (S0 at batch 8: 5.8 vs 12.2 s), for the
+  halves read in about half the time of the whole (S0 at batch 8: 5.9 vs 12.7 s), for the
   gradients and statistics handed between them (the whole program holds them as temporaries).
   """
   programs: Tuple[Any, ...]
@@ -431,9 +431,11 @@ class CompiledStep:
     """Per-device bytes: arguments (state and batch), outputs, aliased, and temporaries: of two
     programs, the larger one's own plus what the first hands to the second."""
     stats = [program.memory_analysis() for program in self.programs]
-    if len(stats) == 1 or any(m is None for m in stats):
+    if len(stats) == 1:
       return stats[0]
     first, last = stats
+    if first is None or last is None:
+      return None
     return types.SimpleNamespace(
         argument_size_in_bytes=self.argument_bytes,  # The first program reads no optimizer state.
         output_size_in_bytes=last.output_size_in_bytes,
@@ -445,9 +447,8 @@ class CompiledStep:
     """XLA's cost estimates summed over the programs ('flops', 'bytes accessed', ...)."""
     total = collections.Counter()
     for program in self.programs:
-      cost = program.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list in older jax.
-      total.update({k: v for k, v in (cost or {}).items() if isinstance(v, (int, float))})
+      total.update({k: v for k, v in utils.cost_analysis(program).items()
+                    if isinstance(v, (int, float))})
     return dict(total)
 
 
